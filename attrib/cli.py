@@ -1,0 +1,124 @@
+"""The `attrib` command line: a thin layer over the stage functions.
+
+Every failure ends as one line `error: …` on stderr (exit 2 for bad usage or input,
+1 for a failure at run time) unless `--debug` asks for the traceback. Options can
+come from a recipe (`--config FILE.toml`); flags on the command line override it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from attrib import __version__
+from attrib.commands import demo, factors, inspect, prefilter, query, report
+from attrib.errors import AttribError, InputError
+
+app = typer.Typer(
+    name="attrib",
+    help="Which training documents made a language model say what it said (EK-FAC influence functions).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command("inspect")(inspect.inspect_model)
+app.command("fit-factors")(factors.fit_factors)
+app.command("prefilter")(prefilter.prefilter)
+app.command("query-gradients")(query.query_gradients)
+app.command("query")(query.query)
+app.command("report")(report.report)
+app.command("top")(report.top)
+app.command("demo")(demo.demo)
+
+GLOBAL_FLAGS = ("--debug", "--quiet")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"attrib {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: str = typer.Option(
+        None, "--config", help="Recipe TOML with defaults for the command's options (flags override it)."
+    ),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks of failures."),
+    quiet: bool = typer.Option(False, "--quiet", help="Hide progress bars and status lines."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Global options; `--config`, `--debug` and `--quiet` may also follow the command name."""
+    from attrib.progress import set_quiet
+
+    set_quiet(quiet)
+    if config and ctx.invoked_subcommand:
+        from attrib.recipes import load_recipe
+
+        command = typer.main.get_command(app).get_command(ctx, ctx.invoked_subcommand)
+        ctx.default_map = {ctx.invoked_subcommand: load_recipe(config, ctx.invoked_subcommand, command)}
+
+
+def _hoist_global_options(argv: list[str]) -> list[str]:
+    """Move --config/--debug/--quiet given after the command name in front of it."""
+    hoisted, rest = [], []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in GLOBAL_FLAGS:
+            hoisted.append(arg)
+        elif arg == "--config" and index + 1 < len(argv):
+            hoisted += argv[index : index + 2]
+            index += 1
+        elif arg.startswith("--config="):
+            hoisted.append(arg)
+        else:
+            rest.append(arg)
+        index += 1
+    return hoisted + rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app and turn every failure into `error: …` and an exit code."""
+    from typer._click import exceptions as click_exceptions
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = _hoist_global_options(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in argv
+    command = typer.main.get_command(app)
+    try:
+        command.main(argv, prog_name="attrib", standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(1)
+    except click_exceptions.NoArgsIsHelpError:
+        sys.exit(2)  # the help text is already printed
+    except click_exceptions.UsageError as exc:
+        if debug:
+            raise
+        hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx is not None else ""
+        print(f"error: {exc.format_message()}{hint}", file=sys.stderr)
+        sys.exit(2)
+    except AttribError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+__all__ = ["app", "main", "InputError"]

@@ -1,0 +1,191 @@
+"""Stage directories: manifest.json, atomic writes, resumable parts (DESIGN.md §3).
+
+A stage writes `manifest.json` with status "running" when it starts and "complete"
+when it ends (written last), so a later stage can tell a finished artefact from a
+crashed one. Every file goes through a temporary name and a rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from attrib import __version__
+from attrib.errors import InputError
+
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """safetensors, atomically; tensors are made contiguous and unshared first."""
+    from safetensors.torch import save_file
+
+    owned = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(owned, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device=device)
+
+
+def read_manifest(directory: str | Path) -> dict | None:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not a valid manifest ({exc}); rerun the stage that wrote it") from exc
+
+
+def open_input(
+    directory: str | Path, stage: str, fingerprint: str | None = None, option: str = ""
+) -> dict:
+    """The manifest of a finished input artefact; refuse anything else with a one-line reason."""
+    directory = Path(directory)
+    what = f"{option} {directory}" if option else str(directory)
+    if not directory.is_dir():
+        raise InputError(f"{what} does not exist; run `attrib {stage}` first")
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise InputError(f"{what} has no {MANIFEST}; it is not the output of `attrib {stage}`")
+    if manifest.get("stage") != stage:
+        raise InputError(
+            f"{what} holds the output of `attrib {manifest.get('stage')}`, not of `attrib {stage}`"
+        )
+    if manifest.get("status") != "complete":
+        raise InputError(f"{what} is unfinished; rerun `attrib {stage}` to complete it")
+    if fingerprint is not None and manifest.get("model", {}).get("fingerprint") != fingerprint:
+        raise InputError(
+            f"{what} was computed for another model (fingerprint "
+            f"{manifest.get('model', {}).get('fingerprint', '?')[:12]} != {fingerprint[:12]}); "
+            "use the same --model, or recompute it"
+        )
+    return manifest
+
+
+class StageDir:
+    """The output directory of one stage run: its manifest, parts and final files.
+
+    Opening a directory that holds an unfinished run with the same settings resumes
+    it (finished parts stay); other settings or another model are refused unless
+    `overwrite`, which starts over.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        stage: str,
+        settings: dict,
+        model: dict | None = None,
+        inputs: dict | None = None,
+        overwrite: bool = False,
+    ):
+        self.path = Path(path)
+        self.stage = stage
+        self.settings = settings
+        self.model = model or {}
+        self.inputs = inputs or {}
+        self.started = time.time()
+        self.timings: dict[str, float] = {}
+        self.already_complete = False
+        existing = read_manifest(self.path) if self.path.is_dir() else None
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"--out {self.path} is a file; give a directory")
+        if existing is not None and not overwrite:
+            self._check_resumable(existing)
+            self.already_complete = existing.get("status") == "complete"
+            self.timings = existing.get("timings", {})
+        elif existing is None and self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            raise InputError(
+                f"--out {self.path} is a non-empty directory without a manifest; "
+                "choose an empty or new directory"
+            )
+        if overwrite and self.path.is_dir():
+            if existing is None and any(self.path.iterdir()):
+                raise InputError(
+                    f"--out {self.path} is not an attrib stage directory; refusing to overwrite it"
+                )
+            shutil.rmtree(self.path)
+        if not self.already_complete:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self._write_manifest("running")
+
+    def _check_resumable(self, existing: dict) -> None:
+        if existing.get("stage") != self.stage:
+            raise InputError(
+                f"--out {self.path} holds the output of `attrib {existing.get('stage')}`; "
+                "choose another directory"
+            )
+        if existing.get("model", {}).get("fingerprint") != self.model.get("fingerprint"):
+            raise InputError(
+                f"--out {self.path} holds a run for another model; use --overwrite or another --out"
+            )
+        old = existing.get("settings", {})
+        changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+        if changed:
+            raise InputError(
+                f"--out {self.path} holds a run with other settings ({', '.join(changed)}); "
+                "use --overwrite to start over or another --out"
+            )
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def has(self, name: str) -> bool:
+        return (self.path / name).exists()
+
+    def parts(self, pattern: str) -> list[str]:
+        return sorted(p.relative_to(self.path).as_posix() for p in self.path.glob(pattern))
+
+    def _write_manifest(self, status: str, **extra: Any) -> None:
+        manifest = {
+            "attrib_version": __version__,
+            "stage": self.stage,
+            "status": status,
+            "settings": self.settings,
+            "inputs": self.inputs,
+            "model": self.model,
+            "timings": self.timings,
+            **extra,
+        }
+        write_json(self.path / MANIFEST, manifest)
+
+    def complete(self, counts: dict, files: list[str], **extra: Any) -> dict:
+        """Write the final manifest; the status is what makes the artefact usable."""
+        self.timings["total_seconds"] = round(
+            self.timings.get("total_seconds", 0.0) + time.time() - self.started, 3
+        )
+        self._write_manifest("complete", counts=counts, files=files, **extra)
+        return read_manifest(self.path)
