@@ -298,10 +298,26 @@ def next_token_targets(input_ids: list[int], loss_from: int = 1) -> list[int]:
     return targets
 
 
+def disjoint_offsets(offsets) -> list[tuple[int, int]]:
+    """Character spans that do not overlap.
+
+    Byte-level BPE splits a multi-byte character over several tokens that all report
+    the character's span; the first keeps it and the rest get an empty span, so the
+    spans tile the text and a character is coloured once.
+    """
+    spans, previous_end = [], 0
+    for start, end in offsets:
+        start = max(start, previous_end)
+        end = max(end, start)
+        spans.append((start, end))
+        previous_end = end
+    return spans
+
+
 def chunk_document(tokenizer, doc: Document, max_length: int, prefix: list[int]) -> list[Sequence]:
     """Cut a document into sequences of at most `max_length` tokens (prefix included)."""
     encoding = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoding["input_ids"], [tuple(o) for o in encoding["offset_mapping"]]
+    ids, offsets = encoding["input_ids"], disjoint_offsets(encoding["offset_mapping"])
     room = max_length - len(prefix)
     if room < 1:
         raise InputError(f"--max-length {max_length} leaves no room after the tokenizer's special prefix")
@@ -377,7 +393,7 @@ def query_sequence(tokenizer, query: Query, max_length: int, prefix: list[int]) 
     text = query.prompt + query.completion
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = prefix + list(encoding["input_ids"])
-    offsets = [(0, 0)] * len(prefix) + [tuple(o) for o in encoding["offset_mapping"]]
+    offsets = [(0, 0)] * len(prefix) + disjoint_offsets(encoding["offset_mapping"])
     boundary = len(query.prompt)
     first_completion = next((i for i, (_, end) in enumerate(offsets) if end > boundary), len(ids))
     if first_completion == 0:
@@ -428,3 +444,49 @@ def collate(sequences: list[Sequence], pad_id: int, device="cpu"):
         attention_mask[row, : len(seq)] = 1
         targets[row, : len(seq)] = torch.tensor(seq.targets)
     return input_ids.to(device), attention_mask.to(device), targets.to(device)
+
+
+@dataclass
+class SequenceCaps:
+    """Limits on the data a stage uses, counted over the whole stream (all ranks alike)."""
+
+    max_sequences: int | None = None
+    max_tokens: int | None = None
+
+
+def iter_sequence_parts(
+    spec: CorpusSpec,
+    tokenizer,
+    max_length: int,
+    docs_per_part: int,
+    caps: SequenceCaps | None = None,
+    stats: RowStats | None = None,
+) -> Iterator[tuple[int, list[tuple[int, Sequence]]]]:
+    """The corpus as numbered parts of (global sequence index, sequence) pairs.
+
+    Parts are fixed runs of `docs_per_part` documents, so a resumed run sees the
+    same parts and indices as an uninterrupted one.
+    """
+    require_fast_tokenizer(tokenizer)
+    caps = caps or SequenceCaps()
+    prefix = special_prefix(tokenizer)
+    part: list[tuple[int, Sequence]] = []
+    part_index = docs_in_part = sequence_index = tokens = 0
+    for doc in iter_documents(spec, stats):
+        for sequence in chunk_document(tokenizer, doc, max_length, prefix):
+            if caps.max_sequences is not None and sequence_index >= caps.max_sequences:
+                break
+            if caps.max_tokens is not None and tokens + len(sequence) > caps.max_tokens:
+                break
+            part.append((sequence_index, sequence))
+            sequence_index += 1
+            tokens += len(sequence)
+        else:
+            docs_in_part += 1
+            if docs_in_part == docs_per_part:
+                yield part_index, part
+                part, part_index, docs_in_part = [], part_index + 1, 0
+            continue
+        break  # a cap was reached
+    if part:
+        yield part_index, part

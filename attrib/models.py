@@ -83,8 +83,11 @@ def load_model(
 ):
     """The model (in eval mode, weights frozen) and its tokenizer, from a directory or hub id."""
     import torch
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     path = Path(spec).expanduser()

@@ -2,12 +2,83 @@
 
 from __future__ import annotations
 
-from attrib.errors import RunError
+from typing import Annotated, Optional
+
+import typer
+
+from attrib.commands.options import (
+    Corpus, Device, Dtype, IdField, Lines, MaxDocs, MaxLength, Model, Modules, Out, Overwrite, Seed,
+    SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, corpus_spec,
+)
 
 
-def fit_factors() -> None:
+def fit_factors(
+    model: Model,
+    corpus: Corpus,
+    out: Out,
+    strategy: Annotated[str, typer.Option(help="ekfac, kfac, diagonal or identity (gradient dot product).")] = "ekfac",
+    fisher: Annotated[str, typer.Option(help="true (labels sampled from the model) or empirical (the data's labels).")] = "true",
+    fisher_samples: Annotated[int, typer.Option(help="Sampled labels per position (true Fisher); more = less noise.")] = 1,
+    max_sequences: Annotated[Optional[int], typer.Option(help="Fit on at most this many sequences.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Fit on at most this many tokens.")] = None,
+    stats_dtype: Annotated[str, typer.Option(help="Accumulation dtype of the statistics: float32 or float64.")] = "float32",
+    docs_per_part: Annotated[int, typer.Option(help="Documents between checkpoints (resume granularity).")] = 2000,
+    tokens_per_batch: TokensPerBatch = 4096,
+    max_length: MaxLength = None,
+    seed: Seed = 0,
+    modules: Modules = None,
+    text_field: TextField = "text",
+    id_field: IdField = None,
+    lines: Lines = False,
+    max_docs: MaxDocs = None,
+    skip_bad_rows: SkipBadRows = False,
+    split: Split = "train",
+    dtype: Dtype = "float32",
+    device: Device = "auto",
+    trust_remote_code: TrustRemoteCode = False,
+    overwrite: Overwrite = False,
+) -> None:
     """Fit EK-FAC factors (covariances, eigenbases, eigenvalue correction).
 
     Example: attrib fit-factors --model M --corpus C --out run/factors
     """
-    raise RunError("`attrib fit-factors` is not built yet")
+    from dataclasses import asdict
+
+    from attrib.data import default_max_length
+    from attrib.distributed import detect_world
+    from attrib.fit import FitSettings
+    from attrib.fit import fit_factors as run_fit
+    from attrib.models import find_tracked_layers, load_model, model_record
+    from attrib.progress import message
+    from attrib.storage import StageDir
+
+    spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split)
+    world = detect_world(device)
+    try:
+        lm, tokenizer = load_model(model, dtype, world.device, trust_remote_code)
+        layers = find_tracked_layers(lm, modules)
+        settings = FitSettings(
+            strategy=strategy, fisher=fisher, fisher_samples=fisher_samples,
+            max_length=max_length or default_max_length(lm.config, tokenizer),
+            tokens_per_batch=tokens_per_batch, docs_per_part=docs_per_part,
+            max_sequences=max_sequences, max_tokens=max_tokens, stats_dtype=stats_dtype,
+            seed=seed, world_size=world.size,
+        )
+        settings.validate()
+        recorded = {**asdict(settings), "modules": modules, "dtype": dtype}
+        inputs = {"corpus": asdict(spec)}
+        stage = StageDir(out, "fit-factors", recorded, model_record(model, lm, layers), inputs, overwrite)
+        if stage.already_complete:
+            message(f"{out} is already complete; use --overwrite to fit again")
+            return
+        world.barrier()
+        manifest = run_fit(lm, tokenizer, layers, spec, stage, settings, world)
+        if world.is_main:
+            counts = manifest["counts"]
+            message(
+                f"factors ({strategy}) for {len(layers)} layers written to {out} "
+                f"({counts.get('covariance_tokens', counts.get('correction_sequences', 0)):,} "
+                f"{'tokens' if 'covariance_tokens' in counts else 'sequences'})"
+            )
+    finally:
+        world.close()

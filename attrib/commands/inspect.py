@@ -16,6 +16,8 @@ def inspect_model(
 
     Example: attrib inspect --model EleutherAI/pythia-410m
     """
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
@@ -25,7 +27,7 @@ def inspect_model(
     layers = find_tracked_layers(lm, modules)
     table = Table(title=f"{model} ({lm.config.model_type}): {len(layers)} tracked layers")
     for column in ("module", "kind", "d_out", "d_in (+bias)", "parameters", "factors (MiB)"):
-        table.add_column(column, justify="left" if column in ("module", "kind") else "right")
+        table.add_column(column, justify="left" if column in ("module", "kind") else "right", no_wrap=True)
     total_params = total_bytes = 0
     for layer in layers:
         size = factor_bytes(layer)
@@ -40,7 +42,7 @@ def inspect_model(
             f"{size / 2**20:,.1f}",
         )
     table.add_row("total", "", "", "", f"{total_params:,}", f"{total_bytes / 2**20:,.1f}")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     console.print(f"model parameters: {sum(p.numel() for p in lm.parameters()):,}")
     console.print(f"fingerprint: {fingerprint(lm, layers)}")

@@ -1,0 +1,65 @@
+"""Several processes (torchrun / accelerate launch): who am I, and summing across ranks.
+
+Sharding is by global sequence index modulo the world size, so every rank reads the
+same stream and scores or accumulates a disjoint part of it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns(self, sequence_index: int) -> bool:
+        return sequence_index % self.size == self.rank
+
+    def all_reduce_sum(self, tensors: list) -> None:
+        """Sum tensors in place across ranks (no-op on one process)."""
+        if self.size == 1:
+            return
+        import torch.distributed as dist
+
+        for tensor in tensors:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        """Wait for every rank, then tear the process group down (avoids aborts at exit)."""
+        if self.size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
+
+def detect_world(device: str) -> World:
+    """One process unless launched by torchrun/accelerate (WORLD_SIZE > 1)."""
+    import torch
+
+    from attrib.models import resolve_device
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return World(0, 1, resolve_device(device))
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available() or device == "cpu")
+    resolved = str(state.device) if device == "auto" else resolve_device(device)
+    if resolved == "cuda":
+        resolved = f"cuda:{state.local_process_index}"
+    return World(state.process_index, state.num_processes, resolved)

@@ -1,0 +1,127 @@
+"""EK-FAC mathematics (DESIGN.md §2): statistics, eigenbases, eigenvalue correction, H⁻¹V.
+
+Tensors in, tensors out; no I/O. Per layer the curvature is described by
+eigenvectors Q_A [d_in, d_in], Q_S [d_out, d_out] and eigenvalues Λ [d_out, d_in]
+in that eigenbasis; the damped inverse is H⁻¹V = Q_S ((Q_Sᵀ V Q_A) ⊘ (Λ + λ)) Q_Aᵀ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """What a curvature strategy needs fitted."""
+
+    name: str
+    covariances: bool  # pass 1: A and S
+    rotates: bool  # eigenbases of A and S (else the identity basis)
+    corrects: bool  # pass 2: Λ from per-sequence gradients (else from the covariance spectra)
+
+
+STRATEGY = {
+    "ekfac": Strategy("ekfac", covariances=True, rotates=True, corrects=True),
+    "kfac": Strategy("kfac", covariances=True, rotates=True, corrects=False),
+    "diagonal": Strategy("diagonal", covariances=False, rotates=False, corrects=True),
+    "identity": Strategy("identity", covariances=False, rotates=False, corrects=False),
+}
+
+
+class CovarianceSums:
+    """Running sums Σ a aᵀ and Σ g gᵀ over real tokens of one layer; they merge by addition."""
+
+    def __init__(self, d_in: int, d_out: int, dtype: torch.dtype, device):
+        self.activation = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+        self.gradient = torch.zeros(d_out, d_out, dtype=dtype, device=device)
+
+    def add_activations(self, a: torch.Tensor) -> None:
+        flat = a.reshape(-1, a.shape[-1]).to(self.activation.dtype)  # [tokens, d_in]
+        self.activation.addmm_(flat.T, flat)
+
+    def add_gradients(self, g: torch.Tensor, weight: float = 1.0) -> None:
+        flat = g.reshape(-1, g.shape[-1]).to(self.gradient.dtype)  # [tokens, d_out]
+        self.gradient.addmm_(flat.T, flat, alpha=weight)
+
+
+def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending, clamped at 0) and eigenvectors of a PSD matrix, in float64."""
+    symmetric = matrix.double()
+    symmetric = (symmetric + symmetric.T) / 2
+    values, vectors = torch.linalg.eigh(symmetric)
+    return values.clamp(min=0.0), vectors
+
+
+class CorrectionSums:
+    """Running Σ_n ((Q_Sᵀ G_n Q_A)_ij)² over sequences n of one layer (the "E" of EK-FAC)."""
+
+    def __init__(self, activation_basis, gradient_basis, d_in: int, d_out: int, dtype, device):
+        self.activation_basis = None if activation_basis is None else activation_basis.to(device, dtype)
+        self.gradient_basis = None if gradient_basis is None else gradient_basis.to(device, dtype)
+        self.squares = torch.zeros(d_out, d_in, dtype=dtype, device=device)
+        self.rotated_activations: torch.Tensor | None = None
+
+    def rotate_activations(self, a: torch.Tensor) -> None:
+        a = a.to(self.squares.dtype)
+        self.rotated_activations = a if self.activation_basis is None else a @ self.activation_basis
+
+    def add_gradients(self, g: torch.Tensor, weight: float = 1.0, sequences_per_step: int = 8) -> None:
+        """Form per-sequence rotated gradients a few sequences at a time, square and add them."""
+        g = g.to(self.squares.dtype)
+        rotated_g = g if self.gradient_basis is None else g @ self.gradient_basis  # [batch, seq, d_out]
+        rotated_a = self.rotated_activations  # [batch, seq, d_in]
+        for start in range(0, g.shape[0], sequences_per_step):
+            stop = start + sequences_per_step
+            per_sequence = torch.bmm(rotated_g[start:stop].transpose(1, 2), rotated_a[start:stop])
+            self.squares.add_(per_sequence.square().sum(0), alpha=weight)
+
+
+def kfac_eigenvalues(gradient_values, activation_values, tokens_per_sequence: float) -> torch.Tensor:
+    """Λ = λ_S λ_Aᵀ scaled to a sequence's summed loss, so K-FAC and EK-FAC share one scale.
+
+    With independent tokens E[vec G vec Gᵀ] = T · (A ⊗ S) for a sequence of T tokens.
+    """
+    return tokens_per_sequence * torch.outer(gradient_values, activation_values)
+
+
+def default_damping(eigenvalues: torch.Tensor) -> float:
+    """λ = 0.1 × mean(Λ), per layer (DESIGN.md §2)."""
+    return 0.1 * float(eigenvalues.double().mean())
+
+
+@dataclass
+class LayerCurvature:
+    """The fitted curvature of one layer; `None` bases mean the identity basis."""
+
+    eigenvalues: torch.Tensor | None  # Λ [d_out, d_in]; None for the identity strategy
+    gradient_basis: torch.Tensor | None  # Q_S [d_out, d_out]
+    activation_basis: torch.Tensor | None  # Q_A [d_in, d_in]
+    damping: float
+
+    def inverse_times(self, gradient: torch.Tensor) -> torch.Tensor:
+        """H⁻¹ V for gradients V [..., d_out, d_in] (any leading batch dims)."""
+        if self.eigenvalues is None:
+            return gradient
+        dtype = self.eigenvalues.dtype
+        rotated = gradient.to(dtype)
+        if self.gradient_basis is not None:
+            rotated = self.gradient_basis.T @ rotated @ self.activation_basis
+        rotated = rotated / (self.eigenvalues + self.damping)
+        if self.gradient_basis is not None:
+            rotated = self.gradient_basis @ rotated @ self.activation_basis.T
+        return rotated
+
+
+def low_rank(matrices: torch.Tensor, rank: int):
+    """Rank-r SVD of matrices [n, d_out, d_in]: U [n, d_out, r], σ [n, r], V [n, d_in, r].
+
+    rank 0 keeps the full rank, so U diag(σ) Vᵀ reproduces the matrix.
+    """
+    u, sigma, vh = torch.linalg.svd(matrices, full_matrices=False)
+    if rank > 0:
+        u, sigma, vh = u[..., :rank], sigma[..., :rank], vh[..., :rank, :]
+    return u.contiguous(), sigma.contiguous(), vh.transpose(-1, -2).contiguous()

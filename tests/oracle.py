@@ -1,0 +1,82 @@
+"""Dense float64 references computed with plain autograd, independent of attrib's hooks (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def sequence_gradient(model, layers, sequence, labels=None) -> dict[str, torch.Tensor]:
+    """∇_W of the summed NLL of one unpadded sequence, per layer as [d_out, d_in(+1)] (bias folded)."""
+    targets = torch.tensor([sequence.targets if labels is None else labels])
+    params = []
+    for layer in layers:
+        params.append(layer.module.weight)
+        if layer.has_bias:
+            params.append(layer.module.bias)
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    logits = model(input_ids=torch.tensor([sequence.input_ids])).logits
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    valid = targets >= 0
+    loss = -(log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * valid).sum()
+    loss.backward()
+    gradients = {}
+    for layer in layers:
+        weight_grad = layer.module.weight.grad
+        weight_grad = weight_grad.t() if layer.transposed else weight_grad
+        if layer.has_bias:
+            weight_grad = torch.cat([weight_grad, layer.module.bias.grad[:, None]], dim=1)
+        gradients[layer.name] = weight_grad.detach().double().clone()
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    return gradients
+
+
+def token_statistics(model, layers, sequence) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-token layer inputs a [T, d_in(+1)] and output gradients g [T, d_out] of one sequence."""
+    stored = {}
+
+    def hook_for(layer):
+        def hook(module, inputs, output):
+            output.retain_grad()
+            stored[layer.name] = (inputs[0], output)
+
+        return hook
+
+    handles = [layer.module.register_forward_hook(hook_for(layer)) for layer in layers]
+    embeddings = model.get_input_embeddings()
+    handles.append(embeddings.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
+    targets = torch.tensor([sequence.targets])
+    logits = model(input_ids=torch.tensor([sequence.input_ids])).logits
+    log_probs = torch.log_softmax(logits.double(), dim=-1)
+    valid = targets >= 0
+    (-(log_probs.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * valid).sum()).backward()
+    for handle in handles:
+        handle.remove()
+    result = {}
+    for layer in layers:
+        a, out = stored[layer.name]
+        a = a[0].detach().double()
+        if layer.has_bias:
+            a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
+        result[layer.name] = (a, out.grad[0].detach().double())
+    return result
+
+
+def dense_curvature(gradients: list[torch.Tensor]) -> torch.Tensor:
+    """The empirical Fisher E_n[vec G_n vec G_nᵀ] of one layer (row-major vec)."""
+    flat = torch.stack([g.reshape(-1) for g in gradients])
+    return flat.T @ flat / len(gradients)
+
+
+def describe_difference(actual: torch.Tensor, expected: torch.Tensor) -> str:
+    """Where two tensors differ most, for failure messages."""
+    difference = (actual - expected).abs()
+    index = int(difference.argmax())
+    return (
+        f"max |diff| {float(difference.max()):.3e} at flat index {index} "
+        f"(actual {float(actual.reshape(-1)[index]):.6e}, expected {float(expected.reshape(-1)[index]):.6e}); "
+        f"scale {float(expected.abs().max()):.3e}"
+    )

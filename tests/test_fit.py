@@ -1,0 +1,203 @@
+"""EK-FAC fitting against dense float64 oracles, exact K-FAC cases, sampling, resume (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from attrib.data import CorpusSpec, SequenceCaps, iter_sequence_parts
+from attrib.distributed import World
+from attrib.factors import CorrectionSums, CovarianceSums, LayerCurvature, kfac_eigenvalues, symmetric_eigh
+from attrib.fit import FitSettings, fit_factors, load_curvature
+from attrib.models import find_tracked_layers, load_model, model_record
+from attrib.storage import StageDir, load_tensors
+from tests.oracle import dense_curvature, describe_difference, sequence_gradient, token_statistics
+
+
+def fit(tmp_path, model_dir, corpus_file, name="factors", dtype=torch.float64, modules=None, **settings):
+    model, tokenizer = load_model(str(model_dir), "float32", "cpu")
+    model.to(dtype)
+    layers = find_tracked_layers(model, modules)
+    fit_settings = FitSettings(max_length=24, stats_dtype="float64", **settings)
+    stage = StageDir(tmp_path / name, "fit-factors", asdict(fit_settings), model_record("m", model, layers))
+    spec = CorpusSpec(str(corpus_file))
+    fit_factors(model, tokenizer, layers, spec, stage, fit_settings, World())
+    return model, tokenizer, layers, stage.path
+
+
+def corpus_sequences(tokenizer, corpus_file, max_length=24):
+    parts = iter_sequence_parts(CorpusSpec(str(corpus_file)), tokenizer, max_length, 1000, SequenceCaps())
+    return [seq for _, part in parts for _, seq in part]
+
+
+def assert_close(actual, expected, rtol):
+    assert torch.allclose(actual.double(), expected, rtol=rtol, atol=rtol * float(expected.abs().max())), describe_difference(
+        actual.double(), expected
+    )
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_ekfac_matches_dense_oracle(tmp_path, model_dirs, corpus_file, arch):
+    """A, S, eigenbases and Λ from the hooked, padded, batched code equal naive float64 sums."""
+    model, tokenizer, layers, out = fit(
+        tmp_path, model_dirs[arch], corpus_file, fisher="empirical", tokens_per_batch=96
+    )
+    sequences = corpus_sequences(tokenizer, corpus_file)
+    covariance = load_tensors(out / "covariance.safetensors")
+    eigen = load_tensors(out / "eigen.safetensors")
+    lambdas = load_tensors(out / "lambda.safetensors")
+    stats = [token_statistics(model, layers, seq) for seq in sequences]
+    grads = [sequence_gradient(model, layers, seq) for seq in sequences]
+    tokens = sum(len(seq) for seq in sequences)
+    for layer in layers:
+        a_sum = sum(s[layer.name][0].T @ s[layer.name][0] for s in stats) / tokens
+        g_sum = sum(s[layer.name][1].T @ s[layer.name][1] for s in stats) / tokens
+        # the oracle's own consistency: Σ_t g_t a_tᵀ is the autograd weight gradient
+        assert_close(stats[0][layer.name][1].T @ stats[0][layer.name][0], grads[0][layer.name], 1e-9)
+        # float32 storage of the factors bounds the agreement at ~1e-6 relative
+        assert_close(covariance[f"{layer.name}.activation_covariance"], a_sum, 1e-6)
+        assert_close(covariance[f"{layer.name}.gradient_covariance"], g_sum, 1e-6)
+        q_a = eigen[f"{layer.name}.activation_eigenvectors"].double()
+        q_s = eigen[f"{layer.name}.gradient_eigenvectors"].double()
+        assert_close(q_a @ torch.diag(eigen[f"{layer.name}.activation_eigenvalues"].double()) @ q_a.T, a_sum, 1e-5)
+        assert_close(q_s.T @ q_s, torch.eye(q_s.shape[0], dtype=torch.float64), 1e-5)
+        expected = torch.stack([(q_s.T @ g[layer.name] @ q_a) ** 2 for g in grads]).mean(0)
+        assert_close(lambdas[f"{layer.name}.lambda"], expected, 1e-5)
+
+
+def test_padding_does_not_change_factors(tmp_path, model_dirs, corpus_file):
+    """One sequence per batch (no padding) and wide padded batches give the same factors."""
+    _, _, layers, padded = fit(tmp_path, model_dirs["gpt_neox"], corpus_file, "padded", fisher="empirical", tokens_per_batch=200)
+    _, _, _, single = fit(tmp_path, model_dirs["gpt_neox"], corpus_file, "single", fisher="empirical", tokens_per_batch=24)
+    for name in ("covariance", "lambda"):
+        a, b = load_tensors(padded / f"{name}.safetensors"), load_tensors(single / f"{name}.safetensors")
+        for key in a:
+            assert_close(a[key], b[key].double(), 1e-9)
+
+
+def test_true_fisher_is_seeded_and_batch_invariant(tmp_path, model_dirs, corpus_file):
+    """Sampled labels come from per-sequence seeds: same seed → same factors, whatever the batching."""
+    _, _, _, first = fit(tmp_path, model_dirs["llama"], corpus_file, "a", seed=3, tokens_per_batch=200)
+    _, _, _, second = fit(tmp_path, model_dirs["llama"], corpus_file, "b", seed=3, tokens_per_batch=48)
+    _, _, _, other = fit(tmp_path, model_dirs["llama"], corpus_file, "c", seed=4, tokens_per_batch=200)
+    a, b, c = (load_tensors(p / "lambda.safetensors") for p in (first, second, other))
+    key = next(k for k in a if k.endswith(".lambda"))
+    assert_close(a[key], b[key].double(), 1e-9)
+    assert not torch.allclose(a[key], c[key])
+
+
+def test_sampled_fisher_approaches_softmax_expectation(tmp_path, model_dirs, tokenizer):
+    """Tracking the output layer, g = p − e_y with y ~ p, so E_y[g gᵀ] = diag(p) − p pᵀ.
+
+    The Monte-Carlo error of every entry is compared with its exact standard deviation:
+    the mean squared standardised error is ~1 for a correct sampler and far larger for
+    a wrong distribution (e.g. the data's labels, or a mis-weighted average of samples).
+    """
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text(json.dumps({"text": "The capital of Vorlia"}) + "\n")
+    samples = 100
+    model, tokenizer, layers, out = fit(
+        tmp_path, model_dirs["gpt2"], corpus, modules=r"^lm_head$", fisher_samples=samples
+    )
+    sequence = corpus_sequences(tokenizer, corpus)[0]
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([sequence.input_ids])).logits[0].double(), -1)
+    positions = [t for t, target in enumerate(sequence.targets) if target >= 0]
+    tokens = len(sequence)
+    expected = sum(torch.diag(probs[t]) - torch.outer(probs[t], probs[t]) for t in positions) / tokens
+    variance = torch.zeros_like(expected)
+    for t in positions:
+        deviations = probs[t][None, :] - torch.eye(len(probs[t]), dtype=torch.float64)  # row y: p − e_y
+        second_moment = (deviations**2).T @ (probs[t][:, None] * deviations**2)
+        mean = torch.diag(probs[t]) - torch.outer(probs[t], probs[t])
+        variance += (second_moment - mean**2) / samples / tokens**2
+    actual = load_tensors(out / "covariance.safetensors")["lm_head.gradient_covariance"].double()
+    standardised = float(((actual - expected) ** 2 / variance).mean())
+    assert 0.5 < standardised < 1.5, standardised
+
+
+def test_kfac_exact_case_equals_dense_damped_inverse():
+    """One layer, one token per sequence, inputs and gradients independent (all pairs): F = A ⊗ S exactly."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(5, 3, dtype=torch.float64, generator=generator)
+    grads = torch.randn(4, 2, dtype=torch.float64, generator=generator)
+    pairs = [(a, g) for a in inputs for g in grads]
+    cov = CovarianceSums(3, 2, torch.float64, "cpu")
+    for a, g in pairs:
+        cov.add_activations(a[None])
+        cov.add_gradients(g[None])
+    values_a, basis_a = symmetric_eigh(cov.activation / len(pairs))
+    values_s, basis_s = symmetric_eigh(cov.gradient / len(pairs))
+    correction = CorrectionSums(basis_a, basis_s, 3, 2, torch.float64, "cpu")
+    for a, g in pairs:
+        correction.rotate_activations(a[None, None])
+        correction.add_gradients(g[None, None])
+    ekfac_lambda = correction.squares / len(pairs)
+    kfac_lambda = kfac_eigenvalues(values_s, values_a, tokens_per_sequence=1.0)
+    assert_close(ekfac_lambda, kfac_lambda, 1e-10)
+    fisher = dense_curvature([torch.outer(g, a) for a, g in pairs])
+    damping = 0.3
+    vector = torch.randn(2, 3, dtype=torch.float64, generator=generator)
+    dense = torch.linalg.solve(fisher + damping * torch.eye(6, dtype=torch.float64), vector.reshape(-1)).reshape(2, 3)
+    for eigenvalues in (kfac_lambda, ekfac_lambda):
+        factored = LayerCurvature(eigenvalues, basis_s, basis_a, damping).inverse_times(vector)
+        assert_close(factored, dense, 1e-10)
+
+
+@pytest.mark.parametrize("strategy", ["kfac", "diagonal", "identity"])
+def test_baseline_strategies(tmp_path, model_dirs, corpus_file, strategy):
+    """K-FAC uses the covariance spectra; diagonal has no rotation; identity fits nothing."""
+    model, tokenizer, layers, out = fit(tmp_path, model_dirs["gpt2"], corpus_file, strategy=strategy, fisher="empirical")
+    curvature, manifest = load_curvature(str(out), layers, None, "cpu")
+    assert manifest["settings"]["strategy"] == strategy
+    if strategy == "identity":
+        assert not (out / "lambda.safetensors").exists()
+        vector = torch.randn(layers[0].d_out, layers[0].d_in_folded, dtype=torch.float64)
+        assert torch.equal(curvature[0].inverse_times(vector), vector)
+        return
+    lambdas = load_tensors(out / "lambda.safetensors")
+    if strategy == "diagonal":
+        sequences = corpus_sequences(tokenizer, corpus_file)
+        grads = [sequence_gradient(model, layers, seq) for seq in sequences]
+        expected = torch.stack([g[layers[0].name] ** 2 for g in grads]).mean(0)
+        assert_close(lambdas[f"{layers[0].name}.lambda"], expected, 1e-5)
+        assert not (out / "eigen.safetensors").exists()
+    else:
+        eigen = load_tensors(out / "eigen.safetensors")
+        cov = load_tensors(out / "covariance.safetensors")
+        per_sequence = float(cov["count.tokens"]) / float(cov["count.sequences"])
+        expected = per_sequence * torch.outer(
+            eigen[f"{layers[0].name}.gradient_eigenvalues"].double(), eigen[f"{layers[0].name}.activation_eigenvalues"].double()
+        )
+        assert_close(lambdas[f"{layers[0].name}.lambda"], expected, 1e-5)
+
+
+def test_resume_after_kill_gives_identical_files(tmp_path, model_dirs, corpus_file, monkeypatch):
+    """A run killed in the middle of pass 2 and rerun writes the same bytes as an uninterrupted run."""
+    import attrib.factors as factors_module
+
+    _, _, _, whole = fit(tmp_path, model_dirs["gpt2"], corpus_file, "whole", docs_per_part=3, dtype=torch.float32)
+    calls = {"n": 0}
+    original = factors_module.CorrectionSums.add_gradients
+
+    def dying(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:  # 4 layers × 1 batch per part: dies in the third of four parts
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(factors_module.CorrectionSums, "add_gradients", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path, model_dirs["gpt2"], corpus_file, "resumed", docs_per_part=3, dtype=torch.float32)
+    resumed = tmp_path / "resumed"
+    assert (resumed / "covariance.safetensors").exists() and not (resumed / "lambda.safetensors").exists()
+    assert json.loads((resumed / "manifest.json").read_text())["status"] == "running"
+    assert list((resumed / "correction").glob("rank0-of1.safetensors"))
+    monkeypatch.setattr(factors_module.CorrectionSums, "add_gradients", original)
+    fit(tmp_path, model_dirs["gpt2"], corpus_file, "resumed", docs_per_part=3, dtype=torch.float32)
+    for name in ("covariance", "eigen", "lambda"):
+        assert (whole / f"{name}.safetensors").read_bytes() == (resumed / f"{name}.safetensors").read_bytes()
+    assert not (resumed / "correction").exists()
