@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv
     command = typer.main.get_command(app)
     try:
-        command.main(argv, prog_name="attrib", standalone_mode=False)
+        status = command.main(argv, prog_name="attrib", standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:
@@ -110,15 +110,16 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
     except Exception as exc:
         if debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+    if status == 130:  # typer turns Ctrl-C into exit status 130
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+    if isinstance(status, int) and status != 0:
+        sys.exit(status)
 
 
 __all__ = ["app", "main", "InputError"]

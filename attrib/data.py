@@ -256,6 +256,7 @@ class Sequence:
     input_ids: list[int]
     offsets: list[tuple[int, int]]
     targets: list[int]
+    doc_index: int = 0  # the document's position in the corpus stream
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -339,6 +340,10 @@ class Query:
     query_id: str
     prompt: str
     completion: str
+
+    def as_row(self) -> dict[str, str]:
+        """The query as its JSONL row."""
+        return {"id": self.query_id, "prompt": self.prompt, "completion": self.completion}
 
 
 def load_queries(path: str | Path, skip_bad_rows: bool = False) -> list[Query]:
@@ -454,6 +459,15 @@ class SequenceCaps:
     max_tokens: int | None = None
 
 
+@dataclass
+class Part:
+    """A fixed run of documents: their sequences with global indices, and their texts by doc index."""
+
+    index: int
+    sequences: list[tuple[int, Sequence]]
+    texts: dict[int, str]
+
+
 def iter_sequence_parts(
     spec: CorpusSpec,
     tokenizer,
@@ -461,7 +475,7 @@ def iter_sequence_parts(
     docs_per_part: int,
     caps: SequenceCaps | None = None,
     stats: RowStats | None = None,
-) -> Iterator[tuple[int, list[tuple[int, Sequence]]]]:
+) -> Iterator[Part]:
     """The corpus as numbered parts of (global sequence index, sequence) pairs.
 
     Parts are fixed runs of `docs_per_part` documents, so a resumed run sees the
@@ -470,23 +484,24 @@ def iter_sequence_parts(
     require_fast_tokenizer(tokenizer)
     caps = caps or SequenceCaps()
     prefix = special_prefix(tokenizer)
-    part: list[tuple[int, Sequence]] = []
-    part_index = docs_in_part = sequence_index = tokens = 0
-    for doc in iter_documents(spec, stats):
+    part = Part(0, [], {})
+    sequence_index = tokens = 0
+    for doc_index, doc in enumerate(iter_documents(spec, stats)):
+        part.texts[doc_index] = doc.text
         for sequence in chunk_document(tokenizer, doc, max_length, prefix):
             if caps.max_sequences is not None and sequence_index >= caps.max_sequences:
                 break
             if caps.max_tokens is not None and tokens + len(sequence) > caps.max_tokens:
                 break
-            part.append((sequence_index, sequence))
+            sequence.doc_index = doc_index
+            part.sequences.append((sequence_index, sequence))
             sequence_index += 1
             tokens += len(sequence)
         else:
-            docs_in_part += 1
-            if docs_in_part == docs_per_part:
-                yield part_index, part
-                part, part_index, docs_in_part = [], part_index + 1, 0
+            if len(part.texts) == docs_per_part:
+                yield part
+                part = Part(part.index + 1, [], {})
             continue
         break  # a cap was reached
-    if part:
-        yield part_index, part
+    if part.sequences:
+        yield part

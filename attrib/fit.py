@@ -99,10 +99,10 @@ class _PassRunner:
         samples = 1 if settings.fisher == "empirical" else settings.fisher_samples
         pass_seed = PASS_SEED[name]
         with progress(f"{name} pass", unit="seq") as bar, capture:
-            for part_index, part in parts:
-                if part_index < parts_done:
+            for part in parts:
+                if part.index < parts_done:
                     continue
-                mine = [(index, seq) for index, seq in part if world.owns(index)]
+                mine = [(index, seq) for index, seq in part.sequences if world.owns(index)]
                 for batch_rows in pack_batches([seq for _, seq in mine], settings.tokens_per_batch):
                     batch = [mine[row] for row in batch_rows]
                     sequences = [seq for _, seq in batch]
@@ -123,7 +123,7 @@ class _PassRunner:
                     bar.advance(len(batch), tokens=int(mask.sum()))
                 state = {key: tensor for key, tensor in sums.items()}
                 state.update({f"count.{key}": torch.tensor(value) for key, value in counts.items()})
-                state["parts_done"] = torch.tensor(part_index + 1)
+                state["parts_done"] = torch.tensor(part.index + 1)
                 save_tensors(self.stage.file(checkpoint), state)
         totals = torch.tensor([counts["sequences"], counts["tokens"]], dtype=torch.float64, device=world.device)
         world.all_reduce_sum(list(sums.values()) + [totals])

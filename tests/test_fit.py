@@ -30,7 +30,7 @@ def fit(tmp_path, model_dir, corpus_file, name="factors", dtype=torch.float64, m
 
 def corpus_sequences(tokenizer, corpus_file, max_length=24):
     parts = iter_sequence_parts(CorpusSpec(str(corpus_file)), tokenizer, max_length, 1000, SequenceCaps())
-    return [seq for _, part in parts for _, seq in part]
+    return [seq for part in parts for _, seq in part.sequences]
 
 
 def assert_close(actual, expected, rtol):
