@@ -32,6 +32,15 @@ class World:
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
+    def main_first(self, make):
+        """Run `make(is_main)` on rank 0, then on the other ranks (e.g. creating a stage directory)."""
+        if self.is_main:
+            result = make(True)
+            self.barrier()
+            return result
+        self.barrier()
+        return make(False)
+
     def barrier(self) -> None:
         if self.size > 1:
             import torch.distributed as dist
@@ -59,7 +68,7 @@ def detect_world(device: str) -> World:
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available() or device == "cpu")
-    resolved = str(state.device) if device == "auto" else resolve_device(device)
+    resolved = state.device.type if device == "auto" else resolve_device(device)
     if resolved == "cuda":
         resolved = f"cuda:{state.local_process_index}"
     return World(state.process_index, state.num_processes, resolved)

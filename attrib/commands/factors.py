@@ -67,11 +67,13 @@ def fit_factors(
         settings.validate()
         recorded = {**asdict(settings), "modules": modules, "dtype": dtype}
         inputs = {"corpus": asdict(spec)}
-        stage = StageDir(out, "fit-factors", recorded, model_record(model, lm, layers), inputs, overwrite)
+        record = model_record(model, lm, layers)
+        stage = world.main_first(
+            lambda is_main: StageDir(out, "fit-factors", recorded, record, inputs, overwrite and is_main)
+        )
         if stage.already_complete:
             message(f"{out} is already complete; use --overwrite to fit again")
             return
-        world.barrier()
         manifest = run_fit(lm, tokenizer, layers, spec, stage, settings, world)
         if world.is_main:
             counts = manifest["counts"]

@@ -72,7 +72,10 @@ def _compute_query_gradients(out, model, lm, tokenizer, layers, factors, query_l
         "strategy": factors_manifest["settings"]["strategy"],
     }
     inputs = {"factors": str(factors), "factors_fingerprint": factors_manifest["model"]["fingerprint"]}
-    stage = StageDir(out, "query-gradients", settings, model_record(model, lm, layers), inputs, overwrite and world.is_main)
+    record = model_record(model, lm, layers)
+    stage = world.main_first(
+        lambda is_main: StageDir(out, "query-gradients", settings, record, inputs, overwrite and is_main)
+    )
     if not stage.already_complete:
         gradients = compute_query_gradients(
             lm, tokenizer, layers, query_list, curvature, query_rank, max_length, tokens_per_batch, world.device
@@ -206,11 +209,11 @@ def query(
         inputs = {"factors": factors, "corpus": asdict(spec), "candidates": candidates, "prefilter": prefilter,
                   "query_gradients": query_gradients_dir, "queries": queries}
         recorded = {**asdict(settings), "query_rank": query_rank, "damping": damping, "dtype": dtype}
-        stage = StageDir(out, "query", recorded, model_record(model, lm, layers), inputs, overwrite and world.is_main)
+        record = model_record(model, lm, layers)
+        stage = world.main_first(lambda is_main: StageDir(out, "query", recorded, record, inputs, overwrite and is_main))
         if stage.already_complete:
             message(f"{out} is already complete; use --overwrite to score again")
             return
-        world.barrier()
         gradients_dir = query_gradients_dir or _compute_query_gradients(
             str(Path(out) / "query-gradients"), model, lm, tokenizer, layers, factors, query_list, query_rank,
             damping, max_length, tokens_per_batch, world, False,
