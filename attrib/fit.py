@@ -181,7 +181,7 @@ def fit_factors(
         files.append(COVARIANCE_FILE)
         if not stage.has(EIGEN_FILE):
             started = time.time()
-            covariance = load_tensors(stage.file(COVARIANCE_FILE))
+            covariance = load_tensors(stage.file(COVARIANCE_FILE), device=world.device)
             if world.is_main:
                 eigen = {}
                 for layer in layers:

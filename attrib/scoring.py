@@ -76,22 +76,28 @@ class ScoreSettings:
     world_size: int = 1
 
 
-@dataclass
 class Candidates:
-    """Which (query, document[, chunk]) pairs to score, and their prefilter ranks."""
+    """Which (query, document[, chunk]) pairs to score, and each document's prefilter rank."""
 
-    by_query: dict[str, dict[tuple[str, int | None], int]]  # query -> (doc_id, chunk or None) -> rank
+    def __init__(self, ranks: dict[str, dict[tuple[str, int | None], int]]):
+        # ranks: query -> (doc_id, chunk or None for a whole document) -> rank
+        self.pairs = {query_id: set(chosen) for query_id, chosen in ranks.items()}
+        self.doc_ids = {doc_id for chosen in ranks.values() for doc_id, _ in chosen}
+        self.doc_rank: dict[tuple[str, str], int] = {}
+        for query_id, chosen in ranks.items():
+            for (doc_id, _), rank in chosen.items():
+                key = (query_id, doc_id)
+                self.doc_rank[key] = min(rank, self.doc_rank.get(key, rank))
 
     def wanted(self, sequence: Sequence) -> bool:
-        return any((sequence.doc_id, None) in c or (sequence.doc_id, sequence.chunk) in c for c in self.by_query.values())
+        return sequence.doc_id in self.doc_ids
 
     def allows(self, query_id: str, sequence: Sequence) -> bool:
-        chosen = self.by_query.get(query_id, {})
+        chosen = self.pairs.get(query_id, ())
         return (sequence.doc_id, None) in chosen or (sequence.doc_id, sequence.chunk) in chosen
 
     def rank(self, query_id: str, doc_id: str) -> int | None:
-        ranks = [r for (d, _), r in self.by_query.get(query_id, {}).items() if d == doc_id]
-        return min(ranks) if ranks else None
+        return self.doc_rank.get((query_id, doc_id))
 
 
 def _part_rows(part: Part, sequences, token_scores, layer_scores, query_ids, candidates, token_top: int):
@@ -105,7 +111,8 @@ def _part_rows(part: Part, sequences, token_scores, layer_scores, query_ids, can
                 continue
             key = (sequence.doc_index, query_id)
             doc_layer_scores[key] = doc_layer_scores.get(key, 0.0) + layers[q]
-            chunk_tokens[key].append((sequence, tokens[: len(sequence), q]))
+            if token_top != 0:
+                chunk_tokens[key].append((sequence, tokens[: len(sequence), q]))
     documents = {name: [] for name in ("query_id", "doc_id", "doc_index", "score", "layer_scores")}
     for (doc_index, query_id), layers in doc_layer_scores.items():
         documents["query_id"].append(query_id)
@@ -180,7 +187,8 @@ def score_corpus(
                 sequences = [mine[i] for i in batch]
                 per_token, per_layer = scorer.score(sequences, pad_id, world.device)
                 scored += sequences
-                token_scores += list(per_token.double().cpu().numpy())
+                keep_tokens = settings.token_scores_top != 0
+                token_scores += list(per_token.float().cpu().numpy()) if keep_tokens else [None] * len(sequences)
                 layer_scores += list(per_layer.double().cpu().numpy())
                 bar.advance(len(sequences), tokens=sum(len(s) for s in sequences))
             documents, tokens = _part_rows(

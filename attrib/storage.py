@@ -48,7 +48,7 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | Non
     """safetensors, atomically; tensors are made contiguous and unshared first."""
     from safetensors.torch import save_file
 
-    owned = {name: t.detach().contiguous().clone() for name, t in tensors.items()}
+    owned = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(owned, str(tmp), metadata=metadata)
 
