@@ -57,26 +57,39 @@ def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class CorrectionSums:
-    """Running Σ_n ((Q_Sᵀ G_n Q_A)_ij)² over sequences n of one layer (the "E" of EK-FAC)."""
+    """Running Σ_n ((Q_Sᵀ G_n Q_A)_ij)² over sequences n of one layer (the "E" of EK-FAC).
+
+    Q_Sᵀ G_n Q_A is formed whichever way is cheaper for the batch's length T: rotating
+    a and g first costs T·(d_in² + d_out²) per sequence, rotating G_n = gᵀa afterwards
+    d_out·d_in·(d_out + d_in); both then cost T·d_out·d_in for the product.
+    """
 
     def __init__(self, activation_basis, gradient_basis, d_in: int, d_out: int, dtype, device):
         self.activation_basis = None if activation_basis is None else activation_basis.to(device, dtype)
         self.gradient_basis = None if gradient_basis is None else gradient_basis.to(device, dtype)
         self.squares = torch.zeros(d_out, d_in, dtype=dtype, device=device)
-        self.rotated_activations: torch.Tensor | None = None
+        self.activations: torch.Tensor | None = None  # [batch, seq, d_in], rotated when `rotate_first`
+        self.rotate_first = True
 
     def rotate_activations(self, a: torch.Tensor) -> None:
         a = a.to(self.squares.dtype)
-        self.rotated_activations = a if self.activation_basis is None else a @ self.activation_basis
+        d_out, d_in = self.squares.shape
+        length = a.shape[1]
+        self.rotate_first = self.activation_basis is None or length * (d_in**2 + d_out**2) <= d_out * d_in * (d_out + d_in)
+        if self.rotate_first and self.activation_basis is not None:
+            a = a @ self.activation_basis
+        self.activations = a
 
     def add_gradients(self, g: torch.Tensor, weight: float = 1.0, sequences_per_step: int = 8) -> None:
         """Form per-sequence rotated gradients a few sequences at a time, square and add them."""
         g = g.to(self.squares.dtype)
-        rotated_g = g if self.gradient_basis is None else g @ self.gradient_basis  # [batch, seq, d_out]
-        rotated_a = self.rotated_activations  # [batch, seq, d_in]
+        if self.rotate_first and self.gradient_basis is not None:
+            g = g @ self.gradient_basis  # [batch, seq, d_out]
         for start in range(0, g.shape[0], sequences_per_step):
             stop = start + sequences_per_step
-            per_sequence = torch.bmm(rotated_g[start:stop].transpose(1, 2), rotated_a[start:stop])
+            per_sequence = torch.bmm(g[start:stop].transpose(1, 2), self.activations[start:stop])
+            if not self.rotate_first:
+                per_sequence = self.gradient_basis.T @ per_sequence @ self.activation_basis
             self.squares.add_(per_sequence.square().sum(0), alpha=weight)
 
 

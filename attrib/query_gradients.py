@@ -89,12 +89,12 @@ def compute_query_gradients(
         for batch in pack_batches(sequences, tokens_per_batch):
             gradients = per_sequence_gradients(model, layers, [sequences[i] for i in batch], pad_id, device)
             for layer_index, layer_gradients in enumerate(gradients):
+                preconditioned = curvature[layer_index].inverse_times(layer_gradients.double())
+                u, s, v = low_rank(preconditioned, rank)  # the whole batch of queries at once
                 for row, query_index in enumerate(batch):
-                    preconditioned = curvature[layer_index].inverse_times(layer_gradients[row].double())
-                    u, s, v = low_rank(preconditioned[None], rank)
-                    left[layer_index][query_index] = u[0].to(store).cpu()
-                    sigma[layer_index][query_index] = s[0].to(store).cpu()
-                    right[layer_index][query_index] = v[0].to(store).cpu()
+                    left[layer_index][query_index] = u[row].to(store).cpu()
+                    sigma[layer_index][query_index] = s[row].to(store).cpu()
+                    right[layer_index][query_index] = v[row].to(store).cpu()
             bar.advance(len(batch), tokens=sum(len(sequences[i]) for i in batch))
     return QueryGradients(
         [q.query_id for q in queries],

@@ -201,3 +201,20 @@ def test_resume_after_kill_gives_identical_files(tmp_path, model_dirs, corpus_fi
     for name in ("covariance", "eigen", "lambda"):
         assert (whole / f"{name}.safetensors").read_bytes() == (resumed / f"{name}.safetensors").read_bytes()
     assert not (resumed / "correction").exists()
+
+
+@pytest.mark.parametrize("length", [1, 200])
+def test_correction_is_the_same_whichever_order_is_cheaper(length):
+    """Short sequences rotate a and g first, long ones rotate G_n = gᵀa afterwards: same Λ."""
+    generator = torch.Generator().manual_seed(1)
+    d_in, d_out = 6, 9
+    basis_a = torch.linalg.qr(torch.randn(d_in, d_in, dtype=torch.float64, generator=generator))[0]
+    basis_s = torch.linalg.qr(torch.randn(d_out, d_out, dtype=torch.float64, generator=generator))[0]
+    a = torch.randn(3, length, d_in, dtype=torch.float64, generator=generator)
+    g = torch.randn(3, length, d_out, dtype=torch.float64, generator=generator)
+    correction = CorrectionSums(basis_a, basis_s, d_in, d_out, torch.float64, "cpu")
+    correction.rotate_activations(a)
+    assert correction.rotate_first == (length == 1)
+    correction.add_gradients(g)
+    expected = sum((basis_s.T @ (g[n].T @ a[n]) @ basis_a) ** 2 for n in range(3))
+    assert_close(correction.squares, expected, 1e-10)
