@@ -111,23 +111,24 @@ class _RowChecker:
         return Document(doc_id, text)  # type: ignore[arg-type]
 
 
-def _json_lines(path: Path, checker: _RowChecker) -> Iterator[Document | None]:
+def _json_rows(path: Path, checker: _RowChecker) -> Iterator[tuple[str, object]]:
+    """(where, parsed row) for each non-blank line; undecodable lines are reported or skipped."""
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, 1):
             where = f"{path}:{line_number}"
             if not raw.strip():
                 continue
             try:
-                row = json.loads(raw.decode("utf-8"))
+                yield where, json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 checker.bad(where, f"not UTF-8 (byte {exc.start})", "not UTF-8")
-                yield None
-                continue
             except json.JSONDecodeError as exc:
                 checker.bad(where, f"invalid JSON ({exc.msg}, column {exc.colno})", "invalid JSON")
-                yield None
-                continue
-            yield checker.document(row, where)
+
+
+def _json_lines(path: Path, checker: _RowChecker) -> Iterator[Document | None]:
+    for where, row in _json_rows(path, checker):
+        yield checker.document(row, where)
 
 
 def _text_file(path: Path, checker: _RowChecker, lines: bool) -> Iterator[Document | None]:
@@ -355,39 +356,27 @@ def load_queries(path: str | Path, skip_bad_rows: bool = False) -> list[Query]:
     checker = _RowChecker(CorpusSpec(str(path), skip_bad_rows=skip_bad_rows), stats)
     queries: list[Query] = []
     seen: set[str] = set()
-    with open(path, "rb") as handle:
-        for line_number, raw in enumerate(handle, 1):
-            where = f"{path}:{line_number}"
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                checker.bad(where, f"not UTF-8 (byte {exc.start})", "not UTF-8")
-                continue
-            except json.JSONDecodeError as exc:
-                checker.bad(where, f"invalid JSON ({exc.msg}, column {exc.colno})", "invalid JSON")
-                continue
-            if not isinstance(row, dict):
-                checker.bad(where, "row is not a JSON object", "not an object")
-                continue
-            problem = next(
-                (
-                    f"field '{name}' is missing" if name not in row else f"field '{name}' is not a string"
-                    for name in ("id", "prompt", "completion")
-                    if not isinstance(row.get(name), str) and not (name == "id" and isinstance(row.get(name), int))
-                ),
-                None,
-            )
-            if problem is None and not row["completion"].strip():
-                problem = "field 'completion' is empty; a query needs a completion to attribute"
-            if problem is None and str(row["id"]) in seen:
-                problem = f"query id {row['id']!r} is used twice"
-            if problem is not None:
-                checker.bad(where, problem, "bad query")
-                continue
-            seen.add(str(row["id"]))
-            queries.append(Query(str(row["id"]), row["prompt"], row["completion"]))
+    for where, row in _json_rows(path, checker):
+        if not isinstance(row, dict):
+            checker.bad(where, "row is not a JSON object", "not an object")
+            continue
+        problem = next(
+            (
+                f"field '{name}' is missing" if name not in row else f"field '{name}' is not a string"
+                for name in ("id", "prompt", "completion")
+                if not isinstance(row.get(name), str) and not (name == "id" and isinstance(row.get(name), int))
+            ),
+            None,
+        )
+        if problem is None and not row["completion"].strip():
+            problem = "field 'completion' is empty; a query needs a completion to attribute"
+        if problem is None and str(row["id"]) in seen:
+            problem = f"query id {row['id']!r} is used twice"
+        if problem is not None:
+            checker.bad(where, problem, "bad query")
+            continue
+        seen.add(str(row["id"]))
+        queries.append(Query(str(row["id"]), row["prompt"], row["completion"]))
     if not queries:
         raise InputError(f"--queries {path} holds no query")
     return queries

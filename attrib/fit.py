@@ -79,7 +79,7 @@ class _PassRunner:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.row_stats = RowStats()
 
-    def run(self, name: str, sums: dict[str, torch.Tensor], capture: Capture, on_batch_start=None) -> dict[str, float]:
+    def run(self, name: str, sums: dict[str, torch.Tensor], capture: Capture) -> dict[str, float]:
         """Accumulate into `sums` (tensors updated by the capture handlers); return global counts."""
         settings, world = self.settings, self.world
         checkpoint = f"{name}/rank{world.rank}-of{world.size}.safetensors"
@@ -108,8 +108,6 @@ class _PassRunner:
                     sequences = [seq for _, seq in batch]
                     input_ids, mask, targets = collate(sequences, self.pad_id, world.device)
                     capture.mask = mask
-                    if on_batch_start is not None:
-                        on_batch_start()
                     log_probs = token_log_probs(self.model, input_ids, mask)
                     for sample in range(samples):
                         if settings.fisher == "empirical":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -75,6 +76,42 @@ def looks_like_hub_id(spec: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", spec) is not None and not spec.endswith((".json", ".jsonl"))
 
 
+@contextlib.contextmanager
+def _loading(spec: str, what: str = ""):
+    """Turn a transformers loading failure into one line that says where attrib looked."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        where = "the directory" if Path(spec).expanduser().exists() else "the hub (is the network reachable?)"
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"--model {spec}{what} could not be loaded from {where}: {first_line}") from exc
+
+
+def model_source(spec: str) -> str:
+    """The directory or hub id to load `spec` from; a mistyped path is named plainly, not sent to the hub."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    path = Path(spec).expanduser()
+    if not path.exists() and not looks_like_hub_id(spec):
+        raise InputError(f"--model {spec}: no such directory (and not a hub id)")
+    if path.exists() and not (path / "config.json").is_file():
+        raise InputError(f"--model {spec} has no config.json; give a directory saved with save_pretrained")
+    return str(path) if path.exists() else spec
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """The tokenizer and config of a model, without its weights (for stages that only tokenize)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = model_source(spec)
+    with _loading(spec, " tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return tokenizer, config
+
+
 def load_model(
     spec: str,
     dtype: str = "float32",
@@ -83,28 +120,16 @@ def load_model(
 ):
     """The model (in eval mode, weights frozen) and its tokenizer, from a directory or hub id."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
-    path = Path(spec).expanduser()
-    if not path.exists() and not looks_like_hub_id(spec):
-        raise InputError(f"--model {spec}: no such directory (and not a hub id)")
-    if path.exists() and not (path / "config.json").is_file():
-        raise InputError(f"--model {spec} has no config.json; give a directory saved with save_pretrained")
-    source = str(path) if path.exists() else spec
-    try:
+    source = model_source(spec)
+    with _loading(spec):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             source, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as exc:
-        where = "the directory" if path.exists() else "the hub (is the network reachable?)"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"--model {spec} could not be loaded from {where}: {first_line}") from exc
     model.to(resolve_device(device))
     model.eval()
     model.requires_grad_(False)

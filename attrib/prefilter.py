@@ -38,6 +38,7 @@ import numpy as np
 
 from attrib.data import CorpusSpec, RowStats, corpus_files, iter_documents
 from attrib.errors import InputError
+from attrib.models import load_tokenizer
 
 CANDIDATES_FILE = "candidates.parquet"
 FREQUENCIES_FILE = "frequencies.npz"  # pass 1 of the streaming backend, kept until the stage completes
@@ -128,30 +129,6 @@ class TokenStrings:
 
     def __call__(self, text: str) -> list[str]:
         return self.tokenizer.tokenize(text)
-
-
-def _load_tokenizer(model: str, trust_remote_code: bool):
-    """The tokenizer (and config) of `--model`, checked like `attrib.models.load_model` checks it."""
-    import transformers
-    from transformers import AutoConfig, AutoTokenizer
-
-    from attrib.models import looks_like_hub_id
-
-    transformers.utils.logging.set_verbosity_error()
-    path = Path(model).expanduser()
-    if not path.exists() and not looks_like_hub_id(model):
-        raise InputError(f"--model {model}: no such directory (and not a hub id)")
-    if path.exists() and not (path / "config.json").is_file():
-        raise InputError(f"--model {model} has no config.json; give a directory saved with save_pretrained")
-    source = str(path) if path.exists() else model
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        where = "the directory" if path.exists() else "the hub (is the network reachable?)"
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"--model {model} tokenizer could not be loaded from {where}: {first_line}") from exc
-    return tokenizer, config
 
 
 def _vectorizer_options(settings: PrefilterSettings, tokenizer) -> dict:
@@ -556,7 +533,7 @@ def run_prefilter(
     query_list = load_queries(queries)
     query_ids = [q.query_id for q in query_list]
     texts = _query_texts(query_list, query_text)
-    tokenizer, config = _load_tokenizer(model, trust_remote_code) if settings.needs_tokenizer else (None, None)
+    tokenizer, config = load_tokenizer(model, trust_remote_code) if settings.needs_tokenizer else (None, None)
     if unit == "sequence":
         require_fast_tokenizer(tokenizer)  # chunks map back to text through offsets
         settings.max_length = max_length or default_max_length(config, tokenizer)
