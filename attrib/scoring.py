@@ -43,11 +43,16 @@ class Scorer:
         self._layer_scores: torch.Tensor | None = None
 
     def _on_activation(self, index: int, a: torch.Tensor) -> None:
-        self._projected[index] = a.to(self.compute) @ self.right[index]  # [batch, seq, Q·r]
+        """Keep a's projection [batch, seq, Q·r] until backward, or a itself when that is smaller."""
+        a = a.to(self.compute)
+        self._projected[index] = a @ self.right[index] if self.right[index].shape[1] <= a.shape[-1] else a
 
     def _on_gradient(self, index: int, g: torch.Tensor) -> None:
         projected_g = g.to(self.compute) @ self.left[index]  # [batch, seq, Q·r]
-        product = projected_g * self._projected.pop(index) * self.sigma[index]
+        projected_a = self._projected.pop(index)
+        if projected_a.shape[-1] != projected_g.shape[-1]:
+            projected_a = projected_a @ self.right[index]
+        product = projected_g * projected_a * self.sigma[index]
         batch, seq = product.shape[:2]
         per_token = product.view(batch, seq, self.num_queries, -1).sum(-1)  # [batch, seq, Q]
         self._token_scores += per_token
