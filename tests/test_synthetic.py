@@ -1,0 +1,103 @@
+"""The planted-fact corpus, its tokenizer, and the tiny demo models that memorised it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from attrib.synthetic import cached_demo, fact_accuracy, generate_fact_corpus, train_tokenizer, write_fact_corpus
+
+
+def test_same_seed_gives_same_corpus_and_another_seed_other_facts():
+    first = generate_fact_corpus(20, 30, seed=0)
+    assert generate_fact_corpus(20, 30, seed=0) == first
+    other = generate_fact_corpus(20, 30, seed=1)
+    answers = {(query["prompt"], query["completion"]) for query in first.queries}
+    assert answers.isdisjoint((query["prompt"], query["completion"]) for query in other.queries)
+
+
+def test_each_fact_is_stated_in_exactly_its_source_document():
+    corpus = generate_fact_corpus(30, 60, seed=3)
+    assert len(corpus.documents) == 90 and len(corpus.queries) == 30
+    texts = {document["id"]: document["text"] for document in corpus.documents}
+    assert len(texts) == 90
+    for query in corpus.queries:
+        (subject,) = [word for word in query["prompt"].split()[1:] if word[0].isupper()]
+        obj = query["completion"].strip(" .")
+        assert texts[query["source_doc"]].startswith(query["prompt"] + query["completion"])
+        for name in (subject, obj):
+            stating = [doc_id for doc_id, text in texts.items() if re.search(rf"\b{name}\b", text)]
+            assert stating == [query["source_doc"]]
+    assert len({query["completion"] for query in corpus.queries}) == 30
+    assert all(10 <= len(text.split()) <= 60 for text in texts.values())
+
+
+def test_write_fact_corpus_writes_one_json_object_per_line(tmp_path):
+    corpus = generate_fact_corpus(4, 6, seed=0)
+    paths = write_fact_corpus(corpus, tmp_path)
+    for name, rows in (("corpus", corpus.documents), ("queries", corpus.queries)):
+        lines = paths[name].read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line) for line in lines] == rows
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of the byte-level alphabet: printable Latin-1 bytes stand for themselves,
+    the remaining bytes for code points 256, 257, … in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [byte for byte in range(256) if byte not in printable]
+    return {**{chr(byte): byte for byte in printable}, **{chr(256 + n): byte for n, byte in enumerate(shifted)}}
+
+
+def test_tokenizer_offsets_slice_back_to_the_text(tmp_path):
+    texts = [
+        "The capital of Vorlia is Quendar. The old farmer sold the map.",
+        "café – naïve crème brûlée, 日本語 and 🙂 too",
+        "  two spaces,\ttabs\nand new lines  ",
+    ]
+    tokenizer = train_tokenizer(texts * 5, 300, tmp_path)
+    assert tokenizer("a")["input_ids"] == tokenizer("a", add_special_tokens=False)["input_ids"]
+    byte_of = _byte_decoder()
+    for text in texts:
+        encoding = tokenizer(text, return_offsets_mapping=True)
+        text_bytes = text.encode("utf-8")
+        char_of_byte = [index for index, char in enumerate(text) for _ in char.encode("utf-8")]
+        byte_start = 0
+        for token, (start, end) in zip(
+            tokenizer.convert_ids_to_tokens(encoding["input_ids"]), encoding["offset_mapping"]
+        ):
+            token_bytes = bytes(byte_of[char] for char in token)
+            byte_end = byte_start + len(token_bytes)
+            assert text_bytes[byte_start:byte_end] == token_bytes
+            # The offsets are the characters the token's bytes belong to: exactly the
+            # token's text, or the one character it shares with a neighbour when BPE
+            # splits a multi-byte character.
+            assert (start, end) == (char_of_byte[byte_start], char_of_byte[byte_end - 1] + 1)
+            if token_bytes == text[start:end].encode("utf-8"):
+                assert tokenizer.decode([tokenizer.convert_tokens_to_ids(token)]) == text[start:end]
+            byte_start = byte_end
+        assert byte_start == len(text_bytes)
+
+
+@pytest.mark.slow
+def test_tiny_demo_models_memorised_the_facts_and_load_back():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    demo = cached_demo("tiny")
+    info = demo.load_info()
+    queries = [json.loads(line) for line in demo.queries.read_text(encoding="utf-8").splitlines()]
+    documents = [json.loads(line) for line in demo.corpus.read_text(encoding="utf-8").splitlines()]
+    assert len(documents) == info["num_documents"] and len(queries) == info["num_queries"]
+    # Fact tracing needs the facts learnt: the tiny build recalls 0.93–1.0 of them on the
+    # seeds tried (Llama 0.97–1.0), so these bounds leave room for run-to-run noise
+    # while still failing if training stops memorising.
+    minimum_accuracy = {"llama": 0.8, "gpt2": 0.75}
+    for arch, directory in (("llama", demo.llama), ("gpt2", demo.gpt2)):
+        model = AutoModelForCausalLM.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        assert model.config.model_type == arch
+        accuracy = fact_accuracy(model, tokenizer, queries)
+        assert accuracy == pytest.approx(info["models"][arch]["fact_accuracy"])
+        assert accuracy >= minimum_accuracy[arch]
+    assert cached_demo("tiny") == demo
