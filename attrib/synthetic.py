@@ -24,6 +24,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from attrib.progress import progress
+
 # Bump whenever the corpus, tokenizer or training changes, so cached demos are rebuilt.
 VERSION = 1
 
@@ -286,17 +288,19 @@ def train_causal_lm(
     order_generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     model.train()
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += torch.randperm(len(encoded), generator=order_generator).tolist()
-        batch_indices, order = order[:batch_size], order[batch_size:]
-        batch = _padded_batch([encoded[i] for i in batch_indices], tokenizer.pad_token_id)
-        loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+    with progress(f"training {arch}", total=steps, unit="step") as bar:
+        for _ in range(steps):
+            if len(order) < batch_size:
+                order += torch.randperm(len(encoded), generator=order_generator).tolist()
+            batch_indices, order = order[:batch_size], order[batch_size:]
+            batch = _padded_batch([encoded[i] for i in batch_indices], tokenizer.pad_token_id)
+            loss = model(**batch).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            bar.advance(1, tokens=int(batch["attention_mask"].sum()))
     model.eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
