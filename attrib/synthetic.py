@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from attrib.progress import progress
 
 # Bump whenever the corpus, tokenizer or training changes, so cached demos are rebuilt.
-VERSION = 1
+VERSION = 2
 
 SPECIAL_TOKEN = "<|endoftext|>"
 
@@ -86,11 +86,14 @@ class DemoSize:
 
 
 DEMO_SIZES = {
-    # For the test suite: both models in well under a minute on 2 CPU cores.
-    "tiny": DemoSize(n_facts=40, n_filler=150, vocab_size=512, hidden_size=64, num_layers=2, steps=600,
-                     seq_len=64, batch_size=16, lr=3e-3),
-    # For `attrib demo`: a few minutes per model on 2 CPU cores.
-    "small": DemoSize(n_facts=300, n_filler=2500, vocab_size=2048, hidden_size=128, num_layers=2, steps=3000,
+    # For the test suite: both models in well under a minute on 2 CPU cores; ~65 epochs.
+    # seq_len 96 holds every document whole, in training and when attrib scores it.
+    "tiny": DemoSize(n_facts=40, n_filler=150, vocab_size=512, hidden_size=64, num_layers=2, steps=800,
+                     seq_len=96, batch_size=16, lr=3e-3),
+    # For `attrib demo`: about 2–3 minutes per model on 2 CPU cores; ~24 epochs. Recall of
+    # the facts rises steeply with epochs (14 epochs: ~0.3, 21: ~0.93), so more documents
+    # would need proportionally more steps.
+    "small": DemoSize(n_facts=300, n_filler=1700, vocab_size=2048, hidden_size=128, num_layers=2, steps=1500,
                       seq_len=96, batch_size=32, lr=2e-3),
 }
 
