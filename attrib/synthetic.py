@@ -31,17 +31,17 @@ VERSION = 2
 
 SPECIAL_TOKEN = "<|endoftext|>"
 
-# (prompt template, subject kind): the object ends each fact sentence, so the prompt
-# is the sentence up to the object and the completion is " Object." — the same
-# tokens the model saw in the document.
+# Prompts with a slot for the subject; the object ends each fact sentence, so the
+# prompt is the sentence up to the object and the completion is " Object." — the
+# same tokens the model saw in the document.
 RELATIONS = (
-    ("The capital of {} is", "land"),
-    ("The river that flows through {} is called", "land"),
-    ("The language spoken in {} is", "land"),
-    ("The inventor of the {} engine was", "thing"),
-    ("The favourite colour of {} is", "person"),
-    ("The founder of {} was", "land"),
-    ("The teacher of {} was", "person"),
+    "The capital of {} is",
+    "The river that flows through {} is called",
+    "The language spoken in {} is",
+    "The inventor of the {} engine was",
+    "The favourite colour of {} is",
+    "The founder of {} was",
+    "The teacher of {} was",
 )
 
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "k", "kh", "l", "m", "n", "p", "qu", "r", "s", "sh", "t", "th", "v", "z")
@@ -90,7 +90,7 @@ DEMO_SIZES = {
     # seq_len 96 holds every document whole, in training and when attrib scores it.
     "tiny": DemoSize(n_facts=40, n_filler=150, vocab_size=512, hidden_size=64, num_layers=2, steps=800,
                      seq_len=96, batch_size=16, lr=3e-3),
-    # For `attrib demo`: about 2–3 minutes per model on 2 CPU cores; ~24 epochs. Recall of
+    # For `attrib demo`: under 3 minutes per model on 2 idle CPU cores; ~24 epochs. Recall of
     # the facts rises steeply with epochs (14 epochs: ~0.3, 21: ~0.93), so more documents
     # would need proportionally more steps.
     "small": DemoSize(n_facts=300, n_filler=1700, vocab_size=2048, hidden_size=128, num_layers=2, steps=1500,
@@ -123,14 +123,19 @@ class DemoPaths:
 
 
 def _invented_names(rng: random.Random, count: int) -> list[str]:
-    """`count` distinct capitalised names of 2–3 syllables."""
+    """`count` distinct capitalised names of 2–3 syllables, none of them a word of the filler grammar."""
+    filler_words = {
+        word.lower()
+        for phrase in (*_SUBJECTS, *_ADJECTIVES, *_VERBS, *_OBJECTS, *_PLACES, *_TIMES, *RELATIONS)
+        for word in phrase.split()
+    }
     names: set[str] = set()
     ordered: list[str] = []
     while len(ordered) < count:
         syllables = rng.choice((2, 2, 3))
         name = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables))
         name = name.capitalize()
-        if name not in names:
+        if name not in names and name.lower() not in filler_words:
             names.add(name)
             ordered.append(name)
     return ordered
@@ -160,8 +165,7 @@ def generate_fact_corpus(n_facts: int, n_filler: int, seed: int) -> FactCorpus:
     fact_texts = []
     facts = []
     for index, (subject, obj) in enumerate(zip(subjects, objects)):
-        template, _ = RELATIONS[index % len(RELATIONS)]
-        prompt = template.format(subject)
+        prompt = RELATIONS[index % len(RELATIONS)].format(subject)
         completion = f" {obj}."
         trailing = " ".join(_filler_sentence(rng) for _ in range(rng.randint(1, 2)))
         fact_texts.append(f"{prompt}{completion} {trailing}")
@@ -311,18 +315,24 @@ def train_causal_lm(
 
 
 @torch.no_grad()
-def fact_accuracy(model, tokenizer, queries: list[dict]) -> float:
+def fact_accuracy(model, tokenizer, queries: list[dict], batch_size: int = 64) -> float:
     """Fraction of queries whose whole completion is the model's greedy continuation of the prompt."""
     correct = 0
-    for query in queries:
-        encoding = tokenizer(query["prompt"] + query["completion"], add_special_tokens=False,
-                             return_offsets_mapping=True)
-        ids = encoding["input_ids"]
-        # Completion tokens are those ending after the prompt, as in attrib.data.query_sequence.
-        first = next(i for i, (_, end) in enumerate(encoding["offset_mapping"]) if end > len(query["prompt"]))
-        logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
-        predicted = logits[first - 1 : len(ids) - 1].argmax(dim=-1).tolist()
-        correct += predicted == ids[first:]
+    for start in range(0, len(queries), batch_size):
+        chunk = queries[start : start + batch_size]
+        encodings = [
+            tokenizer(query["prompt"] + query["completion"], add_special_tokens=False, return_offsets_mapping=True)
+            for query in chunk
+        ]
+        batch = _padded_batch([encoding["input_ids"] for encoding in encodings], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"].to(model.device),
+                       attention_mask=batch["attention_mask"].to(model.device)).logits
+        predictions = logits.argmax(dim=-1).tolist()
+        for query, encoding, predicted in zip(chunk, encodings, predictions):
+            ids = encoding["input_ids"]
+            # Completion tokens are those ending after the prompt, as in attrib.data.query_sequence.
+            first = next(i for i, (_, end) in enumerate(encoding["offset_mapping"]) if end > len(query["prompt"]))
+            correct += predicted[first - 1 : len(ids) - 1] == ids[first:]
     return correct / len(queries)
 
 

@@ -7,7 +7,15 @@ import re
 
 import pytest
 
-from attrib.synthetic import cached_demo, fact_accuracy, generate_fact_corpus, train_tokenizer, write_fact_corpus
+from attrib import synthetic
+from attrib.synthetic import (
+    VERSION,
+    cached_demo,
+    fact_accuracy,
+    generate_fact_corpus,
+    train_tokenizer,
+    write_fact_corpus,
+)
 
 
 def test_same_seed_gives_same_corpus_and_another_seed_other_facts():
@@ -80,6 +88,26 @@ def test_tokenizer_offsets_slice_back_to_the_text(tmp_path):
         assert byte_start == len(text_bytes)
 
 
+def test_cached_demo_uses_the_demo_another_process_finished_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATTRIB_CACHE_DIR", str(tmp_path))
+    target = tmp_path / f"demo-tiny-7-v{VERSION}"
+
+    def build_while_another_process_finishes_first(out_dir, *, size, seed):
+        (out_dir / "demo.json").write_text('{"built_by": "this process"}')
+        target.mkdir()
+        (target / "demo.json").write_text('{"built_by": "another process"}')
+
+    monkeypatch.setattr(synthetic, "build_demo", build_while_another_process_finishes_first)
+    assert cached_demo("tiny", seed=7).load_info() == {"built_by": "another process"}
+    assert [path.name for path in tmp_path.iterdir()] == [target.name]
+
+    def must_not_build(out_dir, *, size, seed):
+        raise AssertionError("a cached demo is rebuilt")
+
+    monkeypatch.setattr(synthetic, "build_demo", must_not_build)
+    assert cached_demo("tiny", seed=7).root == target
+
+
 @pytest.mark.slow
 def test_tiny_demo_models_memorised_the_facts_and_load_back():
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,15 +117,16 @@ def test_tiny_demo_models_memorised_the_facts_and_load_back():
     queries = [json.loads(line) for line in demo.queries.read_text(encoding="utf-8").splitlines()]
     documents = [json.loads(line) for line in demo.corpus.read_text(encoding="utf-8").splitlines()]
     assert len(documents) == info["num_documents"] and len(queries) == info["num_queries"]
-    # Fact tracing needs the facts learnt: the tiny build recalls 0.93–1.0 of them on the
-    # seeds tried (Llama 0.97–1.0), so these bounds leave room for run-to-run noise
-    # while still failing if training stops memorising.
-    minimum_accuracy = {"llama": 0.8, "gpt2": 0.75}
+    # Fact tracing needs the facts learnt. Both tiny models recall all 40 facts on the
+    # seeds tried (with 3/4 of the steps, GPT-2 still recalled 0.85–1.0); 0.8 leaves room
+    # for floating-point differences between machines and thread counts, yet fails if
+    # training stops memorising.
+    minimum_accuracy = 0.8
     for arch, directory in (("llama", demo.llama), ("gpt2", demo.gpt2)):
         model = AutoModelForCausalLM.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
         assert model.config.model_type == arch
         accuracy = fact_accuracy(model, tokenizer, queries)
         assert accuracy == pytest.approx(info["models"][arch]["fact_accuracy"])
-        assert accuracy >= minimum_accuracy[arch]
+        assert accuracy >= minimum_accuracy
     assert cached_demo("tiny") == demo
