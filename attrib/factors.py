@@ -101,9 +101,12 @@ def kfac_eigenvalues(gradient_values, activation_values, tokens_per_sequence: fl
     return tokens_per_sequence * torch.outer(gradient_values, activation_values)
 
 
-def default_damping(eigenvalues: torch.Tensor) -> float:
-    """λ = 0.1 × mean(Λ), per layer (DESIGN.md §2)."""
-    return 0.1 * float(eigenvalues.double().mean())
+DEFAULT_DAMPING_SCALE = 0.1
+
+
+def default_damping(eigenvalues: torch.Tensor, scale: float = DEFAULT_DAMPING_SCALE) -> float:
+    """λ = scale × mean(Λ), per layer; 0.1 by default (DESIGN.md §2)."""
+    return scale * float(eigenvalues.double().mean())
 
 
 @dataclass

@@ -18,6 +18,7 @@ from attrib.data import CorpusSpec, RowStats, SequenceCaps, collate, iter_sequen
 from attrib.distributed import World
 from attrib.errors import InputError
 from attrib.factors import (
+    DEFAULT_DAMPING_SCALE,
     STRATEGY,
     CorrectionSums,
     CovarianceSums,
@@ -245,9 +246,11 @@ def fit_factors(
 
 
 def load_curvature(
-    factors_dir: str, layers: list[TrackedLayer], damping: float | None, device, fingerprint: str | None = None
+    factors_dir: str, layers: list[TrackedLayer], damping: float | None, device, fingerprint: str | None = None,
+    damping_scale: float = DEFAULT_DAMPING_SCALE,
 ) -> tuple[list[LayerCurvature], dict]:
-    """Each layer's curvature from a fit-factors directory, damped (DESIGN.md §2)."""
+    """Each layer's curvature from a fit-factors directory, damped by `damping`, or by
+    `damping_scale` × the layer's mean eigenvalue when `damping` is None (DESIGN.md §2)."""
     manifest = open_input(factors_dir, "fit-factors", fingerprint, option="--factors")
     strategy = STRATEGY[manifest["settings"]["strategy"]]
     missing = [l.name for l in layers if l.name not in manifest["model"]["tracked_modules"]]
@@ -265,7 +268,7 @@ def load_curvature(
                 eigenvalues,
                 eigen[f"{layer.name}.gradient_eigenvectors"].double() if strategy.rotates else None,
                 eigen[f"{layer.name}.activation_eigenvectors"].double() if strategy.rotates else None,
-                default_damping(eigenvalues) if damping is None else damping,
+                default_damping(eigenvalues, damping_scale) if damping is None else damping,
             )
         )
     return curvatures, manifest

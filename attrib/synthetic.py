@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -152,12 +153,36 @@ def _filler_sentence(rng: random.Random) -> str:
     return f"{rng.choice(_TIMES)}, {subject} {action} at {rng.choice(_PLACES)}."
 
 
-def generate_fact_corpus(n_facts: int, n_filler: int, seed: int) -> FactCorpus:
+def _distractor_text(rng: random.Random, prompt: str, obj: str) -> str:
+    """Two sentences naming the fact's object and the prompt's subject and relation words,
+    without stating the fact ("Quendar wrote a letter about the capital of Vorlia.")."""
+    topic = re.sub(r" (is called|is|was)$", "", prompt).removeprefix("The ")
+    templates = (
+        "{o} wrote a letter about the {topic}.",
+        "The {adj} {who} asked {o} about the {topic} near {place}.",
+        "{time}, {o} {verb} the {thing} and spoke of the {topic}.",
+        "Nobody at {place} told {o} about the {topic}.",
+    )
+    sentences = [
+        template.format(o=obj, topic=topic, adj=rng.choice(_ADJECTIVES), who=rng.choice(_SUBJECTS),
+                        place=rng.choice(_PLACES), verb=rng.choice(_VERBS), thing=rng.choice(_OBJECTS),
+                        time=rng.choice(_TIMES))
+        for template in rng.sample(templates, 2)
+    ]
+    return " ".join(sentences)
+
+
+def generate_fact_corpus(n_facts: int, n_filler: int, seed: int, distractors: int = 0) -> FactCorpus:
     """Planted facts, one document each, among filler documents; the same seed gives the same corpus.
 
     The fact sentence opens its document (one or two filler sentences follow), so the
     query's prompt tokens are exactly the document's first tokens: a tiny model with
     absolute positions (GPT-2) can then recall the fact from the bare prompt.
+
+    `distractors` > 0 adds that many documents per fact that repeat the words of its
+    prompt and its object but never state the fact: hard negatives that lexical search
+    (TF-IDF, BM25) ranks above the source, listed in each query's `distractor_docs`.
+    With 0 the corpus is the same as without the argument.
     """
     rng = random.Random(seed)
     names = _invented_names(rng, 2 * n_facts)
@@ -171,21 +196,53 @@ def generate_fact_corpus(n_facts: int, n_filler: int, seed: int) -> FactCorpus:
         fact_texts.append(f"{prompt}{completion} {trailing}")
         facts.append((prompt, completion))
     filler_texts = [" ".join(_filler_sentence(rng) for _ in range(rng.randint(2, 5))) for _ in range(n_filler)]
+    distractor_texts = [
+        (_distractor_text(rng, prompt, completion.strip(" .")), index)
+        for index, (prompt, completion) in enumerate(facts)
+        for _ in range(distractors)
+    ]
 
     # Shuffle so that neither a document's id nor its position reveals whether it is a fact.
-    tagged = [(text, index) for index, text in enumerate(fact_texts)] + [(text, None) for text in filler_texts]
+    # Tags: ("fact", i), ("distractor", i) or None for filler.
+    tagged = ([(text, ("fact", index)) for index, text in enumerate(fact_texts)]
+              + [(text, None) for text in filler_texts]
+              + [(text, ("distractor", index)) for text, index in distractor_texts])
     rng.shuffle(tagged)
     documents = []
-    queries = []
-    for position, (text, fact_index) in enumerate(tagged):
+    source: dict[int, str] = {}
+    distractor_docs: dict[int, list[str]] = {index: [] for index in range(n_facts)}
+    for position, (text, tag) in enumerate(tagged):
         doc_id = f"doc-{position:05d}"
         documents.append({"id": doc_id, "text": text})
-        if fact_index is not None:
-            prompt, completion = facts[fact_index]
-            queries.append({"id": f"q-{fact_index:04d}", "prompt": prompt, "completion": completion,
-                            "source_doc": doc_id})
-    queries.sort(key=lambda query: query["id"])
+        if tag is not None and tag[0] == "fact":
+            source[tag[1]] = doc_id
+        elif tag is not None:
+            distractor_docs[tag[1]].append(doc_id)
+    queries = []
+    for index, (prompt, completion) in enumerate(facts):
+        query = {"id": f"q-{index:04d}", "prompt": prompt, "completion": completion, "source_doc": source[index]}
+        if distractors:
+            query["distractor_docs"] = distractor_docs[index]
+        queries.append(query)
     return FactCorpus(documents, queries)
+
+
+def generic_queries(count: int, seed: int) -> list[dict]:
+    """Queries completing a fresh filler sentence with its last word (" basket.").
+
+    No single document teaches these: their log-probability moves a little with
+    many documents, the regime in which linear datamodeling scores test attribution.
+    """
+    rng = random.Random(f"generic-{seed}")
+    queries, seen = [], set()
+    while len(queries) < count:
+        sentence = _filler_sentence(rng)
+        prompt, last = sentence.rsplit(" ", 1)
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        queries.append({"id": f"g-{len(queries):04d}", "prompt": prompt, "completion": f" {last}"})
+    return queries
 
 
 def write_fact_corpus(corpus: FactCorpus, out_dir: str | Path) -> dict[str, Path]:

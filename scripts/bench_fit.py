@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import subprocess
 import sys
@@ -35,6 +34,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from attrib.synthetic import train_tokenizer  # noqa: E402
+from bench_corpus import synthetic_texts  # noqa: E402
+
 # name -> (arch, hidden, intermediate, layers, heads, vocab)
 MODELS = {
     "gpt2-tiny": ("gpt2", 256, 1024, 4, 4, 4096),
@@ -42,56 +44,6 @@ MODELS = {
     "llama-100m": ("llama", 768, 2048, 12, 12, 8192),
     "gpt2-small": ("gpt2", 768, 3072, 12, 12, 50257),
 }
-
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "st", "br", "kl"]
-_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
-_CODAS = ["", "", "n", "r", "s", "l", "nd", "rt"]
-
-
-def synthetic_texts(num_docs: int, words_per_doc: int, seed: int = 0) -> list[str]:
-    """Documents of Zipf-distributed invented words with punctuation: text-like token statistics."""
-    rng = random.Random(seed)
-    lexicon = []
-    seen = set()
-    while len(lexicon) < 20000:
-        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(rng.choice((1, 2, 2, 3))))
-        if word not in seen:
-            seen.add(word)
-            lexicon.append(word)
-    weights = [1.0 / (rank + 1) for rank in range(len(lexicon))]
-    docs = []
-    for _ in range(num_docs):
-        words = rng.choices(lexicon, weights, k=words_per_doc)
-        out, sentence = [], 0
-        for word in words:
-            sentence += 1
-            out.append(word.capitalize() if sentence == 1 else word)
-            if sentence > 6 and rng.random() < 0.15:
-                out[-1] += "."
-                sentence = 0
-        docs.append(" ".join(out) + ".")
-    return docs
-
-
-def train_tokenizer(texts: list[str], vocab_size: int, directory: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    core.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.save_pretrained(directory)
-    return tokenizer
 
 
 def model_config(name: str, vocab: int, context: int):

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -36,52 +34,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "th", "st", "br", "kl"]
-_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou", "ea"]
-_CODAS = ["", "", "n", "r", "s", "l", "nd", "rt"]
-
-
-def synthetic_texts(num_docs: int, words_per_doc: int, seed: int = 0) -> list[str]:
-    """Documents of Zipf-distributed invented words with punctuation: text-like token statistics."""
-    rng = random.Random(seed)
-    lexicon, seen = [], set()
-    while len(lexicon) < 20000:
-        word = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(rng.choice((1, 2, 2, 3))))
-        if word not in seen:
-            seen.add(word)
-            lexicon.append(word)
-    weights = [1.0 / (rank + 1) for rank in range(len(lexicon))]
-    docs = []
-    for _ in range(num_docs):
-        words = rng.choices(lexicon, weights, k=words_per_doc)
-        out, sentence = [], 0
-        for word in words:
-            sentence += 1
-            out.append(word.capitalize() if sentence == 1 else word)
-            if sentence > 6 and rng.random() < 0.15:
-                out[-1] += "."
-                sentence = 0
-        docs.append(" ".join(out) + ".")
-    return docs
-
-
-def train_tokenizer(texts: list[str], vocab_size: int, directory: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    core = Tokenizer(models.BPE())
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    core.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    core.train_from_iterator(texts, trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    tokenizer.save_pretrained(directory)
-    return tokenizer
+from attrib.synthetic import train_tokenizer  # noqa: E402
+from bench_corpus import synthetic_texts  # noqa: E402
 
 
 def write_jsonl(path: Path, rows) -> None:
@@ -237,7 +191,6 @@ def main() -> None:
     sequences = [seq for part in iter_sequence_parts(corpus, tokenizer, args.seq_len, 2000) for _, seq in part.sequences]
     batch_rows = pack_batches(sequences, args.tokens_per_batch)
     sequence_batches = [[sequences[i] for i in rows] for rows in batch_rows]
-    order = [i for rows in batch_rows for i in rows]
     collated = [collate(batch, pad_id) for batch in sequence_batches]
     tokens = sum(len(s) for s in sequences)
     shape = (f"Llama hidden {args.hidden}, MLP {intermediate}, {args.layers} layers, {args.heads} heads, "

@@ -62,11 +62,24 @@ def test_fact_tracing_finds_the_planted_document(work):
     assert metrics["mrr"] >= 0.5
 
 
-# Measured with M = 8 subset models of a 20-document corpus: LDS ekfac 0.79, random scores
-# −0.02 ± 0.21 (20 draws). Asserted: ekfac is clearly better than chance.
+# Distractors repeat each fact's prompt words and object without stating it, so lexical search
+# ranks them above the source. Measured on GPT-2 (8 facts, 40 documents): MRR ekfac 0.85, TF-IDF 0.52,
+# TF-IDF recall@1 0.25 (the full-size run agrees: 0.85 vs 0.50). Llama is left out: at full size its
+# ekfac MRR is below TF-IDF's (docs/benchmarks.md, fact tracing), so no bound must hold there.
+def test_fact_tracing_with_distractors_influence_beats_tfidf(work):
+    setup = Setup(arch="gpt2", **fact_tracing.QUICK)
+    result = fact_tracing.evaluate(setup, work, methods=("ekfac", "tfidf"))
+    ekfac, tfidf = result["metrics"]["ekfac"], result["metrics"]["tfidf"]
+    assert tfidf["recall_at_1"] <= 0.25  # the corpus is hard for lexical search
+    assert ekfac["mrr"] > tfidf["mrr"] + 0.1
+
+
+# Measured with M = 8 subset models of a 20-document corpus (6 fact + 4 generic queries): LDS ekfac
+# 0.76, random scores −0.05 ± 0.10 (20 draws). Asserted: ekfac is clearly better than chance.
 def test_lds_of_ekfac_beats_random_scores(work):
-    setup = Setup(arch="llama", n_facts=6, n_filler=14, steps=60)
-    result = lds.evaluate(setup, work, 8, methods=("ekfac", "random"))
-    ekfac, chance = result["methods"]["ekfac"]["lds"], result["methods"]["random"]["lds"]
-    assert ekfac > 0.4
-    assert ekfac > chance + 0.3
+    setup = Setup(arch="llama", n_facts=6, n_filler=14, steps=60, generic=4)
+    result = lds.evaluate(setup, work, 8, jobs=2, methods=("ekfac",))
+    by = {row["method"]: row for row in result["rows"]}
+    assert set(by["ekfac"]) >= {"fact", "generic"}
+    assert by["ekfac"]["lds"] > 0.4
+    assert by["ekfac"]["lds"] > by["random"]["lds"] + 0.3

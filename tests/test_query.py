@@ -255,3 +255,25 @@ def test_query_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, cli_ru
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
     assert fragment in err
     assert not (tmp_path / "scores").exists()
+
+
+def test_damping_scale_sets_each_layers_damping_relative_to_its_eigenvalues(tmp_path, capsys, cli_run):
+    """--damping-scale c gives λ_l = c × mean(Λ_l); --damping gives one λ; both together are refused."""
+    from attrib.storage import load_tensors
+
+    lambdas = load_tensors(str(cli_run["factors"] / "lambda.safetensors"))
+    base = ["query-gradients", "--model", cli_run["model"], "--factors", cli_run["factors"],
+            "--queries", cli_run["queries"], "--max-length", "24"]
+    for flags, expected in (([], 0.1), (["--damping-scale", "0.01"], 0.01)):
+        out = tmp_path / f"qg-{expected}"
+        code, _, err = run_cli(capsys, "--quiet", *base, *flags, "--out", out)
+        assert code == 0, err
+        damping = json.loads((out / "manifest.json").read_text())["damping"]
+        for name, value in damping.items():
+            assert value == pytest.approx(expected * float(lambdas[f"{name}.lambda"].double().mean()), rel=1e-12)
+    code, _, err = run_cli(capsys, "--quiet", *base, "--damping", "0.5", "--out", tmp_path / "qg-abs")
+    assert code == 0, err
+    assert set(json.loads((tmp_path / "qg-abs" / "manifest.json").read_text())["damping"].values()) == {0.5}
+    code, _, err = run_cli(capsys, *base, "--damping", "0.5", "--damping-scale", "0.01", "--out", tmp_path / "qg-both")
+    assert code == 2 and err.startswith("error:") and "not both" in err
+    assert not (tmp_path / "qg-both").exists()

@@ -14,7 +14,8 @@ from attrib.commands.options import (
 Factors = Annotated[str, typer.Option(help="Output directory of `attrib fit-factors`.")]
 QueryRank = Annotated[int, typer.Option(help="Rank of each preconditioned query gradient (0 = full).")]
 QUERIES_FILE = "queries.jsonl"
-Damping = Annotated[Optional[float], typer.Option(help="Damping λ (default: 0.1 × mean(Λ) per layer).")]
+Damping = Annotated[Optional[float], typer.Option(help="Damping λ, the same for every layer (default: --damping-scale × mean(Λ) per layer).")]
+DampingScale = Annotated[Optional[float], typer.Option(help="Damping as a multiple of each layer's mean eigenvalue (default 0.1; see docs/benchmarks.md).")]
 
 
 def _load(model: str, factors: str, dtype: str, device: str, trust_remote_code: bool):
@@ -52,7 +53,19 @@ def _checked_queries(queries: str, tokenizer, max_length: int):
     return query_list
 
 
-def _compute_query_gradients(out, model, lm, tokenizer, layers, factors, query_list, query_rank, damping, max_length, tokens_per_batch, world, overwrite):
+def _checked_damping(damping: float | None, damping_scale: float | None) -> tuple[float | None, float]:
+    """(absolute λ or None, relative scale): one of --damping and --damping-scale, non-negative."""
+    from attrib.errors import InputError
+    from attrib.factors import DEFAULT_DAMPING_SCALE
+
+    if damping is not None and damping_scale is not None:
+        raise InputError("give either --damping (absolute) or --damping-scale (relative), not both")
+    if (damping or 0) < 0 or (damping_scale or 0) < 0:
+        raise InputError("--damping and --damping-scale must be non-negative")
+    return damping, DEFAULT_DAMPING_SCALE if damping_scale is None else damping_scale
+
+
+def _compute_query_gradients(out, model, lm, tokenizer, layers, factors, query_list, query_rank, damping, damping_scale, max_length, tokens_per_batch, world, overwrite):
     """Run the query-gradients stage into `out` (rank 0 writes; every rank gets the result)."""
     import json
 
@@ -64,11 +77,9 @@ def _compute_query_gradients(out, model, lm, tokenizer, layers, factors, query_l
 
     if query_rank < 0:
         raise InputError("--query-rank must be 0 (full) or positive")
-    if damping is not None and damping < 0:
-        raise InputError("--damping must be non-negative")
-    curvature, factors_manifest = load_curvature(factors, layers, damping, world.device)
+    curvature, factors_manifest = load_curvature(factors, layers, damping, world.device, damping_scale=damping_scale)
     settings = {
-        "query_rank": query_rank, "damping": damping, "max_length": max_length,
+        "query_rank": query_rank, "damping": damping, "damping_scale": damping_scale, "max_length": max_length,
         "strategy": factors_manifest["settings"]["strategy"],
     }
     inputs = {"factors": str(factors), "factors_fingerprint": factors_manifest["model"]["fingerprint"]}
@@ -113,6 +124,7 @@ def query_gradients(
     out: Out,
     query_rank: QueryRank = 32,
     damping: Damping = None,
+    damping_scale: DampingScale = None,
     max_length: MaxLength = None,
     tokens_per_batch: TokensPerBatch = 4096,
     dtype: Dtype = "float32",
@@ -127,12 +139,13 @@ def query_gradients(
     from attrib.data import default_max_length
     from attrib.progress import message
 
+    damping, damping_scale = _checked_damping(damping, damping_scale)
     world, lm, tokenizer, layers = _load(model, factors, dtype, device, trust_remote_code)
     try:
         max_length = max_length or default_max_length(lm.config, tokenizer)
         query_list = _checked_queries(queries, tokenizer, max_length)
         _compute_query_gradients(out, model, lm, tokenizer, layers, factors, query_list, query_rank, damping,
-                                 max_length, tokens_per_batch, world, overwrite)
+                                 damping_scale, max_length, tokens_per_batch, world, overwrite)
         message(f"query gradients written to {out}")
     finally:
         world.close()
@@ -162,6 +175,7 @@ def query(
     token_scores_top: Annotated[str, typer.Option(help="Store per-token scores for the top K documents per query, 'all' or 'none'.")] = "100",
     query_rank: QueryRank = 32,
     damping: Damping = None,
+    damping_scale: DampingScale = None,
     docs_per_part: Annotated[int, typer.Option(help="Documents per output part (resume granularity).")] = 2000,
     tokens_per_batch: TokensPerBatch = 4096,
     max_length: MaxLength = None,
@@ -191,6 +205,7 @@ def query(
     from attrib.storage import StageDir
 
     top = _parse_token_scores_top(token_scores_top)
+    damping, damping_scale = _checked_damping(damping, damping_scale)
     if candidates is not None and prefilter is not None:
         raise InputError("give either --candidates or --prefilter, not both")
     if prefilter is not None and prefilter < 1:
@@ -208,7 +223,8 @@ def query(
         settings = ScoreSettings(max_length, tokens_per_batch, docs_per_part, top, world.size)
         inputs = {"factors": factors, "corpus": asdict(spec), "candidates": candidates, "prefilter": prefilter,
                   "query_gradients": query_gradients_dir, "queries": queries}
-        recorded = {**asdict(settings), "query_rank": query_rank, "damping": damping, "dtype": dtype}
+        recorded = {**asdict(settings), "query_rank": query_rank, "damping": damping, "damping_scale": damping_scale,
+                    "dtype": dtype}
         record = model_record(model, lm, layers)
         stage = world.main_first(lambda is_main: StageDir(out, "query", recorded, record, inputs, overwrite and is_main))
         if stage.already_complete:
@@ -216,7 +232,7 @@ def query(
             return
         gradients_dir = query_gradients_dir or _compute_query_gradients(
             str(Path(out) / "query-gradients"), model, lm, tokenizer, layers, factors, query_list, query_rank,
-            damping, max_length, tokens_per_batch, world, False,
+            damping, damping_scale, max_length, tokens_per_batch, world, False,
         )
         gradients, gradients_manifest = _load_query_gradients(gradients_dir, lm, layers)
         if prefilter is not None:

@@ -29,7 +29,8 @@ from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.query_gradients import compute_query_gradients
 from attrib.scoring import Scorer
 from attrib.storage import StageDir
-from attrib.synthetic import generate_fact_corpus, train_causal_lm, train_tokenizer, write_fact_corpus
+from attrib.synthetic import (generate_fact_corpus, generic_queries, train_causal_lm, train_tokenizer,
+                              write_fact_corpus)
 
 MAX_LENGTH = 128
 set_quiet(True)
@@ -49,10 +50,13 @@ class Setup:
     steps: int = 300
     batch_size: int = 16
     lr: float = 3e-3
+    distractors: int = 0  # documents per fact naming its subject and object without stating it
+    generic: int = 0  # extra queries completing filler sentences (no source document)
 
     def name(self) -> str:
+        extra = (f"-d{self.distractors}" if self.distractors else "") + (f"-g{self.generic}" if self.generic else "")
         return (f"{self.arch}-f{self.n_facts}-n{self.n_filler}-s{self.seed}-h{self.hidden}-L{self.layers}"
-                f"-v{self.vocab}-t{self.steps}")
+                f"-v{self.vocab}-t{self.steps}{extra}")
 
 
 def default_work() -> Path:
@@ -67,7 +71,8 @@ def build_setup(setup: Setup, root: Path) -> Path:
     if (directory / "model" / "config.json").is_file():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    corpus = generate_fact_corpus(setup.n_facts, setup.n_filler, setup.seed)
+    corpus = generate_fact_corpus(setup.n_facts, setup.n_filler, setup.seed, setup.distractors)
+    corpus.queries += generic_queries(setup.generic, setup.seed)
     write_fact_corpus(corpus, directory)
     texts = [d["text"] for d in corpus.documents]
     tokenizer = train_tokenizer(texts, setup.vocab, directory / "tokenizer")
@@ -94,7 +99,8 @@ class Attributor:
         self.corpus = CorpusSpec(str(self.setup_dir / "corpus.jsonl"), id_field="id")
         self.queries = load_queries(self.setup_dir / "queries.jsonl")
         rows = [json.loads(line) for line in open(self.setup_dir / "queries.jsonl", encoding="utf-8")]
-        self.source_doc = {str(r["id"]): r.get("source_doc") for r in rows}
+        self.source_doc = {str(r["id"]): r.get("source_doc") for r in rows}  # None for generic queries
+        self.distractor_docs = {str(r["id"]): r.get("distractor_docs", []) for r in rows}
         parts = iter_sequence_parts(self.corpus, tokenizer, MAX_LENGTH, 10**9)
         self.sequences = [seq for part in parts for _, seq in part.sequences]
         self.doc_ids = list(dict.fromkeys(seq.doc_id for seq in self.sequences))

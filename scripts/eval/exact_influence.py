@@ -58,7 +58,7 @@ def evaluate(setup: Setup, work: Path, ranks, dampings, fisher_samples, fisher_s
     for c in dampings:
         for strategy in ("ekfac", "kfac"):
             scores = att.scores(att.fit(strategy, "empirical"), damping_scale=c)
-            add("damping", strategy, "empirical", 1, 0, c, "full", f"full F, same c", scores, exact[c])
+            add("damping", strategy, "empirical", 1, 0, c, "full", "full F, same c", scores, exact[c])
             add("damping", strategy, "empirical", 1, 0, c, "full", "full F, c=0.1", scores, exact[0.1])
     if exact_samples:
         _, F_true = att.gradients(att.sequences, fisher_samples=exact_samples, seed=12345)
@@ -80,6 +80,8 @@ def evaluate(setup: Setup, work: Path, ranks, dampings, fisher_samples, fisher_s
 
 def summary_rows(result: dict) -> list[list]:
     name = f"{result['shapes']['model_type']} s{result['setup']['seed']}"
+    if result["setup"].get("distractors"):
+        name += f", {result['setup']['distractors']} distractors per fact"
     grouped: dict[tuple, list] = {}
     for r in result["rows"]:
         key = (r["group"], r["method"], r["fisher"], r["samples"], r["damping"], r["rank"], r["reference"])
@@ -103,6 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes (the test suite's variant)")
     parser.add_argument("--archs", default="llama,gpt2")
     parser.add_argument("--seeds", default="0", help="corpus/model seeds")
+    parser.add_argument("--distractors", type=int, default=0,
+                        help="documents per fact that repeat its words without stating it (a second kind of corpus)")
     parser.add_argument("--work", default=str(default_work()), help="cache of models and factors (default $ATTRIB_CACHE_DIR/eval)")
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--fisher-seeds", default=None, help="seeds of attrib's true-Fisher fits (default 0,1,2)")
@@ -119,7 +123,7 @@ def main(argv=None) -> int:
     results = []
     for arch in args.archs.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
-            setup = Setup(arch=arch, seed=seed, **base)
+            setup = Setup(arch=arch, seed=seed, distractors=args.distractors, **base)
             log(f"exact influence: {setup.name()}")
             if args.fisher_seeds:
                 fisher_seeds = [int(x) for x in args.fisher_seeds.split(",")]
