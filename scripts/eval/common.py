@@ -50,7 +50,7 @@ class Setup:
     steps: int = 300
     batch_size: int = 16
     lr: float = 3e-3
-    distractors: int = 0  # documents per fact naming its subject and object without stating it
+    distractors: int = 0  # documents per fact repeating its prompt's words and object without stating it
     generic: int = 0  # extra queries completing filler sentences (no source document)
 
     def name(self) -> str:

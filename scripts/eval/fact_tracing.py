@@ -3,7 +3,7 @@
 Each query asks one planted fact, stated in exactly one corpus document (attrib.synthetic's generator).
 Two corpora: "plain" (facts among filler documents; the source is the only document holding the
 completion's invented name, so lexical search finds it trivially) and "distractors" (two more documents
-per fact name its subject and its object, twice each, without stating it: lexical hard negatives).
+per fact repeat its prompt's words and its object, twice each, without stating it: lexical hard negatives).
 The models are trained long enough to recall the facts (greedy accuracy is reported).
 Methods: attrib's ekfac, kfac and identity (attrib defaults otherwise: true Fisher, 1 label sample,
 λ = 0.1 × mean(Λ), full query rank), TF-IDF and BM25 (attrib's prefilter scores, query text =
