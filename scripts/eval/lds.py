@@ -67,25 +67,19 @@ def subset_documents(doc_ids: list[str], j: int) -> list[str]:
     return sorted(random.Random(1000 + j).sample(doc_ids, len(doc_ids) // 2))
 
 
-def train_subset(setup: Setup, setup_dir: str, directory: str, docs: list[str], seed: int) -> dict:
-    """Train one subset model (in a worker process, one thread) and return its queries' log-probs."""
+def train_subset(setup: Setup, setup_dir: str, result_path: str, docs: list[str], seed: int) -> dict:
+    """Train one subset model and write (then return) its queries' log-probs to `result_path`."""
     from transformers import AutoTokenizer
 
-    from attrib.progress import set_quiet
     from attrib.synthetic import train_causal_lm
 
-    torch.set_num_threads(1)
-    set_quiet(True)
-    setup_dir, directory = Path(setup_dir), Path(directory)
-    result_path = directory / "result.json"
-    if result_path.is_file():
-        return json.loads(result_path.read_text())
+    setup_dir, result_path = Path(setup_dir), Path(result_path)
     tokenizer = AutoTokenizer.from_pretrained(setup_dir / "tokenizer")
     texts = {}
     for line in open(setup_dir / "corpus.jsonl", encoding="utf-8"):
         row = json.loads(line)
         texts[row["id"]] = row["text"]
-    model = train_causal_lm(setup.arch, tokenizer, [texts[d] for d in docs], directory / "model",
+    model = train_causal_lm(setup.arch, tokenizer, [texts[d] for d in docs], result_path.parent / "model",
                             hidden_size=setup.hidden, num_layers=setup.layers, steps=setup.steps,
                             seq_len=MAX_LENGTH, batch_size=setup.batch_size, lr=setup.lr, seed=seed)
     result = {"docs": docs, "log_probs": completion_log_probs(model, tokenizer, load_queries(setup_dir / "queries.jsonl"))}
@@ -96,14 +90,20 @@ def train_subset(setup: Setup, setup_dir: str, directory: str, docs: list[str], 
 
 
 def subset_models(att: Attributor, setup: Setup, work: Path, num_models: int, jobs: int) -> list[dict]:
-    """Results of subset models 0..M-1, trained `jobs` at a time (cached)."""
-    root = work / f"lds-{setup.name()}"
-    args = [(setup, str(att.setup_dir), str(root / f"subset-{j:03d}"), subset_documents(att.doc_ids, j), 1000 + j)
-            for j in range(num_models)]
+    """Results of subset models 0..M-1: cached ones read, the others trained `jobs` at a time
+    in worker processes of one thread each."""
+    paths = [work / f"lds-{setup.name()}" / f"subset-{j:03d}" / "result.json" for j in range(num_models)]
+    results = {j: json.loads(path.read_text()) for j, path in enumerate(paths) if path.is_file()}
+    missing = [j for j in range(num_models) if j not in results]
+    args = [(setup, str(att.setup_dir), str(paths[j]), subset_documents(att.doc_ids, j), 1000 + j) for j in missing]
     if jobs <= 1:
-        return [train_subset(*a) for a in args]
-    with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(train_subset, *zip(*args)))
+        trained = [train_subset(*a) for a in args]
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=torch.set_num_threads,
+                                 initargs=(1,)) as pool:
+            trained = list(pool.map(train_subset, *zip(*args))) if args else []
+    results.update(zip(missing, trained))
+    return [results[j] for j in range(num_models)]
 
 
 def lds(scores: np.ndarray, masks: np.ndarray, actual: np.ndarray, kinds: list[str]) -> dict:
@@ -153,7 +153,7 @@ def evaluate(setup: Setup, work: Path, num_models: int, jobs: int = 1, quick: bo
     t0 = time.perf_counter()
     subsets = subset_models(att, setup, work, num_models, jobs)
     train_seconds = time.perf_counter() - t0
-    masks = np.array([[1.0 if d in set(s["docs"]) else 0.0 for d in att.doc_ids] for s in subsets])
+    masks = np.array([np.isin(att.doc_ids, s["docs"]) for s in subsets], dtype=float)
     actual = np.array([s["log_probs"] for s in subsets])
     rows = []
     for group, label, thunk in variants(att, quick):
