@@ -10,44 +10,70 @@ Inputs get the bias column of ones appended; padded positions are zeroed in both
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from attrib.models import TrackedLayer
 
-ActivationHandler = Callable[[int, torch.Tensor], None]  # (layer index, a [batch, seq, d_in_folded])
-GradientHandler = Callable[[int, torch.Tensor], None]  # (layer index, g [batch, seq, d_out])
+# (layer index, a [batch, seq, d_in_folded]) -> what to keep for that layer until backward
+ForwardHandler = Callable[[int, torch.Tensor], Any]
+# (layer index, what the forward handler kept, g [batch, seq, d_out])
+BackwardHandler = Callable[[int, Any, torch.Tensor], None]
 
 
 class Capture:
-    """Context manager: while active, every forward/backward through the model calls the handlers."""
+    """Runs forward/backward passes whose tracked layers call the handlers with matched (a, g).
+
+    `on_forward(i, a)` returns whatever layer i needs in backward (a itself, a projection
+    of it, or None); `on_backward(i, kept, g)` receives it with the layer's output gradient.
+    The capture owns the padding mask and the kept objects of one `run`.
+    """
 
     def __init__(
         self,
         model,
         layers: list[TrackedLayer],
-        on_activation: ActivationHandler | None,
-        on_gradient: GradientHandler | None,
+        on_forward: ForwardHandler | None = None,
+        on_backward: BackwardHandler | None = None,
     ):
         self.model = model
         self.layers = layers
-        self.on_activation = on_activation
-        self.on_gradient = on_gradient
-        self.mask: torch.Tensor | None = None  # [batch, seq], 1 at real tokens
+        self.on_forward = on_forward
+        self.on_backward = on_backward
+        self._mask: torch.Tensor | None = None  # [batch, seq], 1 at real tokens
+        self._kept: dict[int, Any] = {}
         self._handles: list = []
 
     def _forward_hook(self, index: int, layer: TrackedLayer):
         def hook(module, inputs, output):
-            mask = self.mask[..., None].to(output.dtype)
-            if self.on_activation is not None:
-                a = inputs[0].detach()
-                if layer.has_bias:
-                    a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-                self.on_activation(index, a * mask)
-            if self.on_gradient is not None and output.requires_grad:
-                output.register_hook(lambda grad: self.on_gradient(index, grad.detach() * mask))
+            mask = self._mask[..., None].to(output.dtype)
+            a = inputs[0].detach()
+            if layer.has_bias:
+                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+            a = a * mask
+            self._kept[index] = self.on_forward(index, a) if self.on_forward is not None else None
+            if self.on_backward is not None and output.requires_grad:
+                output.register_hook(lambda grad: self.on_backward(index, self._kept[index], grad.detach() * mask))
 
         return hook
+
+    def run(self, input_ids: torch.Tensor, mask: torch.Tensor, losses: Callable[[torch.Tensor], list[torch.Tensor]]):
+        """One forward of `input_ids` [batch, seq]; then backward of each loss `losses(logits)` returns.
+
+        Several losses share the forward (e.g. several sampled labels per position); the
+        handlers' kept objects live until the last backward has run.
+        """
+        self._mask = mask
+        try:
+            with self:
+                logits = self.model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+                to_backpropagate = losses(logits)
+                for number, loss in enumerate(to_backpropagate):
+                    loss.backward(retain_graph=number < len(to_backpropagate) - 1)
+        finally:
+            self._kept.clear()
+            self._mask = None
 
     def __enter__(self) -> Capture:
         embeddings = self.model.get_input_embeddings()
@@ -62,35 +88,72 @@ class Capture:
         self._handles.clear()
 
 
-def token_log_probs(model, input_ids, attention_mask) -> torch.Tensor:
-    """log p(· | prefix) at every position, at least in float32: [batch, seq, vocab]."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+class _LabelNLL(torch.autograd.Function):
+    """−log p(label) per position from logits [N, vocab], in chunks of at least float32.
+
+    Only the logits (already alive as the model's output) are saved for backward; the
+    softmax is recomputed chunk by chunk there, so no [N, vocab] float32 tensor is kept.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, chunk):
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        out = torch.zeros(labels.shape, dtype=compute, device=logits.device)
+        for start in range(0, logits.shape[0], chunk):
+            rows = logits[start : start + chunk].to(compute)
+            picked = labels[start : start + chunk].clamp(min=0)
+            nll = torch.logsumexp(rows, -1) - rows.gather(-1, picked[:, None])[:, 0]
+            out[start : start + chunk] = nll * (labels[start : start + chunk] >= 0)
+        ctx.save_for_backward(logits, labels)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ctx.chunk):
+            stop = start + ctx.chunk
+            probs = torch.softmax(logits[start:stop].to(grad_out.dtype), -1)
+            valid = labels[start:stop] >= 0
+            rows = torch.arange(probs.shape[0], device=probs.device)
+            probs[rows, labels[start:stop].clamp(min=0)] -= 1.0
+            grad[start:stop] = (probs * (grad_out[start:stop] * valid)[:, None]).to(grad.dtype)
+        return grad, None, None
 
 
-def summed_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def label_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 2048) -> torch.Tensor:
+    """−log p(label) at every position [batch, seq] (float32, or float64 for a float64 model), 0 where labels < 0."""
+    flat = _LabelNLL.apply(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), chunk_tokens)
+    return flat.view(labels.shape)
+
+
+def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Σ over positions with a label (>= 0) of −log p(label): the loss of DESIGN.md §2."""
-    valid = labels >= 0
-    picked = log_probs.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-    return -(picked * valid).sum()
+    return label_nll(logits, labels).sum()
 
 
-def sample_labels(log_probs: torch.Tensor, targets: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+def sample_labels(
+    logits: torch.Tensor, targets: torch.Tensor, lengths: list[int], seeds: list[int], chunk_positions: int = 256
+) -> torch.Tensor:
     """Labels drawn from the model's own predictive distribution (true Fisher), where targets >= 0.
 
-    Each sequence draws from its own generator seeded by `seeds[row]`, so the draws do
-    not depend on how sequences are batched or sharded over processes.
+    Gumbel-max: argmax(logit − log E) with E ~ Exp(1) is a draw from softmax(logits).
+    Each sequence's noise comes from its own generator seeded by `seeds[row]`, over its
+    own `lengths[row]` positions in fixed chunks, so draws do not depend on batching,
+    padding or sharding, and nothing waits on the device between rows.
     """
     labels = torch.full_like(targets, -1)
-    generator = torch.Generator(device=log_probs.device)
-    for row, seed in enumerate(seeds):
-        positions = (targets[row] >= 0).nonzero()[:, 0]
-        if positions.numel() == 0:
-            continue
-        generator.manual_seed(seed)
-        probs = log_probs[row, positions].detach().exp()
-        labels[row, positions] = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    return labels
+    generator = torch.Generator(device=logits.device)
+    with torch.no_grad():
+        for row, (length, seed) in enumerate(zip(lengths, seeds)):
+            generator.manual_seed(seed)
+            for start in range(0, length, chunk_positions):
+                stop = min(start + chunk_positions, length)
+                noise = torch.empty(stop - start, logits.shape[-1], dtype=torch.float32, device=logits.device)
+                noise.exponential_(generator=generator)
+                labels[row, start:stop] = (logits[row, start:stop].float() - noise.log_()).argmax(-1)
+    return torch.where(targets >= 0, labels, torch.full_like(labels, -1))
 
 
 def sequence_seed(seed: int, *keys: int) -> int:

@@ -68,27 +68,27 @@ class CorrectionSums:
         self.activation_basis = None if activation_basis is None else activation_basis.to(device, dtype)
         self.gradient_basis = None if gradient_basis is None else gradient_basis.to(device, dtype)
         self.squares = torch.zeros(d_out, d_in, dtype=dtype, device=device)
-        self.activations: torch.Tensor | None = None  # [batch, seq, d_in], rotated when `rotate_first`
-        self.rotate_first = True
 
-    def rotate_activations(self, a: torch.Tensor) -> None:
+    def rotate_activations(self, a: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        """(whether a was rotated first, a [batch, seq, d_in]) for `add_gradients`."""
         a = a.to(self.squares.dtype)
         d_out, d_in = self.squares.shape
         length = a.shape[1]
-        self.rotate_first = self.activation_basis is None or length * (d_in**2 + d_out**2) <= d_out * d_in * (d_out + d_in)
-        if self.rotate_first and self.activation_basis is not None:
+        rotate_first = self.activation_basis is None or length * (d_in**2 + d_out**2) <= d_out * d_in * (d_out + d_in)
+        if rotate_first and self.activation_basis is not None:
             a = a @ self.activation_basis
-        self.activations = a
+        return rotate_first, a
 
-    def add_gradients(self, g: torch.Tensor, weight: float = 1.0, sequences_per_step: int = 8) -> None:
+    def add_gradients(self, kept: tuple[bool, torch.Tensor], g: torch.Tensor, weight: float = 1.0, sequences_per_step: int = 8) -> None:
         """Form per-sequence rotated gradients a few sequences at a time, square and add them."""
+        rotate_first, activations = kept
         g = g.to(self.squares.dtype)
-        if self.rotate_first and self.gradient_basis is not None:
+        if rotate_first and self.gradient_basis is not None:
             g = g @ self.gradient_basis  # [batch, seq, d_out]
         for start in range(0, g.shape[0], sequences_per_step):
             stop = start + sequences_per_step
-            per_sequence = torch.bmm(g[start:stop].transpose(1, 2), self.activations[start:stop])
-            if not self.rotate_first:
+            per_sequence = torch.bmm(g[start:stop].transpose(1, 2), activations[start:stop])
+            if not rotate_first:
                 per_sequence = self.gradient_basis.T @ per_sequence @ self.activation_basis
             self.squares.add_(per_sequence.square().sum(0), alpha=weight)
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attrib.capture import Capture, sample_labels, sequence_seed, summed_nll, token_log_probs
+from attrib.capture import Capture, sample_labels, sequence_seed, summed_nll
 from attrib.data import CorpusSpec, RowStats, SequenceCaps, collate, iter_sequence_parts, pack_batches
 from attrib.distributed import World
 from attrib.errors import InputError
@@ -99,7 +99,7 @@ class _PassRunner:
         )
         samples = 1 if settings.fisher == "empirical" else settings.fisher_samples
         pass_seed = PASS_SEED[name]
-        with progress(f"{name} pass", unit="seq") as bar, capture:
+        with progress(f"{name} pass", unit="seq") as bar:
             for part in parts:
                 if part.index < parts_done:
                     continue
@@ -108,15 +108,20 @@ class _PassRunner:
                     batch = [mine[row] for row in batch_rows]
                     sequences = [seq for _, seq in batch]
                     input_ids, mask, targets = collate(sequences, self.pad_id, world.device)
-                    capture.mask = mask
-                    log_probs = token_log_probs(self.model, input_ids, mask)
-                    for sample in range(samples):
+
+                    def losses(logits, batch=batch, sequences=sequences, targets=targets):
                         if settings.fisher == "empirical":
-                            labels = targets
-                        else:
-                            seeds = [sequence_seed(settings.seed, pass_seed, index, sample) for index, _ in batch]
-                            labels = sample_labels(log_probs, targets, seeds)
-                        summed_nll(log_probs, labels).backward(retain_graph=sample < samples - 1)
+                            return [summed_nll(logits, targets)]
+                        lengths = [len(seq) for seq in sequences]
+                        return [
+                            summed_nll(logits, sample_labels(
+                                logits, targets, lengths,
+                                [sequence_seed(settings.seed, pass_seed, index, sample) for index, _ in batch],
+                            ))
+                            for sample in range(samples)
+                        ]
+
+                    capture.run(input_ids, mask, losses)
                     counts["sequences"] += len(batch)
                     counts["tokens"] += float(mask.sum())
                     bar.advance(len(batch), tokens=int(mask.sum()))
@@ -163,7 +168,7 @@ def fit_factors(
             capture = Capture(
                 model, layers,
                 lambda i, a: covariances[i].add_activations(a),
-                lambda i, g: covariances[i].add_gradients(g, weight),
+                lambda i, _, g: covariances[i].add_gradients(g, weight),
             )
             sums = {}
             for layer, cov in zip(layers, covariances):
@@ -214,7 +219,7 @@ def fit_factors(
                 capture = Capture(
                     model, layers,
                     lambda i, a: corrections[i].rotate_activations(a),
-                    lambda i, g: corrections[i].add_gradients(g, weight),
+                    lambda i, kept, g: corrections[i].add_gradients(kept, g, weight),
                 )
                 sums = {f"{l.name}.lambda": c.squares for l, c in zip(layers, corrections)}
                 pass_counts = runner.run("correction", sums, capture)

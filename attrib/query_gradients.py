@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attrib.capture import Capture, summed_nll, token_log_probs
+from attrib.capture import Capture, summed_nll
 from attrib.data import Query, collate, pack_batches, query_sequence, special_prefix
 from attrib.factors import LayerCurvature, low_rank
 from attrib.models import TrackedLayer
@@ -49,20 +49,14 @@ class QueryGradients:
 
 def per_sequence_gradients(model, layers: list[TrackedLayer], sequences, pad_id: int, device) -> list[torch.Tensor]:
     """G_n = Σ_t g_t a_tᵀ for each sequence of one batch, per layer: [batch, d_out, d_in]."""
-    activations: dict[int, torch.Tensor] = {}
     gradients: list[torch.Tensor | None] = [None] * len(layers)
     compute = torch.promote_types(next(model.parameters()).dtype, torch.float32)
 
-    def keep_activation(index, a):
-        activations[index] = a.to(compute)
-
-    def form_gradient(index, g):
-        gradients[index] = torch.bmm(g.to(compute).transpose(1, 2), activations.pop(index))
+    def form_gradient(index, a, g):
+        gradients[index] = torch.bmm(g.to(compute).transpose(1, 2), a.to(compute))
 
     input_ids, mask, targets = collate(sequences, pad_id, device)
-    with Capture(model, layers, keep_activation, form_gradient) as capture:
-        capture.mask = mask
-        summed_nll(token_log_probs(model, input_ids, mask), targets).backward()
+    Capture(model, layers, lambda index, a: a, form_gradient).run(input_ids, mask, lambda logits: [summed_nll(logits, targets)])
     return gradients
 
 

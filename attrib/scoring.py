@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from attrib.capture import Capture, summed_nll, token_log_probs
+from attrib.capture import Capture, summed_nll
 from attrib.data import CorpusSpec, Part, RowStats, Sequence, collate, iter_sequence_parts, pack_batches
 from attrib.distributed import World
 from attrib.models import TrackedLayer
@@ -38,18 +38,16 @@ class Scorer:
         self.left = [u.permute(1, 0, 2).reshape(u.shape[1], -1).to(device, self.compute) for u in gradients.left]
         self.right = [v.permute(1, 0, 2).reshape(v.shape[1], -1).to(device, self.compute) for v in gradients.right]
         self.sigma = [s.reshape(-1).to(device, self.compute) for s in gradients.sigma]
-        self._projected: dict[int, torch.Tensor] = {}
         self._token_scores: torch.Tensor | None = None
         self._layer_scores: torch.Tensor | None = None
 
-    def _on_activation(self, index: int, a: torch.Tensor) -> None:
+    def _on_activation(self, index: int, a: torch.Tensor) -> torch.Tensor:
         """Keep a's projection [batch, seq, Q·r] until backward, or a itself when that is smaller."""
         a = a.to(self.compute)
-        self._projected[index] = a @ self.right[index] if self.right[index].shape[1] <= a.shape[-1] else a
+        return a @ self.right[index] if self.right[index].shape[1] <= a.shape[-1] else a
 
-    def _on_gradient(self, index: int, g: torch.Tensor) -> None:
+    def _on_gradient(self, index: int, projected_a: torch.Tensor, g: torch.Tensor) -> None:
         projected_g = g.to(self.compute) @ self.left[index]  # [batch, seq, Q·r]
-        projected_a = self._projected.pop(index)
         if projected_a.shape[-1] != projected_g.shape[-1]:
             projected_a = projected_a @ self.right[index]
         product = projected_g * projected_a * self.sigma[index]
@@ -64,9 +62,8 @@ class Scorer:
         batch, seq = input_ids.shape
         self._token_scores = torch.zeros(batch, seq, self.num_queries, dtype=self.compute, device=device)
         self._layer_scores = torch.zeros(batch, self.num_queries, len(self.layers), dtype=self.compute, device=device)
-        with Capture(self.model, self.layers, self._on_activation, self._on_gradient) as capture:
-            capture.mask = mask
-            summed_nll(token_log_probs(self.model, input_ids, mask), targets).backward()
+        capture = Capture(self.model, self.layers, self._on_activation, self._on_gradient)
+        capture.run(input_ids, mask, lambda logits: [summed_nll(logits, targets)])
         return self._token_scores.detach(), self._layer_scores.detach()
 
 

@@ -63,13 +63,13 @@ def plain_forward_backward(model, batches) -> float:
     """Seconds for forward + loss.backward() with every parameter requiring grad."""
     import torch
 
-    from attrib.capture import summed_nll, token_log_probs
+    from attrib.capture import summed_nll
 
     model.requires_grad_(True)
     started = time.perf_counter()
     for input_ids, mask, targets in batches:
         model.zero_grad(set_to_none=True)
-        summed_nll(token_log_probs(model, input_ids, mask), targets).backward()
+        summed_nll(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits, targets).backward()
     elapsed = time.perf_counter() - started
     model.zero_grad(set_to_none=True)
     model.requires_grad_(False)

@@ -65,14 +65,14 @@ def peak_rss_mib() -> float:
 
 def plain_forward_backward(model, batches) -> list[float]:
     """Seconds per batch of forward + loss.backward() with every parameter requiring grad."""
-    from attrib.capture import summed_nll, token_log_probs
+    from attrib.capture import summed_nll
 
     model.requires_grad_(True)
     times = []
     for input_ids, mask, targets in batches:
         started = time.perf_counter()
         model.zero_grad(set_to_none=True)
-        summed_nll(token_log_probs(model, input_ids, mask), targets).backward()
+        summed_nll(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits, targets).backward()
         times.append(time.perf_counter() - started)
     model.zero_grad(set_to_none=True)
     model.requires_grad_(False)

@@ -133,8 +133,7 @@ def test_kfac_exact_case_equals_dense_damped_inverse():
     values_s, basis_s = symmetric_eigh(cov.gradient / len(pairs))
     correction = CorrectionSums(basis_a, basis_s, 3, 2, torch.float64, "cpu")
     for a, g in pairs:
-        correction.rotate_activations(a[None, None])
-        correction.add_gradients(g[None, None])
+        correction.add_gradients(correction.rotate_activations(a[None, None]), g[None, None])
     ekfac_lambda = correction.squares / len(pairs)
     kfac_lambda = kfac_eigenvalues(values_s, values_a, tokens_per_sequence=1.0)
     assert_close(ekfac_lambda, kfac_lambda, 1e-10)
@@ -213,8 +212,8 @@ def test_correction_is_the_same_whichever_order_is_cheaper(length):
     a = torch.randn(3, length, d_in, dtype=torch.float64, generator=generator)
     g = torch.randn(3, length, d_out, dtype=torch.float64, generator=generator)
     correction = CorrectionSums(basis_a, basis_s, d_in, d_out, torch.float64, "cpu")
-    correction.rotate_activations(a)
-    assert correction.rotate_first == (length == 1)
-    correction.add_gradients(g)
+    kept = correction.rotate_activations(a)
+    assert kept[0] == (length == 1)  # rotated first
+    correction.add_gradients(kept, g)
     expected = sum((basis_s.T @ (g[n].T @ a[n]) @ basis_a) ** 2 for n in range(3))
     assert_close(correction.squares, expected, 1e-10)
