@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import glob as globlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -454,7 +454,8 @@ class Part:
 
     index: int
     sequences: list[tuple[int, Sequence]]
-    texts: dict[int, str]
+    texts: dict[int, str]  # of the wanted documents
+    documents: int = 0  # read, wanted or not
 
 
 def iter_sequence_parts(
@@ -464,11 +465,14 @@ def iter_sequence_parts(
     docs_per_part: int,
     caps: SequenceCaps | None = None,
     stats: RowStats | None = None,
+    wanted: Callable[[int, str], bool] | None = None,
 ) -> Iterator[Part]:
     """The corpus as numbered parts of (global sequence index, sequence) pairs.
 
     Parts are fixed runs of `docs_per_part` documents, so a resumed run sees the
-    same parts and indices as an uninterrupted one.
+    same parts and indices as an uninterrupted one. Documents for which
+    `wanted(doc_index, doc_id)` is false are counted in their part but never
+    tokenized (candidates another query or process scores).
     """
     require_fast_tokenizer(tokenizer)
     caps = caps or SequenceCaps()
@@ -476,8 +480,11 @@ def iter_sequence_parts(
     part = Part(0, [], {})
     sequence_index = tokens = 0
     for doc_index, doc in enumerate(iter_documents(spec, stats)):
-        part.texts[doc_index] = doc.text
-        for sequence in chunk_document(tokenizer, doc, max_length, prefix):
+        skip = wanted is not None and not wanted(doc_index, doc.doc_id)
+        if not skip:
+            part.texts[doc_index] = doc.text
+        part.documents += 1
+        for sequence in [] if skip else chunk_document(tokenizer, doc, max_length, prefix):
             if caps.max_sequences is not None and sequence_index >= caps.max_sequences:
                 break
             if caps.max_tokens is not None and tokens + len(sequence) > caps.max_tokens:
@@ -487,7 +494,7 @@ def iter_sequence_parts(
             sequence_index += 1
             tokens += len(sequence)
         else:
-            if len(part.texts) == docs_per_part:
+            if part.documents == docs_per_part:
                 yield part
                 part = Part(part.index + 1, [], {})
             continue

@@ -106,7 +106,7 @@ DEFAULT_DAMPING_SCALE = 0.1
 
 def default_damping(eigenvalues: torch.Tensor, scale: float = DEFAULT_DAMPING_SCALE) -> float:
     """λ = scale × mean(Λ), per layer; 0.1 by default (DESIGN.md §2)."""
-    return scale * float(eigenvalues.double().mean())
+    return scale * float(eigenvalues.mean(dtype=torch.float64))
 
 
 @dataclass
@@ -130,14 +130,3 @@ class LayerCurvature:
         if self.gradient_basis is not None:
             rotated = self.gradient_basis @ rotated @ self.activation_basis.T
         return rotated
-
-
-def low_rank(matrices: torch.Tensor, rank: int):
-    """Rank-r SVD of matrices [n, d_out, d_in]: U [n, d_out, r], σ [n, r], V [n, d_in, r].
-
-    rank 0 keeps the full rank, so U diag(σ) Vᵀ reproduces the matrix.
-    """
-    u, sigma, vh = torch.linalg.svd(matrices, full_matrices=False)
-    if rank > 0:
-        u, sigma, vh = u[..., :rank], sigma[..., :rank], vh[..., :rank, :]
-    return u.contiguous(), sigma.contiguous(), vh.transpose(-1, -2).contiguous()

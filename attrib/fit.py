@@ -248,33 +248,3 @@ def fit_factors(
     manifest = stage.complete(counts, files) if world.is_main else {}
     world.barrier()
     return manifest
-
-
-def load_curvature(
-    factors_dir: str, layers: list[TrackedLayer], damping: float | None, device, fingerprint: str | None = None,
-    damping_scale: float = DEFAULT_DAMPING_SCALE,
-) -> tuple[list[LayerCurvature], dict]:
-    """Each layer's curvature from a fit-factors directory, damped by `damping`, or by
-    `damping_scale` × the layer's mean eigenvalue when `damping` is None (DESIGN.md §2)."""
-    manifest = open_input(factors_dir, "fit-factors", fingerprint, option="--factors")
-    strategy = STRATEGY[manifest["settings"]["strategy"]]
-    missing = [l.name for l in layers if l.name not in manifest["model"]["tracked_modules"]]
-    if missing:
-        raise InputError(f"--factors {factors_dir} has no factors for {', '.join(missing[:3])}; refit with the same --modules")
-    if strategy.name == "identity":
-        return [LayerCurvature(None, None, None, 0.0) for _ in layers], manifest
-    lambdas = load_tensors(f"{factors_dir}/{LAMBDA_FILE}", device=str(device))
-    eigen = load_tensors(f"{factors_dir}/{EIGEN_FILE}", device=str(device)) if strategy.rotates else {}
-    curvatures = []
-    for layer in layers:
-        eigenvalues = lambdas[f"{layer.name}.lambda"].double()
-        curvatures.append(
-            LayerCurvature(
-                eigenvalues,
-                eigen[f"{layer.name}.gradient_eigenvectors"].double() if strategy.rotates else None,
-                eigen[f"{layer.name}.activation_eigenvectors"].double() if strategy.rotates else None,
-                default_damping(eigenvalues, damping_scale) if damping is None else damping,
-            )
-        )
-    return curvatures, manifest
-

@@ -1,28 +1,35 @@
 """Preconditioned, low-rank query gradients (DESIGN.md §2).
 
 For each query, V_q = ∇_W(−log p(completion | prompt)) per tracked layer, then
-P_q = H⁻¹ V_q with the fitted curvature, kept as U diag(σ) Vᵀ of rank r. One set
-serves many scoring runs.
+P_q = H⁻¹ V_q with the fitted curvature, kept as U diag(σ) Vᵀ of rank r. All of it
+happens inside the backward hook of one layer at a time: that layer's dense gradients
+for the queries of the batch are formed, preconditioned with that layer's curvature
+(read from disk just then), compressed and freed, so at most one layer's dense
+`[queries, d_out, d_in]` block exists at once. One set serves many scoring runs.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from attrib.capture import Capture, summed_nll
+from attrib.curvature import Curvature
 from attrib.data import Query, collate, pack_batches, query_sequence, special_prefix
-from attrib.factors import LayerCurvature, low_rank
 from attrib.models import TrackedLayer
 from attrib.progress import progress
 
-GRADIENTS_FILE = "query_gradients.safetensors"
+PART_PREFIX = "query_gradients-"
+EXACT_SVD_FRACTION = 4  # rank r ≥ min(d_out, d_in) / 4: the exact SVD costs about as much as the randomized one
 
 
 @dataclass
 class QueryGradients:
-    """Per layer, the stacked factors of all queries: U [Q, d_out, r], σ [Q, r], V [Q, d_in, r]."""
+    """Per layer, the stacked factors of some queries: U [Q, d_out, r], σ [Q, r], V [Q, d_in, r]."""
 
     query_ids: list[str]
     layer_names: list[str]
@@ -36,28 +43,100 @@ class QueryGradients:
             out[f"{name}.U"], out[f"{name}.sigma"], out[f"{name}.V"] = u, s, v
         return out
 
-    @classmethod
-    def from_tensors(cls, tensors: dict, query_ids: list[str], layer_names: list[str]) -> QueryGradients:
-        return cls(
-            query_ids,
-            layer_names,
-            [tensors[f"{n}.U"] for n in layer_names],
-            [tensors[f"{n}.sigma"] for n in layer_names],
-            [tensors[f"{n}.V"] for n in layer_names],
-        )
+
+def randomized_low_rank(matrices: torch.Tensor, rank: int, oversample: int = 10, power_iterations: int = 4, seed: int = 0):
+    """Rank-r SVD of matrices [n, d_out, d_in] by a seeded randomized range finder (Halko et al. 2011).
+
+    With power iterations the error is within a small factor of the exact rank-r error
+    for the decaying spectra of preconditioned gradients (tests/test_query_gradients.py
+    states the bound); it costs O(d_out · d_in · (r + oversample)) per iteration.
+    """
+    n, d_out, d_in = matrices.shape
+    width = min(rank + oversample, d_out, d_in)
+    generator = torch.Generator(device=matrices.device).manual_seed(seed)
+    probe = torch.randn(d_in, width, generator=generator, device=matrices.device, dtype=matrices.dtype)
+    basis = torch.linalg.qr(matrices @ probe).Q  # [n, d_out, width]
+    for _ in range(power_iterations):
+        basis = torch.linalg.qr(matrices.mT @ basis).Q  # [n, d_in, width]
+        basis = torch.linalg.qr(matrices @ basis).Q
+    small_u, sigma, vh = torch.linalg.svd(basis.mT @ matrices, full_matrices=False)  # [n, width, d_in]
+    u = basis @ small_u
+    return u[..., :rank], sigma[..., :rank], vh[..., :rank, :].mT
 
 
-def per_sequence_gradients(model, layers: list[TrackedLayer], sequences, pad_id: int, device) -> list[torch.Tensor]:
-    """G_n = Σ_t g_t a_tᵀ for each sequence of one batch, per layer: [batch, d_out, d_in]."""
-    gradients: list[torch.Tensor | None] = [None] * len(layers)
+def low_rank(matrices: torch.Tensor, rank: int):
+    """Rank-r factors U [n, d_out, r], σ [n, r], V [n, d_in, r]; rank 0 keeps the full rank.
+
+    The exact SVD where r is a large fraction of the width, the randomized one otherwise.
+    """
+    smaller = min(matrices.shape[-2:])
+    if rank == 0 or rank * EXACT_SVD_FRACTION >= smaller:
+        u, sigma, vh = torch.linalg.svd(matrices, full_matrices=False)
+        if rank > 0:
+            u, sigma, vh = u[..., :rank], sigma[..., :rank], vh[..., :rank, :]
+        v = vh.mT
+    else:
+        u, sigma, v = randomized_low_rank(matrices, rank)
+    return u.contiguous(), sigma.contiguous(), v.contiguous()
+
+
+def queries_per_batch(layers: list[TrackedLayer], memory_bytes: int, dtype_bytes: int = 4) -> int:
+    """Queries whose dense gradients of the widest layer (gradient, rotation, result) fit in `memory_bytes`."""
+    widest = max(layer.d_out * layer.d_in_folded for layer in layers)
+    return max(1, memory_bytes // (3 * widest * dtype_bytes))
+
+
+def iter_query_gradient_batches(
+    model,
+    tokenizer,
+    layers: list[TrackedLayer],
+    queries: list[Query],
+    curvature: Curvature,
+    rank: int,
+    max_length: int,
+    tokens_per_batch: int,
+    max_queries_per_batch: int,
+    device,
+    owns=lambda batch_number: True,
+) -> Iterator[tuple[int, list[int], QueryGradients | None]]:
+    """(batch number, query indices, factors of those queries on the host) per batch of queries.
+
+    Batches are fixed by the queries and the settings, so a resumed run sees the same
+    batches; `owns(batch_number)` selects this process's share (factors None otherwise).
+    """
+    prefix = special_prefix(tokenizer)
+    sequences = [query_sequence(tokenizer, query, max_length, prefix) for query in queries]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     compute = torch.promote_types(next(model.parameters()).dtype, torch.float32)
+    batches = [
+        packed[start : start + max_queries_per_batch]
+        for packed in pack_batches(sequences, tokens_per_batch)
+        for start in range(0, len(packed), max_queries_per_batch)
+    ]
+    with progress("query gradients", total=len(queries), unit="query") as bar:
+        for number, batch in enumerate(batches):
+            if not owns(number):
+                yield number, batch, None
+                continue
+            factors: list[tuple | None] = [None] * len(layers)
 
-    def form_gradient(index, a, g):
-        gradients[index] = torch.bmm(g.to(compute).transpose(1, 2), a.to(compute))
+            def precondition_and_compress(index, a, g):
+                per_query = torch.bmm(g.to(compute).mT, a)  # [batch, d_out, d_in]
+                preconditioned = curvature.layer(index, device, compute).inverse_times(per_query)
+                del per_query
+                factors[index] = tuple(t.cpu() for t in low_rank(preconditioned, rank))
 
-    input_ids, mask, targets = collate(sequences, pad_id, device)
-    Capture(model, layers, lambda index, a: a, form_gradient).run(input_ids, mask, lambda logits: [summed_nll(logits, targets)])
-    return gradients
+            input_ids, mask, targets = collate([sequences[i] for i in batch], pad_id, device)
+            capture = Capture(model, layers, lambda index, a: a.to(compute), precondition_and_compress)
+            capture.run(input_ids, mask, lambda logits: [summed_nll(logits, targets)])
+            yield number, batch, QueryGradients(
+                [queries[i].query_id for i in batch],
+                [layer.name for layer in layers],
+                [f[0] for f in factors],
+                [f[1] for f in factors],
+                [f[2] for f in factors],
+            )
+            bar.advance(len(batch), tokens=sum(len(sequences[i]) for i in batch))
 
 
 def compute_query_gradients(
@@ -65,35 +144,76 @@ def compute_query_gradients(
     tokenizer,
     layers: list[TrackedLayer],
     queries: list[Query],
-    curvature: list[LayerCurvature],
+    curvature: Curvature,
     rank: int,
     max_length: int,
     tokens_per_batch: int,
     device,
+    max_queries_per_batch: int = 64,
 ) -> QueryGradients:
-    """Gradients of every query, preconditioned and compressed, in the model's precision (≥ float32)."""
-    prefix = special_prefix(tokenizer)
-    sequences = [query_sequence(tokenizer, query, max_length, prefix) for query in queries]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    store = torch.promote_types(next(model.parameters()).dtype, torch.float32)
-    left: list[list] = [[None] * len(queries) for _ in layers]
-    sigma: list[list] = [[None] * len(queries) for _ in layers]
-    right: list[list] = [[None] * len(queries) for _ in layers]
-    with progress("query gradients", total=len(queries), unit="query") as bar:
-        for batch in pack_batches(sequences, tokens_per_batch):
-            gradients = per_sequence_gradients(model, layers, [sequences[i] for i in batch], pad_id, device)
-            for layer_index, layer_gradients in enumerate(gradients):
-                preconditioned = curvature[layer_index].inverse_times(layer_gradients.double())
-                u, s, v = low_rank(preconditioned, rank)  # the whole batch of queries at once
-                for row, query_index in enumerate(batch):
-                    left[layer_index][query_index] = u[row].to(store).cpu()
-                    sigma[layer_index][query_index] = s[row].to(store).cpu()
-                    right[layer_index][query_index] = v[row].to(store).cpu()
-            bar.advance(len(batch), tokens=sum(len(sequences[i]) for i in batch))
-    return QueryGradients(
-        [q.query_id for q in queries],
-        [layer.name for layer in layers],
-        [torch.stack(items) for items in left],
-        [torch.stack(items) for items in sigma],
-        [torch.stack(items) for items in right],
-    )
+    """Every query's factors in memory, in query order (for small models, tests and evaluations)."""
+    order, parts = [], []
+    for _, batch, factors in iter_query_gradient_batches(
+        model, tokenizer, layers, queries, curvature, rank, max_length, tokens_per_batch, max_queries_per_batch, device
+    ):
+        order += batch
+        parts.append(factors)
+    position = torch.argsort(torch.tensor(order))
+
+    def stacked(field: str) -> list[torch.Tensor]:
+        return [torch.cat([getattr(p, field)[i] for p in parts])[position] for i in range(len(layers))]
+
+    return QueryGradients([q.query_id for q in queries], [l.name for l in layers],
+                          stacked("left"), stacked("sigma"), stacked("right"))
+
+
+def part_name(batch_number: int) -> str:
+    return f"{PART_PREFIX}{batch_number:05d}.safetensors"
+
+
+def save_part(path: Path, factors: QueryGradients) -> None:
+    """One batch's factors, with its query ids in the safetensors metadata."""
+    from attrib.storage import save_tensors
+
+    save_tensors(path, factors.tensors(), metadata={"query_ids": json.dumps(factors.query_ids)})
+
+
+class QueryGradientStore:
+    """The factors of a query-gradients directory, read per layer for any subset of queries."""
+
+    def __init__(self, directory: str | Path, manifest: dict):
+        from safetensors import safe_open
+
+        self.directory = Path(directory)
+        self.layer_names: list[str] = manifest["layers"]
+        self.query_ids: list[str] = [q["id"] for q in manifest["queries"]]
+        self.location: dict[str, tuple[Path, int]] = {}
+        for name in manifest["files"]:
+            if not name.startswith(PART_PREFIX):
+                continue
+            path = self.directory / name
+            with safe_open(str(path), framework="pt") as handle:
+                for row, query_id in enumerate(json.loads(handle.metadata()["query_ids"])):
+                    self.location[query_id] = (path, row)
+        missing = [q for q in self.query_ids if q not in self.location]
+        if missing:
+            from attrib.errors import InputError
+
+            raise InputError(f"--query-gradients {directory} lacks the factors of queries {', '.join(missing[:3])}; recompute it")
+
+    def load(self, layer_name: str, query_ids: list[str], device="cpu", dtype=None):
+        """U [q, d_out, r], σ [q, r], V [q, d_in, r] of `query_ids` for one layer."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[tuple[int, int]]] = {}
+        for position, query_id in enumerate(query_ids):
+            path, row = self.location[query_id]
+            by_file.setdefault(path, []).append((position, row))
+        out: list[list] = [[None] * len(query_ids) for _ in range(3)]
+        for path, rows in by_file.items():
+            with safe_open(str(path), framework="pt", device=str(device)) as handle:
+                for slot, kind in enumerate(("U", "sigma", "V")):
+                    tensor = handle.get_slice(f"{layer_name}.{kind}")
+                    for position, row in rows:
+                        out[slot][position] = tensor[row : row + 1]
+        return tuple(torch.cat(items).to(dtype or items[0].dtype) for items in out)

@@ -155,7 +155,8 @@ def main() -> None:
 
     from attrib.data import CorpusSpec, Query, collate, iter_sequence_parts, pack_batches
     from attrib.distributed import World
-    from attrib.fit import FitSettings, fit_factors, load_curvature
+    from attrib.curvature import load_curvature
+    from attrib.fit import FitSettings, fit_factors
     from attrib.models import find_tracked_layers, load_model, model_record
     from attrib.query_gradients import compute_query_gradients
     from attrib.scoring import ScoreSettings, finalize_scores, score_corpus
@@ -210,7 +211,7 @@ def main() -> None:
     fit_factors(model, tokenizer, layers, CorpusSpec(str(work / "fit.jsonl")), stage, settings, World())
     torch.set_num_threads(args.threads)
     fit_seconds = time.perf_counter() - started
-    curvature, _ = load_curvature(str(work / "factors"), layers, None, "cpu", record["fingerprint"])
+    curvature = load_curvature(str(work / "factors"), layers, None, record["fingerprint"])
     print(f"- factors: {args.strategy} on {args.fit_sequences} sequences ({fit_seconds:.1f} s, eigh on 1 thread)")
 
     started = time.perf_counter()

@@ -11,7 +11,8 @@ import torch
 from attrib.data import CorpusSpec, SequenceCaps, iter_sequence_parts
 from attrib.distributed import World
 from attrib.factors import CorrectionSums, CovarianceSums, LayerCurvature, kfac_eigenvalues, symmetric_eigh
-from attrib.fit import FitSettings, fit_factors, load_curvature
+from attrib.curvature import load_curvature
+from attrib.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.storage import StageDir, load_tensors
 from tests.oracle import dense_curvature, describe_difference, sequence_gradient, token_statistics
@@ -150,7 +151,8 @@ def test_kfac_exact_case_equals_dense_damped_inverse():
 def test_baseline_strategies(tmp_path, model_dirs, corpus_file, strategy):
     """K-FAC uses the covariance spectra; diagonal has no rotation; identity fits nothing."""
     model, tokenizer, layers, out = fit(tmp_path, model_dirs["gpt2"], corpus_file, strategy=strategy, fisher="empirical")
-    curvature, manifest = load_curvature(str(out), layers, None, "cpu")
+    curvature = load_curvature(str(out), layers, None)
+    manifest = curvature.manifest
     assert manifest["settings"]["strategy"] == strategy
     if strategy == "identity":
         assert not (out / "lambda.safetensors").exists()

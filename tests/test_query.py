@@ -11,7 +11,8 @@ import torch
 
 from attrib.data import CorpusSpec, Query, SequenceCaps, iter_sequence_parts, query_sequence
 from attrib.distributed import World
-from attrib.fit import FitSettings, fit_factors, load_curvature
+from attrib.curvature import load_curvature
+from attrib.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.query_gradients import compute_query_gradients
 from attrib.scoring import ScoreSettings, finalize_scores, score_corpus
@@ -35,7 +36,7 @@ def pipeline(tmp_path, model_dir, corpus_file, strategy="ekfac", rank=0, tokens_
     factors = StageDir(tmp_path / f"{name}-factors", "fit-factors", asdict(fit_settings), record)
     if not factors.already_complete:
         fit_factors(model, tokenizer, layers, CorpusSpec(str(corpus_file)), factors, fit_settings, World())
-    curvature, _ = load_curvature(str(factors.path), layers, damping, "cpu")
+    curvature = load_curvature(str(factors.path), layers, damping)
     gradients = compute_query_gradients(model, tokenizer, layers, QUERIES, curvature, rank, 24, 4096, "cpu")
     settings = ScoreSettings(max_length=24, tokens_per_batch=tokens_per_batch, docs_per_part=5, token_scores_top=-1)
     scores = StageDir(tmp_path / f"{name}-scores", "query", asdict(settings), record)

@@ -13,7 +13,6 @@ from attrib.commands.options import (
 
 Factors = Annotated[str, typer.Option(help="Output directory of `attrib fit-factors`.")]
 QueryRank = Annotated[int, typer.Option(help="Rank of each preconditioned query gradient (0 = full).")]
-QUERIES_FILE = "queries.jsonl"
 Damping = Annotated[Optional[float], typer.Option(help="Damping λ, the same for every layer (default: --damping-scale × mean(Λ) per layer).")]
 DampingScale = Annotated[Optional[float], typer.Option(help="Damping as a multiple of each layer's mean eigenvalue (default 0.1; see docs/benchmarks.md).")]
 
@@ -53,68 +52,24 @@ def _checked_queries(queries: str, tokenizer, max_length: int):
     return query_list
 
 
-def _checked_damping(damping: float | None, damping_scale: float | None) -> tuple[float | None, float]:
-    """(absolute λ or None, relative scale): one of --damping and --damping-scale, non-negative."""
+def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, max_memory, layers, world):
+    """QuerySettings from flags; the queries per batch follow from the memory budget."""
     from attrib.errors import InputError
-    from attrib.factors import DEFAULT_DAMPING_SCALE
+    from attrib.query_gradients import queries_per_batch
+    from attrib.query_stage import QuerySettings, parse_memory
 
     if damping is not None and damping_scale is not None:
         raise InputError("give either --damping (absolute) or --damping-scale (relative), not both")
-    if (damping or 0) < 0 or (damping_scale or 0) < 0:
-        raise InputError("--damping and --damping-scale must be non-negative")
-    return damping, DEFAULT_DAMPING_SCALE if damping_scale is None else damping_scale
+    settings = QuerySettings(query_rank=32 if query_rank is None else query_rank, damping=damping,
+                             max_length=max_length, tokens_per_batch=tokens_per_batch, world_size=world.size)
+    if damping_scale is not None:
+        settings.damping_scale = damping_scale
+    settings.queries_per_batch = min(64, queries_per_batch(layers, parse_memory(max_memory, world.device)))
+    settings.validate()
+    return settings
 
 
-def _compute_query_gradients(out, model, lm, tokenizer, layers, factors, query_list, query_rank, damping, damping_scale, max_length, tokens_per_batch, world, overwrite):
-    """Run the query-gradients stage into `out` (rank 0 writes; every rank gets the result)."""
-    import json
-
-    from attrib.errors import InputError
-    from attrib.fit import load_curvature
-    from attrib.models import model_record
-    from attrib.query_gradients import GRADIENTS_FILE, compute_query_gradients
-    from attrib.storage import StageDir, atomic_path, save_tensors
-
-    if query_rank < 0:
-        raise InputError("--query-rank must be 0 (full) or positive")
-    curvature, factors_manifest = load_curvature(factors, layers, damping, world.device, damping_scale=damping_scale)
-    settings = {
-        "query_rank": query_rank, "damping": damping, "damping_scale": damping_scale, "max_length": max_length,
-        "strategy": factors_manifest["settings"]["strategy"],
-    }
-    inputs = {"factors": str(factors), "factors_fingerprint": factors_manifest["model"]["fingerprint"]}
-    record = model_record(model, lm, layers)
-    stage = world.main_first(
-        lambda is_main: StageDir(out, "query-gradients", settings, record, inputs, overwrite and is_main)
-    )
-    if not stage.already_complete:
-        gradients = compute_query_gradients(
-            lm, tokenizer, layers, query_list, curvature, query_rank, max_length, tokens_per_batch, world.device
-        )
-        if world.is_main:
-            save_tensors(stage.file(GRADIENTS_FILE), gradients.tensors())
-            with atomic_path(stage.file(QUERIES_FILE)) as tmp:
-                tmp.write_text("".join(json.dumps(q.as_row()) + "\n" for q in query_list), encoding="utf-8")
-            stage.complete(
-                {"queries": len(query_list), "layers": len(layers)},
-                [GRADIENTS_FILE, QUERIES_FILE],
-                queries=[q.as_row() for q in query_list],
-                layers=[layer.name for layer in layers],
-                damping={layer.name: c.damping for layer, c in zip(layers, curvature)},
-            )
-        world.barrier()
-    return out
-
-
-def _load_query_gradients(directory, lm, layers):
-    from attrib.models import fingerprint
-    from attrib.query_gradients import GRADIENTS_FILE, QueryGradients
-    from attrib.storage import load_tensors, open_input
-
-    manifest = open_input(directory, "query-gradients", fingerprint(lm, layers), option="--query-gradients")
-    ids = [q["id"] for q in manifest["queries"]]
-    tensors = load_tensors(f"{directory}/{GRADIENTS_FILE}")
-    return QueryGradients.from_tensors(tensors, ids, manifest["layers"]), manifest
+MaxMemory = Annotated[Optional[str], typer.Option(help="Memory for query factors and dense query gradients, e.g. 24GiB (default: 8GiB on CPU, a quarter of the GPU).")]
 
 
 def query_gradients(
@@ -127,6 +82,7 @@ def query_gradients(
     damping_scale: DampingScale = None,
     max_length: MaxLength = None,
     tokens_per_batch: TokensPerBatch = 4096,
+    max_memory: MaxMemory = None,
     dtype: Dtype = "float32",
     device: Device = "auto",
     trust_remote_code: TrustRemoteCode = False,
@@ -138,14 +94,14 @@ def query_gradients(
     """
     from attrib.data import default_max_length
     from attrib.progress import message
+    from attrib.query_stage import run_query_gradients
 
-    damping, damping_scale = _checked_damping(damping, damping_scale)
     world, lm, tokenizer, layers = _load(model, factors, dtype, device, trust_remote_code)
     try:
         max_length = max_length or default_max_length(lm.config, tokenizer)
+        settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, max_memory, layers, world)
         query_list = _checked_queries(queries, tokenizer, max_length)
-        _compute_query_gradients(out, model, lm, tokenizer, layers, factors, query_list, query_rank, damping,
-                                 damping_scale, max_length, tokens_per_batch, world, overwrite)
+        run_query_gradients(out, model, lm, tokenizer, layers, factors, query_list, settings, world, overwrite)
         message(f"query gradients written to {out}")
     finally:
         world.close()
@@ -163,6 +119,20 @@ def _parse_token_scores_top(value: str) -> int:
     raise InputError(f"--token-scores-top {value} must be a positive number, 'all' or 'none'")
 
 
+def _refuse_conflicts(query_gradients_dir: str, given: dict) -> None:
+    """With --query-gradients DIR, flags that would change DIR's gradients must agree with it."""
+    from attrib.errors import InputError
+    from attrib.storage import open_input
+
+    recorded = open_input(query_gradients_dir, "query-gradients", option="--query-gradients")["settings"]
+    for name, value in given.items():
+        if value is not None and recorded.get(name) != value:
+            raise InputError(
+                f"--{name.replace('_', '-')} {value} conflicts with --query-gradients {query_gradients_dir}, computed "
+                f"with {recorded.get(name)}; drop the flag or recompute the query gradients"
+            )
+
+
 def query(
     model: Model,
     factors: Factors,
@@ -173,9 +143,11 @@ def query(
     candidates: Annotated[Optional[str], typer.Option(help="Output of `attrib prefilter`: score only these candidates.")] = None,
     prefilter: Annotated[Optional[int], typer.Option(help="Run the TF-IDF prefilter first and keep this many candidates per query.")] = None,
     token_scores_top: Annotated[str, typer.Option(help="Store per-token scores for the top K documents per query, 'all' or 'none'.")] = "100",
-    query_rank: QueryRank = 32,
+    query_rank: Annotated[Optional[int], typer.Option(help="Rank of each preconditioned query gradient (0 = full; default 32).")] = None,
     damping: Damping = None,
     damping_scale: DampingScale = None,
+    queries_per_pass: Annotated[int, typer.Option(help="Queries scored per pass over the corpus (0: as many as --max-memory allows).")] = 0,
+    max_memory: MaxMemory = None,
     docs_per_part: Annotated[int, typer.Option(help="Documents per output part (resume granularity).")] = 2000,
     tokens_per_batch: TokensPerBatch = 4096,
     max_length: MaxLength = None,
@@ -194,83 +166,40 @@ def query(
 
     Example: attrib query --model M --factors run/factors --queries Q --corpus C --out run/scores
     """
-    from dataclasses import asdict
-    from pathlib import Path
-
     from attrib.data import default_max_length
     from attrib.errors import InputError
-    from attrib.models import model_record
-    from attrib.progress import message
-    from attrib.scoring import ScoreSettings, discard_parts, finalize_scores, score_corpus
-    from attrib.storage import StageDir
+    from attrib.query_stage import ScoreRequest, parse_memory, run_query
+    from attrib.scoring import ScoreSettings
+    from attrib.storage import open_input
 
     top = _parse_token_scores_top(token_scores_top)
-    damping, damping_scale = _checked_damping(damping, damping_scale)
     if candidates is not None and prefilter is not None:
         raise InputError("give either --candidates or --prefilter, not both")
     if prefilter is not None and prefilter < 1:
         raise InputError("--prefilter must be at least 1")
     if query_gradients_dir is None and queries is None:
         raise InputError("--queries is needed unless --query-gradients gives computed query gradients")
-    if docs_per_part < 1 or tokens_per_batch < 1:
-        raise InputError("--docs-per-part and --tokens-per-batch must be positive")
+    if docs_per_part < 1 or tokens_per_batch < 1 or queries_per_pass < 0:
+        raise InputError("--docs-per-part and --tokens-per-batch must be positive, --queries-per-pass at least 0")
+    if candidates is not None:
+        open_input(candidates, "prefilter", option="--candidates")
+    if query_gradients_dir is not None:
+        _refuse_conflicts(query_gradients_dir, {"query_rank": query_rank, "damping": damping, "damping_scale": damping_scale})
     spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split)
-    candidate_set = _open_candidates(candidates) if candidates is not None else None
     world, lm, tokenizer, layers = _load(model, factors, dtype, device, trust_remote_code)
     try:
         max_length = max_length or default_max_length(lm.config, tokenizer)
+        query_settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, max_memory,
+                                         layers, world)
         query_list = _checked_queries(queries, tokenizer, max_length) if query_gradients_dir is None else None
-        settings = ScoreSettings(max_length, tokens_per_batch, docs_per_part, top, world.size)
-        inputs = {"factors": factors, "corpus": asdict(spec), "candidates": candidates, "prefilter": prefilter,
-                  "query_gradients": query_gradients_dir, "queries": queries}
-        recorded = {**asdict(settings), "query_rank": query_rank, "damping": damping, "damping_scale": damping_scale,
-                    "dtype": dtype}
-        record = model_record(model, lm, layers)
-        stage = world.main_first(lambda is_main: StageDir(out, "query", recorded, record, inputs, overwrite and is_main))
-        if stage.already_complete:
-            message(f"{out} is already complete; use --overwrite to score again")
-            return
-        gradients_dir = query_gradients_dir or _compute_query_gradients(
-            str(Path(out) / "query-gradients"), model, lm, tokenizer, layers, factors, query_list, query_rank,
-            damping, damping_scale, max_length, tokens_per_batch, world, False,
-        )
-        gradients, gradients_manifest = _load_query_gradients(gradients_dir, lm, layers)
-        if prefilter is not None:
-            candidate_set = _run_prefilter(Path(out) / "prefilter", spec, gradients_dir, prefilter, world)
-        stats = score_corpus(lm, tokenizer, layers, gradients, spec, stage, settings, world, candidate_set)
-        world.barrier()
-        if world.is_main:
-            result = finalize_scores(stage, gradients.query_ids, settings, candidate_set)
-            stage.complete(
-                {**result["counts"], "rows_skipped": stats.skipped},
-                result["files"],
-                queries=gradients_manifest["queries"],
-                layers=gradients.layer_names,
-                strategy=gradients_manifest["settings"]["strategy"],
-            )
-            discard_parts(stage)
+        score_settings = ScoreSettings(max_length, tokens_per_batch, docs_per_part, top, queries_per_pass, world.size)
+        request = ScoreRequest(factors, spec, queries, query_gradients_dir, candidates, prefilter)
+        manifest = run_query(out, model, lm, tokenizer, layers, request, query_list, query_settings, score_settings,
+                             world, overwrite, parse_memory(max_memory, world.device))
+        if manifest is not None:
             _print_top(out)
     finally:
         world.close()
-
-
-def _open_candidates(directory: str):
-    """The prefilter's candidates as the scoring stage wants them."""
-    from attrib.prefilter import load_candidates
-    from attrib.scoring import Candidates
-
-    loaded = load_candidates(directory)
-    return Candidates({q: {(c.doc_id, c.chunk): c.rank for c in items} for q, items in loaded.items()})
-
-
-def _run_prefilter(out, spec, gradients_dir: str, top_k: int, world):
-    """`--prefilter K`: the TF-IDF stage over the same corpus and the query-gradients' queries."""
-    from attrib.prefilter import run_prefilter
-
-    if world.is_main:
-        run_prefilter(corpus=spec, queries=f"{gradients_dir}/queries.jsonl", out=str(out), top_k=top_k)
-    world.barrier()
-    return _open_candidates(str(out))
 
 
 def _print_top(out: str, per_query: int = 3) -> None:

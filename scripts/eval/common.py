@@ -23,7 +23,9 @@ from scipy import stats
 
 from attrib.data import CorpusSpec, Query, iter_sequence_parts, load_queries, query_sequence, special_prefix
 from attrib.distributed import World
-from attrib.fit import FitSettings, fit_factors, load_curvature
+from attrib.factors import DEFAULT_DAMPING_SCALE
+from attrib.curvature import load_curvature
+from attrib.fit import FitSettings, fit_factors
 from attrib.progress import set_quiet
 from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.query_gradients import compute_query_gradients
@@ -127,11 +129,7 @@ class Attributor:
     def scores(self, factors: Path, damping_scale: float | None = None, rank: int = 0,
                queries: list[Query] | None = None) -> np.ndarray:
         """attrib's influence [queries, documents]; damping_scale c sets λ_l = c × mean(Λ_l) (None: attrib's 0.1)."""
-        curvature, _ = load_curvature(str(factors), self.layers, None, "cpu")
-        if damping_scale is not None:
-            for c in curvature:
-                if c.eigenvalues is not None:
-                    c.damping = damping_scale * float(c.eigenvalues.mean())
+        curvature = load_curvature(str(factors), self.layers, None, damping_scale=damping_scale or DEFAULT_DAMPING_SCALE)
         queries = queries or self.queries
         gradients = compute_query_gradients(self.model, self.tokenizer, self.layers, queries, curvature, rank,
                                             MAX_LENGTH, 4096, "cpu")

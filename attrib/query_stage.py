@@ -1,0 +1,212 @@
+"""The query-gradients and query stages: orchestration beside fit.py (DESIGN.md §1–3).
+
+`run_query_gradients` writes one safetensors part per batch of queries (ranks split the
+batches; a rerun skips finished parts). `run_query` scores the corpus against them in
+passes of queries sized to a memory budget, then ranks and writes the final tables.
+The commands in attrib/commands/query.py only parse arguments and call these.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from attrib.distributed import World
+from attrib.errors import InputError
+from attrib.factors import DEFAULT_DAMPING_SCALE
+from attrib.progress import message
+
+QUERIES_FILE = "queries.jsonl"
+DEFAULT_MEMORY = {"cpu": 8 * 2**30}  # bytes for query factors and dense query gradients; CUDA: a quarter of the device
+
+
+@dataclass
+class QuerySettings:
+    """Everything that changes the query gradients; stored in the manifest and checked on resume."""
+
+    query_rank: int = 32
+    damping: float | None = None
+    damping_scale: float = DEFAULT_DAMPING_SCALE
+    max_length: int = 512
+    tokens_per_batch: int = 4096
+    queries_per_batch: int = 64
+    world_size: int = 1
+
+    def validate(self) -> None:
+        if self.query_rank < 0:
+            raise InputError("--query-rank must be 0 (full) or positive")
+        if self.damping is not None and self.damping <= 0:
+            raise InputError("--damping must be positive (Λ + λ is divided by)")
+        if self.damping_scale <= 0:
+            raise InputError("--damping-scale must be positive (Λ + λ is divided by)")
+        if self.max_length < 2 or self.tokens_per_batch < 1 or self.queries_per_batch < 1:
+            raise InputError("--max-length must be at least 2 and --tokens-per-batch positive")
+
+
+def parse_memory(text: str | None, device: str) -> int:
+    """Bytes of `--max-memory` ('24GiB', '500MB', '8G'), or the default for the device."""
+    if text is None:
+        if str(device).startswith("cuda"):
+            import torch
+
+            return torch.cuda.get_device_properties(torch.device(device)).total_memory // 4
+        return DEFAULT_MEMORY["cpu"]
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
+    if match is None or float(match.group(1)) <= 0:
+        raise InputError(f"--max-memory {text!r} is not a size like 24GiB or 500MB")
+    power = " KMGT".index(match.group(2).upper() or " ")
+    base = 1024 if match.group(3).lower().startswith("i") or not match.group(3) else 1000
+    return int(float(match.group(1)) * base**power)
+
+
+def query_factor_bytes(layers, rank: int, dtype_bytes: int = 4) -> int:
+    """Bytes of one query's stacked factors over all layers (U, σ, V) at `rank` (0 = full)."""
+    total = 0
+    for layer in layers:
+        r = min(layer.d_out, layer.d_in_folded) if rank == 0 else min(rank, layer.d_out, layer.d_in_folded)
+        total += r * (layer.d_out + layer.d_in_folded + 1)
+    return total * dtype_bytes
+
+
+def queries_digest(queries) -> str:
+    """A content identity of the queries (ids, prompts, completions), for the resume check."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([q.as_row() for q in queries], sort_keys=True).encode()).hexdigest()
+
+
+def run_query_gradients(out, model_spec: str, lm, tokenizer, layers, factors: str, queries: list, settings: QuerySettings,
+                        world: World, overwrite: bool = False, record: dict | None = None) -> dict:
+    """Compute, precondition and compress every query's gradient into `out`; returns its manifest."""
+    from attrib.curvature import Curvature
+    from attrib.models import model_record
+    from attrib.query_gradients import iter_query_gradient_batches, part_name, save_part
+    from attrib.storage import StageDir, atomic_path, open_input, read_manifest
+
+    settings.validate()
+    factors_manifest = open_input(factors, "fit-factors", option="--factors")
+    recorded = {**asdict(settings), "strategy": factors_manifest["settings"]["strategy"]}
+    inputs = {"factors": str(factors), "factors_fingerprint": factors_manifest["model"]["fingerprint"],
+              "factors_files": factors_manifest.get("files", []), "queries_sha256": queries_digest(queries)}
+    record = record or model_record(model_spec, lm, layers)
+    stage = world.main_first(lambda is_main: StageDir(out, "query-gradients", recorded, record, inputs, overwrite and is_main))
+    if stage.already_complete:
+        return read_manifest(out)
+    curvature = Curvature(factors, layers, settings.damping, settings.damping_scale, record["fingerprint"])
+    batches = iter_query_gradient_batches(
+        lm, tokenizer, layers, queries, curvature, settings.query_rank, settings.max_length, settings.tokens_per_batch,
+        settings.queries_per_batch, world.device,
+        owns=lambda number: world.owns(number) and not stage.has(part_name(number)),
+    )
+    for number, _, factors_of_batch in batches:
+        if factors_of_batch is not None:
+            save_part(stage.file(part_name(number)), factors_of_batch)
+    world.barrier()
+    if world.is_main:
+        with atomic_path(stage.file(QUERIES_FILE)) as tmp:
+            tmp.write_text("".join(json.dumps(q.as_row()) + "\n" for q in queries), encoding="utf-8")
+        dampings = {layer.name: curvature.damping_of(index) for index, layer in enumerate(layers)}
+        stage.complete(
+            {"queries": len(queries), "layers": len(layers)},
+            stage.parts("query_gradients-*.safetensors") + [QUERIES_FILE],
+            queries=[q.as_row() for q in queries],
+            layers=[layer.name for layer in layers],
+            damping=dampings,
+        )
+    world.barrier()
+    return read_manifest(out)
+
+
+@dataclass
+class ScoreRequest:
+    """Where the query stage reads from, besides the model: recorded as the stage's inputs."""
+
+    factors: str
+    corpus: object  # CorpusSpec
+    queries: str | None = None
+    query_gradients: str | None = None
+    candidates: str | None = None
+    prefilter: int | None = None
+
+
+def run_query(out, model_spec: str, lm, tokenizer, layers, request: ScoreRequest, query_list, query_settings: QuerySettings,
+              score_settings, world: World, overwrite: bool = False, max_memory: int | None = None) -> dict | None:
+    """Score the corpus against the queries into `out`; returns the final manifest (None when already complete)."""
+    from attrib.models import model_record
+    from attrib.query_gradients import QueryGradientStore
+    from attrib.scoring import discard_parts, finalize_scores, score_corpus
+    from attrib.storage import StageDir, open_input
+
+    record = model_record(model_spec, lm, layers)
+    inputs = {**asdict(request), "corpus": asdict(request.corpus)}
+    recorded = {**asdict(score_settings), "query_gradients": asdict(query_settings)}
+    stage = world.main_first(lambda is_main: StageDir(out, "query", recorded, record, inputs, overwrite and is_main))
+    if stage.already_complete:
+        message(f"{out} is already complete; use --overwrite to score again")
+        return None
+    gradients_dir = request.query_gradients or str(Path(out) / "query-gradients")
+    if request.query_gradients is None:
+        run_query_gradients(gradients_dir, model_spec, lm, tokenizer, layers, request.factors, query_list,
+                            query_settings, world, record=record)
+    gradients_manifest = open_input(gradients_dir, "query-gradients", record["fingerprint"], option="--query-gradients")
+    store = QueryGradientStore(gradients_dir, gradients_manifest)
+    candidates = None
+    if request.prefilter is not None:
+        candidates = _run_prefilter(Path(out) / "prefilter", request.corpus, gradients_dir, request.prefilter, store, world)
+    elif request.candidates is not None:
+        from attrib.candidates import open_candidates
+
+        candidates = open_candidates(request.candidates, store.query_ids)
+    if score_settings.queries_per_pass == 0 and max_memory is not None:
+        per_query = query_factor_bytes(layers, gradients_manifest["settings"]["query_rank"])
+        score_settings.queries_per_pass = max(1, min(len(store.query_ids), max_memory // per_query))
+    stats = score_corpus(lm, tokenizer, layers, store, request.corpus, stage, score_settings, world, candidates)
+    world.barrier()
+    if not world.is_main:
+        return None
+    result = finalize_scores(stage, store.query_ids, score_settings, candidates)
+    extra = {}
+    if candidates is not None:
+        extra = _unscored_candidates(stage, candidates)
+    manifest = stage.complete(
+        {**result["counts"], "rows_skipped": stats.skipped, **extra},
+        result["files"],
+        queries=gradients_manifest["queries"],
+        layers=store.layer_names,
+        strategy=gradients_manifest["settings"]["strategy"],
+        query_gradients_settings=gradients_manifest["settings"],
+    )
+    discard_parts(stage)
+    return manifest
+
+
+def _unscored_candidates(stage, candidates) -> dict:
+    """Counts (and a warning) of candidate documents never scored and candidate query ids that match no query."""
+    import sys
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from attrib.progress import QUIET
+    from attrib.score_tables import DOCUMENTS
+
+    scored = set(pc.unique(pq.read_table(stage.file(DOCUMENTS), columns=["doc_id"])["doc_id"]).to_pylist())
+    unscored = sum(doc_id not in scored for doc_id in candidates.doc_number)
+    if (unscored or candidates.unknown_queries) and not QUIET:
+        print(f"warning: {unscored} of {len(candidates.doc_number)} candidate documents were not found in the corpus "
+              f"and {len(candidates.unknown_queries)} candidate query ids match no query (check --corpus, --id-field "
+              "and --queries)", file=sys.stderr)
+    return {"unscored_candidate_documents": unscored, "unknown_candidate_queries": len(candidates.unknown_queries)}
+
+
+def _run_prefilter(out, spec, gradients_dir: str, top_k: int, store, world):
+    """`--prefilter K`: the TF-IDF stage over the same corpus and the query-gradients' queries."""
+    from attrib.candidates import open_candidates
+    from attrib.prefilter import run_prefilter
+
+    if world.is_main:
+        run_prefilter(corpus=spec, queries=f"{gradients_dir}/{QUERIES_FILE}", out=str(out), top_k=top_k)
+    world.barrier()
+    return open_candidates(str(out), store.query_ids)
