@@ -1,0 +1,208 @@
+"""The query path at scale changes how work is organised, not what is computed (issue 12).
+
+Float32 preconditioning against float64, the randomized compression against the exact
+rank-r SVD, query passes / query batches / candidate-aware column selection against one
+pass over everything, and rank-split query gradients against one process.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from attrib.curvature import load_curvature
+from attrib.data import CorpusSpec, Query
+from attrib.distributed import World
+from attrib.fit import FitSettings, fit_factors
+from attrib.models import find_tracked_layers, load_model, model_record
+from attrib.query_gradients import compute_query_gradients, low_rank, randomized_low_rank
+from attrib.storage import StageDir
+from tests.conftest import TEXTS, build_model, run_cli, write_jsonl
+
+QUERIES = [
+    Query("q1", "The capital of Vorlia", " is Quendar."),
+    Query("q2", "Rivers run to", " the sea and the sea"),
+    Query("q3", "Influence", " functions"),
+]
+
+
+def fitted(tmp_path, model_dir, corpus_file, dtype=torch.float64):
+    model, tokenizer = load_model(str(model_dir), "float32", "cpu")
+    model.to(dtype)
+    layers = find_tracked_layers(model)
+    settings = FitSettings(fisher="empirical", max_length=24, stats_dtype="float64")
+    stage = StageDir(tmp_path / "factors", "fit-factors", asdict(settings), model_record("m", model, layers))
+    fit_factors(model, tokenizer, layers, CorpusSpec(str(corpus_file)), stage, settings, World())
+    return model, tokenizer, layers, stage.path
+
+
+def test_float32_preconditioning_is_within_its_bound_of_float64(tmp_path, model_dirs, corpus_file):
+    """H⁻¹V in float32 differs from float64 by at most c·ε₃₂·κ relative (κ = max(Λ+λ)/min(Λ+λ)).
+
+    The bases are orthogonal, so the rotations lose ~ε√d; the division by Λ + λ can
+    amplify that by at most κ. c = 10·√d covers both with margin.
+    """
+    _, _, layers, factors = fitted(tmp_path, model_dirs["llama"], corpus_file)
+    curvature = load_curvature(str(factors), layers, None)
+    generator = torch.Generator().manual_seed(0)
+    for index, layer in enumerate(layers):
+        exact, single = curvature.layer(index, "cpu", torch.float64), curvature.layer(index, "cpu", torch.float32)
+        assert single.eigenvalues.dtype == torch.float32
+        vectors = torch.randn(3, layer.d_out, layer.d_in_folded, dtype=torch.float64, generator=generator)
+        expected = exact.inverse_times(vectors)
+        actual = single.inverse_times(vectors.float()).double()
+        shifted = exact.eigenvalues + exact.damping
+        kappa = float(shifted.max() / shifted.min())
+        bound = 10 * max(layer.d_out, layer.d_in_folded) ** 0.5 * torch.finfo(torch.float32).eps * kappa
+        error = float((actual - expected).norm() / expected.norm())
+        assert error <= bound, (layer.name, error, bound)
+        assert error < 1e-4
+
+
+def test_randomized_compression_matches_the_exact_truncated_svd():
+    """On matrices with a decaying spectrum, the randomized rank-r factors reconstruct within
+    1% of the exact rank-r error (Eckart–Young optimum), and their σ within 1e-3 relative."""
+    generator = torch.Generator().manual_seed(3)
+    left = torch.linalg.qr(torch.randn(4, 300, 120, generator=generator)).Q
+    right = torch.linalg.qr(torch.randn(4, 200, 120, generator=generator)).Q
+    spectrum = 0.8 ** torch.arange(120, dtype=torch.float32)
+    matrices = left @ torch.diag_embed(spectrum.expand(4, -1)) @ right.mT  # [4, 300, 200]
+    rank = 16
+    u, sigma, v = randomized_low_rank(matrices, rank)
+    optimum = float(spectrum[rank:].square().sum().sqrt())
+    for n in range(4):
+        error = float((matrices[n] - u[n] @ torch.diag(sigma[n]) @ v[n].T).norm())
+        assert error <= 1.01 * optimum, (error, optimum)
+    assert torch.allclose(sigma, spectrum[:rank].expand(4, -1), rtol=1e-3)
+    # the seeded probe makes it deterministic
+    again = randomized_low_rank(matrices, rank)
+    assert all(torch.equal(a, b) for a, b in zip((u, sigma, v), again))
+
+
+def test_compressed_query_gradients_match_the_exact_svd_on_a_model(tmp_path, tokenizer, corpus_file):
+    """On a model wide enough for the randomized path (rank 8 on 64-wide layers), each layer's
+    rank-8 factors reconstruct the preconditioned gradient within 1% of the exact rank-8 error."""
+    model_dir = build_model(tmp_path / "wide", "llama", tokenizer, hidden=64)
+    model, tokenizer, layers, factors = fitted(tmp_path, model_dir, corpus_file)
+    curvature = load_curvature(str(factors), layers, None)
+    assert all(8 * 4 < min(l.d_out, l.d_in_folded) for l in layers)  # the randomized path is taken
+    full = compute_query_gradients(model, tokenizer, layers, QUERIES, curvature, 0, 24, 4096, "cpu")
+    compressed = compute_query_gradients(model, tokenizer, layers, QUERIES, curvature, 8, 24, 4096, "cpu")
+    for index in range(len(layers)):
+        dense = full.left[index] @ torch.diag_embed(full.sigma[index]) @ full.right[index].mT
+        exact_u, exact_s, exact_v = low_rank(dense, 0)
+        optimum = (exact_s[:, 8:].square().sum(-1)).sqrt()
+        approx = compressed.left[index] @ torch.diag_embed(compressed.sigma[index]) @ compressed.right[index].mT
+        errors = (dense - approx).flatten(1).norm(dim=1)
+        assert (errors <= 1.01 * optimum + 1e-12 * dense.flatten(1).norm(dim=1)).all(), (errors, optimum)
+
+
+def test_query_batches_of_one_equal_one_batch(tmp_path, model_dirs, corpus_file):
+    model, tokenizer, layers, factors = fitted(tmp_path, model_dirs["gpt2"], corpus_file)
+    curvature = load_curvature(str(factors), layers, None)
+    together = compute_query_gradients(model, tokenizer, layers, QUERIES, curvature, 0, 24, 4096, "cpu")
+    alone = compute_query_gradients(model, tokenizer, layers, QUERIES, curvature, 0, 24, 4096, "cpu", max_queries_per_batch=1)
+    for index in range(len(layers)):
+        # compare U diag(σ) Vᵀ: singular vectors of (near-)zero singular values are arbitrary
+        a, b = (g.left[index] @ torch.diag_embed(g.sigma[index]) @ g.right[index].mT for g in (together, alone))
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9 * float(a.abs().max()))
+
+
+@pytest.fixture
+def cli_setup(tmp_path, capsys, model_dirs):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"doc{i}", "text": TEXTS[i % 5] + f" Item {i}."}
+                                                      for i in range(15)])
+    factors = tmp_path / "factors"
+    code, _, err = run_cli(capsys, "--quiet", "fit-factors", "--model", model_dirs["llama"], "--corpus", corpus,
+                           "--out", factors, "--max-length", "24")
+    assert code == 0, err
+    queries = write_jsonl(tmp_path / "q.jsonl", [q.as_row() for q in QUERIES])
+    base = ["--quiet", "query", "--model", model_dirs["llama"], "--factors", factors, "--queries", queries,
+            "--corpus", corpus, "--max-length", "24", "--docs-per-part", "4", "--token-scores-top", "2"]
+    return {"corpus": corpus, "queries": queries, "base": base}
+
+
+def _scores(directory):
+    table = pq.read_table(directory / "documents.parquet").to_pylist()
+    return {(r["query_id"], r["doc_id"]): r for r in table}
+
+
+@pytest.mark.parametrize("flags", [["--queries-per-pass", "1"], ["--queries-per-pass", "2"], ["--max-memory", "1KB"]])
+def test_query_passes_and_batches_change_nothing(tmp_path, capsys, cli_setup, flags):
+    """One query per pass, two per pass, or a budget that forces one query per batch and pass:
+    the same scores as one pass over all queries (float32 model: 1e-5 relative, from summation order)."""
+    code, _, err = run_cli(capsys, *cli_setup["base"], "--out", tmp_path / "all")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *cli_setup["base"], *flags, "--out", tmp_path / "split")
+    assert code == 0, err
+    whole, split = _scores(tmp_path / "all"), _scores(tmp_path / "split")
+    assert whole.keys() == split.keys()
+    scale = max(abs(r["score"]) for r in whole.values())
+    for key, row in whole.items():
+        assert split[key]["score"] == pytest.approx(row["score"], rel=1e-5, abs=1e-6 * scale)
+        assert split[key]["rank"] == row["rank"] or abs(split[key]["score"] - row["score"]) < 1e-5 * scale
+    tokens = pq.read_table(tmp_path / "split" / "tokens").to_pandas()
+    assert len(tokens.groupby(["query_id", "doc_id"])) == 2 * len(QUERIES)
+
+
+def test_candidates_score_only_their_pairs_with_the_full_scores(tmp_path, capsys, cli_setup, model_dirs):
+    """With candidates, each batch is contracted only with the queries that want its documents:
+    exactly the candidate pairs are written, with the scores of an unrestricted run."""
+    candidates = tmp_path / "candidates"
+    code, _, err = run_cli(capsys, "--quiet", "prefilter", "--corpus", cli_setup["corpus"], "--queries",
+                           cli_setup["queries"], "--top-k", "4", "--out", candidates)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *cli_setup["base"], "--out", tmp_path / "all")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *cli_setup["base"], "--candidates", candidates, "--out", tmp_path / "picked")
+    assert code == 0, err
+    wanted = pq.read_table(candidates / "candidates.parquet").to_pylist()
+    whole, picked = _scores(tmp_path / "all"), _scores(tmp_path / "picked")
+    assert set(picked) == {(r["query_id"], r["doc_id"]) for r in wanted}
+    scale = max(abs(r["score"]) for r in whole.values())
+    for key, row in picked.items():
+        assert row["score"] == pytest.approx(whole[key]["score"], rel=1e-5, abs=1e-6 * scale)
+        assert row["prefilter_rank"] == next(r["rank"] for r in wanted if (r["query_id"], r["doc_id"]) == key)
+    for query_id in {q for q, _ in picked}:
+        ranks = sorted(r["rank"] for (q, _), r in picked.items() if q == query_id)
+        assert ranks == list(range(1, len(ranks) + 1))
+    manifest = json.loads((tmp_path / "picked" / "manifest.json").read_text())
+    assert manifest["counts"]["unscored_candidate_documents"] == 0
+
+
+def test_candidates_of_another_corpus_are_reported(tmp_path, capsys, cli_setup):
+    """Candidate documents that the corpus does not hold are counted and warned about, not silently dropped."""
+    candidates = tmp_path / "candidates"
+    code, _, err = run_cli(capsys, "--quiet", "prefilter", "--corpus", cli_setup["corpus"], "--queries",
+                           cli_setup["queries"], "--top-k", "3", "--out", candidates)
+    assert code == 0, err
+    other = write_jsonl(tmp_path / "other.jsonl", [{"id": f"doc{i}", "text": TEXTS[i % 5]} for i in range(3)])
+    args = [a if a != cli_setup["corpus"] else other for a in cli_setup["base"] if a != "--quiet"]
+    code, _, err = run_cli(capsys, *args, "--candidates", candidates, "--out", tmp_path / "scores")
+    assert code == 0, err
+    assert "candidate documents were not found in the corpus" in err
+    counts = json.loads((tmp_path / "scores" / "manifest.json").read_text())["counts"]
+    scored = {d for _, d in _scores(tmp_path / "scores")}
+    wanted = {r["doc_id"] for r in pq.read_table(candidates / "candidates.parquet").to_pylist()}
+    assert counts["unscored_candidate_documents"] == len(wanted - scored) > 0
+
+
+def test_query_gradients_flags_that_conflict_with_given_gradients_are_refused(tmp_path, capsys, cli_setup, model_dirs):
+    base = cli_setup["base"]
+    gradients = tmp_path / "qg"
+    model, factors = base[base.index("--model") + 1], base[base.index("--factors") + 1]
+    code, _, err = run_cli(capsys, "--quiet", "query-gradients", "--model", model, "--factors", factors,
+                           "--queries", cli_setup["queries"], "--max-length", "24", "--query-rank", "4", "--out", gradients)
+    assert code == 0, err
+    args = [a for a in base if a not in ("--queries", str(cli_setup["queries"]), cli_setup["queries"])]
+    code, _, err = run_cli(capsys, *args, "--query-gradients", gradients, "--query-rank", "8", "--out", tmp_path / "s")
+    assert code == 2 and "conflicts with --query-gradients" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "s").exists()
+    code, _, err = run_cli(capsys, *args, "--query-gradients", gradients, "--out", tmp_path / "s")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["query_gradients_settings"]["query_rank"] == 4
