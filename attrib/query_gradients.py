@@ -44,7 +44,7 @@ class QueryGradients:
         return out
 
 
-def randomized_low_rank(matrices: torch.Tensor, rank: int, oversample: int = 10, power_iterations: int = 4, seed: int = 0):
+def randomized_low_rank(matrices: torch.Tensor, rank: int, oversample: int = 10, power_iterations: int = 2, seed: int = 0):
     """Rank-r SVD of matrices [n, d_out, d_in] by a seeded randomized range finder (Halko et al. 2011).
 
     With power iterations the error is within a small factor of the exact rank-r error

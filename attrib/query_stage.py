@@ -210,3 +210,53 @@ def _run_prefilter(out, spec, gradients_dir: str, top_k: int, store, world):
         run_prefilter(corpus=spec, queries=f"{gradients_dir}/{QUERIES_FILE}", out=str(out), top_k=top_k)
     world.barrier()
     return open_candidates(str(out), store.query_ids)
+
+
+# Python, torch, transformers and pyarrow imported (280 MB measured here) plus what the first
+# forward+backward and the Parquet writer keep as workspace (a further 250 MB measured on one
+# 7B-wide block, independent of the batch), with slack.
+RUNTIME_BYTES = 700 * 2**20
+
+
+def activation_bytes_per_token(config, layers, dtype_bytes: int) -> int:
+    """Bytes a forward+backward keeps per token: autograd's saved tensors and the transients of
+    backward (bounded by 16 hidden-wide and 12 MLP-wide tensors per block), the hooks' kept layer
+    inputs (float32) and the float32 logits gradient."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    blocks = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    vocab = getattr(config, "vocab_size", 0)
+    autograd = blocks * (16 * hidden + 12 * intermediate) * dtype_bytes
+    kept = sum(layer.d_in_folded for layer in layers) * 4
+    return autograd + kept + vocab * (dtype_bytes + 4)
+
+
+def predict_peak_bytes(stage: str, config, layers, num_parameters: int, dtype_bytes: int, tokens_per_batch: int,
+                       rank: int, queries_per_batch: int = 1, queries_per_pass: int = 1,
+                       docs_per_part: int = 2000, max_length: int = 512, rotates: bool = True) -> dict[str, int]:
+    """Peak memory of `query-gradients` or `query` by component (bytes); "total" is their sum.
+
+    On a CPU run every component is host memory; on a GPU all but "runtime" are device
+    memory. The components follow the code: one layer's dense gradients and curvature at a
+    time (query-gradients), one pass of query factors on the device plus the token scores of
+    a part (query).
+    """
+    widest = max(layer.d_out * layer.d_in_folded for layer in layers)
+    parts = {
+        "runtime": RUNTIME_BYTES,
+        "model": num_parameters * dtype_bytes,
+        "activations": tokens_per_batch * activation_bytes_per_token(config, layers, dtype_bytes),
+    }
+    if stage == "query-gradients":
+        bases = (lambda l: l.d_out**2 + l.d_in_folded**2) if rotates else (lambda l: 0)
+        largest_curvature = max(l.d_out * l.d_in_folded + bases(l) for l in layers) * 4
+        parts["dense_query_gradients"] = 3 * queries_per_batch * widest * 4
+        parts["layer_curvature"] = largest_curvature
+        parts["batch_factors"] = queries_per_batch * query_factor_bytes(layers, rank)
+    elif stage == "query":
+        parts["query_factors"] = 2 * queries_per_pass * query_factor_bytes(layers, rank)
+        parts["token_scores"] = 2 * tokens_per_batch * queries_per_pass * 4 + docs_per_part * max_length * queries_per_pass * 4
+    else:
+        raise ValueError(stage)
+    parts["total"] = sum(parts.values())
+    return parts

@@ -1,0 +1,101 @@
+"""Peak memory of the query stages on one block of real 7B widths stays within the prediction (issue 12).
+
+One Llama block of Llama-2-7B's widths (hidden 4096, MLP 11008, 32 heads), the test
+tokenizer's small vocabulary, random init, float32 on the CPU. The factors are written
+directly with the diagonal strategy (Λ per layer, no eigenbases): eigendecomposing three
+11008-wide matrices takes minutes on this machine, and the query stages' memory does not
+depend on how Λ was fitted — the prediction counts eigenbases for rotating strategies.
+Peak RSS is measured in a subprocess (VmHWM of the child) and must not exceed
+`predict_peak_bytes`, which must not exceed it by more than 60% either (so a prediction
+that ignores the model or the dense gradients would fail).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import TEXTS, write_jsonl
+
+QUERIES = 4
+MAX_LENGTH = 32
+TOKENS_PER_BATCH = 256
+
+
+@pytest.fixture(scope="module")
+def one_block(tmp_path_factory, tokenizer):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from attrib.models import find_tracked_layers, model_record
+    from attrib.storage import StageDir, save_tensors
+
+    root = tmp_path_factory.mktemp("llama7b-block")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
+                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=256,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    layers = find_tracked_layers(model)
+    stage = StageDir(root / "factors", "fit-factors", {"strategy": "diagonal"}, model_record("m", model, layers))
+    save_tensors(stage.file("lambda.safetensors"),
+                 {f"{l.name}.lambda": torch.rand(l.d_out, l.d_in_folded) + 0.5 for l in layers})
+    stage.complete({}, ["lambda.safetensors"])
+    write_jsonl(root / "queries.jsonl", [{"id": f"q{i}", "prompt": TEXTS[i % 5][:15], "completion": TEXTS[i % 5][15:30]}
+                                         for i in range(QUERIES)])
+    write_jsonl(root / "corpus.jsonl", [{"text": " ".join(TEXTS[i % 5 : i % 5 + 2])} for i in range(8)])
+    num_parameters = sum(p.numel() for p in model.parameters())
+    return {"root": root, "config": config, "layers": layers, "parameters": num_parameters}
+
+
+def _peak_rss_bytes(args) -> int:
+    """Run `attrib ARGS` in a fresh process; its peak RSS in bytes.
+
+    VmHWM of the process's own address space: ru_maxrss would also count the RSS of this
+    pytest process, which Linux carries into a child across fork and exec.
+    """
+    code = ("import re, sys\nfrom attrib.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    assert not e.code, e.code\n"
+            "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", code, "--quiet", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.strip().splitlines()[-1]) * 1024
+
+
+@pytest.mark.slow
+def test_query_stages_stay_within_predicted_peak_memory(one_block):
+    from attrib.query_gradients import queries_per_batch
+    from attrib.query_stage import parse_memory, predict_peak_bytes
+
+    root, layers = one_block["root"], one_block["layers"]
+    budget = "1200MiB"  # two queries' dense gradients of the widest layer, three copies each
+    per_batch = min(64, queries_per_batch(layers, parse_memory(budget, "cpu")))
+    assert per_batch == 2
+    common = ["--model", root / "model", "--factors", root / "factors", "--max-length", MAX_LENGTH,
+              "--tokens-per-batch", TOKENS_PER_BATCH, "--max-memory", budget]
+    measured = _peak_rss_bytes(["query-gradients", *common, "--queries", root / "queries.jsonl", "--out", root / "qg"])
+    predicted = predict_peak_bytes(
+        "query-gradients", one_block["config"], layers, one_block["parameters"], 4,
+        min(TOKENS_PER_BATCH, per_batch * MAX_LENGTH), rank=32, queries_per_batch=per_batch, rotates=False,
+    )
+    report = {"query-gradients": (measured, predicted)}
+    measured = _peak_rss_bytes(["query", *common, "--query-gradients", root / "qg", "--corpus", root / "corpus.jsonl",
+                                "--docs-per-part", 4, "--out", root / "scores"])
+    predicted = predict_peak_bytes(
+        "query", one_block["config"], layers, one_block["parameters"], 4, TOKENS_PER_BATCH, rank=32,
+        queries_per_pass=QUERIES, docs_per_part=4, max_length=MAX_LENGTH,
+    )
+    report["query"] = (measured, predicted)
+    print(json.dumps({stage: {"measured_mib": m / 2**20, "predicted_mib": {k: v / 2**20 for k, v in p.items()}}
+                      for stage, (m, p) in report.items()}, indent=1))
+    for stage, (measured, predicted) in report.items():
+        assert measured <= predicted["total"], (stage, measured / 2**20, predicted)
+        assert predicted["total"] <= 1.6 * measured, (stage, measured / 2**20, predicted)
