@@ -15,6 +15,7 @@ not depend on `max_docs`; a corpus mixing rows with and without `id` is refused.
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -431,6 +432,27 @@ def special_prefix(tokenizer) -> list[int]:
         if full[cut : cut + len(plain)] == plain:
             return list(full[:cut])
     return []
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """What decides how a tokenizer cuts text: its vocabulary (hashed), size and special prefix.
+
+    `name_or_path` is recorded for people and not compared: two copies of one tokenizer
+    cut text alike.
+    """
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+    return {
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab_size": len(tokenizer),
+        "vocab_sha256": digest,
+        "special_prefix": special_prefix(tokenizer),
+    }
+
+
+def chunking_identity(tokenizer, max_length: int, long_documents: str) -> dict:
+    """How documents became sequences: with chunk k of a document, a later stage must mean the same text."""
+    return {"tokenizer": tokenizer_identity(tokenizer), "max_length": max_length, "long_documents": long_documents}
 
 
 def default_max_length(model_config, tokenizer) -> int:
