@@ -50,7 +50,7 @@ def fit_factors(
     from attrib.errors import InputError
     from attrib.fit import FitSettings
     from attrib.fit import fit_factors as run_fit
-    from attrib.models import find_tracked_layers, load_model, model_record
+    from attrib.models import find_tracked_layers, load_model, model_record, model_source
     from attrib.progress import message
     from attrib.storage import StageDir, input_identity
 
@@ -61,6 +61,7 @@ def fit_factors(
             "or overflow; use --dtype bfloat16 (same memory, float32's range)"
         )
     spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents)
+    model_source(model)  # a mistyped --model path is named before the corpus is read
     check_corpus(spec)  # a missing path, a wrong --text-field or a bad first row fail before any output exists
     world = detect_world(device)
     try:
