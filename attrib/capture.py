@@ -44,9 +44,11 @@ class Capture:
         self._mask: torch.Tensor | None = None  # [batch, seq], 1 at real tokens
         self._kept: dict[int, Any] = {}
         self._handles: list = []
+        self._calls: dict[int, int] = {}  # tracked layer index -> calls in the current forward pass
 
     def _forward_hook(self, index: int, layer: TrackedLayer):
         def hook(module, inputs, output):
+            self._check_input(index, layer, inputs[0])
             mask = self._mask[..., None].to(output.dtype)
             a = inputs[0].detach()
             if layer.has_bias:
@@ -75,7 +77,24 @@ class Capture:
             self._kept.clear()
             self._mask = None
 
+    def _check_input(self, index: int, layer: TrackedLayer, x: torch.Tensor) -> None:
+        """A tracked module must see [batch, seq, d] like the mask, once per forward; else its sums are wrong."""
+        from attrib.errors import InputError
+
+        self._calls[index] = self._calls.get(index, 0) + 1
+        if self._calls[index] > 1:
+            raise InputError(
+                f"module {layer.name} is called more than once per forward pass; attrib can track only layers "
+                "that see each token once: leave it out of --modules"
+            )
+        if x.dim() != 3 or tuple(x.shape[:2]) != tuple(self._mask.shape):
+            raise InputError(
+                f"module {layer.name} sees inputs of shape {list(x.shape)}, not [batch, seq, d] with [batch, seq] = "
+                f"{list(self._mask.shape)} (mixture-of-experts layers see routed tokens); leave it out of --modules"
+            )
+
     def __enter__(self) -> Capture:
+        self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self._calls.clear()))
         embeddings = self.model.get_input_embeddings()
         self._handles.append(embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
         for index, layer in enumerate(self.layers):

@@ -53,9 +53,10 @@ def root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
     """Global options; `--config`, `--debug` and `--quiet` may also follow the command name."""
-    from attrib.progress import set_quiet
+    from attrib.progress import set_debug, set_quiet
 
     set_quiet(quiet)
+    set_debug(debug)
     if config and ctx.invoked_subcommand:
         from attrib.recipes import load_recipe
 
@@ -82,9 +83,33 @@ def _hoist_global_options(argv: list[str]) -> list[str]:
     return hoisted + rest
 
 
+MEMORY_SETTINGS = (
+    "lower --tokens-per-batch, use --layers-per-pass or --queries-per-pass to hold fewer layers or queries at "
+    "once, or track fewer layers with --modules"
+)
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), a CPU allocator failure, or Python's MemoryError."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _click_exceptions():
+    """click's exceptions: typer >= 0.26 vendors click as the private typer._click; else click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        from click import exceptions
+    return exceptions
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: run the app and turn every failure into `error: …` and an exit code."""
-    from typer._click import exceptions as click_exceptions
+    click_exceptions = _click_exceptions()
+    no_args_is_help = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click >= 8.2 (typer's vendored click)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = _hoist_global_options(list(sys.argv[1:] if argv is None else argv))
@@ -97,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(1)
-    except click_exceptions.NoArgsIsHelpError:
+    except no_args_is_help:
         sys.exit(2)  # the help text is already printed
     except click_exceptions.UsageError as exc:
         if debug:
@@ -114,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if out_of_memory(exc):
+            print(f"error: out of memory ({first or type(exc).__name__}); {MEMORY_SETTINGS}", file=sys.stderr)
+            sys.exit(1)
         print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
     if status == 130:  # typer turns Ctrl-C into exit status 130

@@ -1,22 +1,35 @@
 """Corpora, queries and their token sequences.
 
-Corpora are streamed document by document (JSONL, Parquet, CSV, text, directories,
-globs or a `datasets` hub name). Every token keeps its character offsets, so any
-score maps back to the text. Bad rows are errors naming file and line, or are
-skipped and counted with `skip_bad_rows`.
+Corpora are streamed document by document (JSONL, a `.json` file holding JSON Lines
+or one JSON array, Parquet, CSV, text, directories, globs or a `datasets` hub name).
+Every token keeps its character offsets, so any score maps back to the text. Empty
+or whitespace-only documents are skipped and counted; other bad rows are errors
+naming file and line, or are skipped and counted with `skip_bad_rows`.
+
+Document ids (`CorpusSpec.id_field`): None (the default) uses each row's `id` field
+when it has one and the row number otherwise, decided row by row so that the ids do
+not depend on `max_docs`; a corpus mixing rows with and without `id` is refused.
+`"none"` always uses row numbers; any other name requires that field in every row.
 """
 
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from attrib.errors import InputError
 
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
+DEFAULT_ID_FIELD = "id"  # used when every row has it (id_field None)
+ROW_NUMBERS = "none"  # --id-field none: ids are row numbers even when rows have an `id`
+LONG_DOCUMENTS = ("chunk", "truncate")
+EMPTY_TEXT = "empty text"  # the RowStats.skipped key of empty or whitespace-only documents
+JSON_ARRAY_CHUNK = 1 << 20
+JSON_ARRAY_MAX_ELEMENT = 256 << 20  # an array element this large without a valid parse is reported malformed
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 CORPUS_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | {".parquet", ".csv"}
 
@@ -33,22 +46,31 @@ class CorpusSpec:
 
     source: str
     text_field: str = "text"
-    id_field: str | None = None
+    id_field: str | None = None  # None: `id` where rows have one; "none": row numbers
     lines: bool = False
     max_docs: int | None = None
     skip_bad_rows: bool = False
     split: str = "train"
+    long_documents: str = "chunk"  # documents longer than max_length: "chunk" or "truncate" (DESIGN.md §2)
 
 
 @dataclass
 class RowStats:
-    """Counts that go into a manifest: rows read, and bad rows skipped by reason."""
+    """Counts that go into a manifest: rows read, and rows skipped by reason.
+
+    Empty or whitespace-only documents are always skipped and counted under
+    `EMPTY_TEXT`; malformed rows only with `skip_bad_rows`.
+    """
 
     documents: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    @property
+    def empty(self) -> int:
+        return self.skipped.get(EMPTY_TEXT, 0)
 
 
 def corpus_files(source: str) -> list[Path] | None:
@@ -77,6 +99,8 @@ class _RowChecker:
     def __init__(self, spec: CorpusSpec, stats: RowStats):
         self.spec = spec
         self.stats = stats
+        self.rows_with_id: str | None = None  # where the first row with an `id` was (id_field None)
+        self.rows_without_id: str | None = None  # where the first row without one was
 
     def bad(self, where: str, reason: str, key: str) -> None:
         if self.spec.skip_bad_rows:
@@ -84,8 +108,11 @@ class _RowChecker:
             return
         raise InputError(f"{where}: {reason} (fix the row or pass --skip-bad-rows)")
 
-    def document(self, row, where: str) -> Document | None:
-        """A Document, or None for a skipped row; without --id-field its id is filled in later."""
+    def document(self, row, where: str, path_id: str | None = None) -> Document | None:
+        """A Document, or None for a skipped row; a row-number id (None) is filled in later.
+
+        `path_id`: the id of a text file read whole (its path) unless --id-field says otherwise.
+        """
         spec = self.spec
         if not isinstance(row, dict):
             self.bad(where, "row is not a JSON object", "not an object")
@@ -99,9 +126,11 @@ class _RowChecker:
             self.bad(where, f"field '{spec.text_field}' is {type(text).__name__}, not a string", "not a string")
             return None
         if not text.strip():
-            self.bad(where, f"field '{spec.text_field}' is empty", "empty text")
+            self.stats.skip(EMPTY_TEXT)  # real corpora have them: counted, never fatal
             return None
         if spec.id_field is None:
+            doc_id = path_id if path_id is not None else self.default_id(row, where)
+        elif spec.id_field == ROW_NUMBERS:
             doc_id = None
         elif spec.id_field not in row or row[spec.id_field] is None:
             self.bad(where, f"no field '{spec.id_field}' (given by --id-field)", "missing id")
@@ -110,9 +139,31 @@ class _RowChecker:
             doc_id = str(row[spec.id_field])
         return Document(doc_id, text)  # type: ignore[arg-type]
 
+    def default_id(self, row: dict, where: str) -> str | None:
+        """The row's `id`, or None for a row number; decided per row, so --max-docs cannot change an id."""
+        has_id = row.get(DEFAULT_ID_FIELD) is not None
+        if has_id and self.rows_without_id is not None:
+            raise InputError(
+                f"{where} has an '{DEFAULT_ID_FIELD}' field but {self.rows_without_id} had none; "
+                "give every row an id, or pass --id-field none to number the rows"
+            )
+        if not has_id and self.rows_with_id is not None:
+            raise InputError(
+                f"{where} has no '{DEFAULT_ID_FIELD}' field but {self.rows_with_id} had one; "
+                "give every row an id, or pass --id-field none to number the rows"
+            )
+        if has_id:
+            self.rows_with_id = self.rows_with_id or where
+            return str(row[DEFAULT_ID_FIELD])
+        self.rows_without_id = self.rows_without_id or where
+        return None
+
 
 def _json_rows(path: Path, checker: _RowChecker) -> Iterator[tuple[str, object]]:
-    """(where, parsed row) for each non-blank line; undecodable lines are reported or skipped."""
+    """(where, parsed row) of a JSON Lines file, or of a `.json` file holding one JSON array."""
+    if path.suffix.lower() == ".json" and _starts_with(path, b"["):
+        yield from _json_array_rows(path, checker)
+        return
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, 1):
             where = f"{path}:{line_number}"
@@ -123,7 +174,91 @@ def _json_rows(path: Path, checker: _RowChecker) -> Iterator[tuple[str, object]]
             except UnicodeDecodeError as exc:
                 checker.bad(where, f"not UTF-8 (byte {exc.start})", "not UTF-8")
             except json.JSONDecodeError as exc:
-                checker.bad(where, f"invalid JSON ({exc.msg}, column {exc.colno})", "invalid JSON")
+                hint = ""
+                if path.suffix.lower() == ".json" and raw.lstrip().startswith(b"{") and line_number == 1:
+                    hint = "; a .json file must hold JSON Lines (one object per line) or one JSON array"
+                checker.bad(where, f"invalid JSON ({exc.msg}, column {exc.colno}){hint}", "invalid JSON")
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    """Whether the file's first non-whitespace bytes (after a UTF-8 BOM) are `prefix`."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+        while head and not head.lstrip():
+            head = handle.read(4096)
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(prefix)
+
+
+def _json_array_rows(path: Path, checker: _RowChecker) -> Iterator[tuple[str, object]]:
+    """The elements of a JSON array file, streamed: `raw_decode` over chunks, never the whole file.
+
+    A malformed element cannot be skipped (where the next one starts is unknown), so it
+    is an error even with --skip-bad-rows; `where` names the line and the element index.
+    """
+    decoder = json.JSONDecoder()
+    with open(path, encoding="utf-8-sig") as handle:
+        buffer, position, line, eof = "", 0, 1, False
+
+        def fill() -> bool:
+            """Read one more chunk into the buffer (dropping what was consumed); False at the end."""
+            nonlocal buffer, position, eof
+            if eof:
+                return False
+            try:
+                chunk = handle.read(max(JSON_ARRAY_CHUNK, len(buffer) - position))  # geometric: linear re-parsing
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}:{line}: not UTF-8 (after array element {index})") from exc
+            buffer, position = buffer[position:] + chunk, 0
+            eof = not chunk
+            return bool(chunk)
+
+        def skip_space() -> str:
+            """The next non-whitespace character (consumed are only the spaces), or '' at the end."""
+            nonlocal position, line
+            while True:
+                while position < len(buffer) and buffer[position] in " \t\r\n":
+                    line += buffer[position] == "\n"
+                    position += 1
+                if position < len(buffer):
+                    return buffer[position]
+                if not fill():
+                    return ""
+
+        def fail(reason: str) -> None:
+            raise InputError(f"{path}:{line}: array element {index}: {reason}")
+
+        index = 0
+        skip_space()
+        position += 1  # the opening '['
+        if skip_space() == "]":
+            position += 1
+        else:
+            while True:
+                if skip_space() == "":
+                    fail("the file ends inside the array")
+                while True:
+                    try:
+                        row, end = decoder.raw_decode(buffer, position)
+                    except json.JSONDecodeError as exc:
+                        if len(buffer) - position > JSON_ARRAY_MAX_ELEMENT or not fill():
+                            fail(f"invalid JSON ({exc.msg})")
+                        continue
+                    if end == len(buffer) and fill():
+                        continue  # a number or literal may go on in the next chunk
+                    break
+                where = f"{path}:{line}: array element {index}"
+                line += buffer.count("\n", position, end)
+                position = end
+                yield where, row
+                separator = skip_space()
+                position += 1
+                if separator not in (",", "]"):
+                    fail(f"expected ',' or ']' after the element, found {repr(separator) if separator else 'the end of the file'}")
+                index += 1
+                if separator == "]":
+                    break
+        if skip_space() != "":
+            raise InputError(f"{path}:{line}: text after the end of the JSON array")
 
 
 def _json_lines(path: Path, checker: _RowChecker) -> Iterator[Document | None]:
@@ -142,10 +277,7 @@ def _text_file(path: Path, checker: _RowChecker, lines: bool) -> Iterator[Docume
             yield None
             return
         row = {checker.spec.text_field: text, "path": str(path)}
-        doc = checker.document(row, str(path))
-        if doc is not None and checker.spec.id_field is None:
-            doc.doc_id = str(path)
-        yield doc
+        yield checker.document(row, str(path), path_id=str(path))
         return
     for line_number, raw in enumerate(data.splitlines(), 1):
         if not raw.strip():
@@ -171,7 +303,12 @@ def _parquet_file(path: Path, checker: _RowChecker) -> Iterator[Document | None]
         raise InputError(
             f"{path} has no column '{checker.spec.text_field}' (columns: {', '.join(names)}); choose one with --text-field"
         )
-    columns = [checker.spec.text_field] + ([checker.spec.id_field] if checker.spec.id_field in names else [])
+    id_field = checker.spec.id_field
+    if id_field is None:
+        id_field = DEFAULT_ID_FIELD
+    elif id_field != ROW_NUMBERS and id_field not in names:
+        raise InputError(f"{path} has no column '{id_field}' (given by --id-field; columns: {', '.join(names)})")
+    columns = [checker.spec.text_field] + ([id_field] if id_field in names and id_field != checker.spec.text_field else [])
     row_number = 0
     for batch in table.iter_batches(batch_size=4096, columns=columns):
         for row in batch.to_pylist():
@@ -203,8 +340,9 @@ def _datasets_rows(source: str, checker: _RowChecker, builder: str | None = None
 def iter_documents(spec: CorpusSpec, stats: RowStats | None = None) -> Iterator[Document]:
     """Every document of the corpus in a fixed order, streamed; at most `spec.max_docs`.
 
-    Without --id-field a document's id is its index in this order (or, for a text
-    file read whole, its path).
+    A document's id is its `id` field (see the module docstring), else its index in
+    this order, or, for a text file read whole, its path. Empty documents are
+    skipped and counted in `stats`.
     """
     from attrib.models import looks_like_hub_id
 
@@ -238,7 +376,21 @@ def iter_documents(spec: CorpusSpec, stats: RowStats | None = None) -> Iterator[
             if spec.max_docs is not None and index >= spec.max_docs:
                 return
     if index == 0:
-        raise InputError(f"--corpus {spec.source} holds no usable document")
+        empty = f" ({stats.empty:,} empty)" if stats.empty else ""
+        raise InputError(f"--corpus {spec.source} holds no usable document{empty}")
+
+
+def check_corpus(spec: CorpusSpec) -> None:
+    """Refuse a corpus that cannot work before any output exists.
+
+    Checks the options, that the source exists, and reads up to the first usable
+    document (a wrong --text-field, a bad first row or an empty corpus fail here).
+    """
+    if spec.long_documents not in LONG_DOCUMENTS:
+        raise InputError(f"--long-documents {spec.long_documents} is not one of {', '.join(LONG_DOCUMENTS)}")
+    if spec.max_docs is not None and spec.max_docs < 1:
+        raise InputError("--max-docs must be at least 1")
+    next(iter_documents(replace(spec, max_docs=1)))
 
 
 # --- token sequences -------------------------------------------------------
@@ -282,6 +434,27 @@ def special_prefix(tokenizer) -> list[int]:
     return []
 
 
+def tokenizer_identity(tokenizer) -> dict:
+    """What decides how a tokenizer cuts text: its vocabulary (hashed), size and special prefix.
+
+    `name_or_path` is recorded for people and not compared: two copies of one tokenizer
+    cut text alike.
+    """
+    vocab = sorted(tokenizer.get_vocab().items())
+    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+    return {
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "vocab_size": len(tokenizer),
+        "vocab_sha256": digest,
+        "special_prefix": special_prefix(tokenizer),
+    }
+
+
+def chunking_identity(tokenizer, max_length: int, long_documents: str) -> dict:
+    """How documents became sequences: with chunk k of a document, a later stage must mean the same text."""
+    return {"tokenizer": tokenizer_identity(tokenizer), "max_length": max_length, "long_documents": long_documents}
+
+
 def default_max_length(model_config, tokenizer) -> int:
     """The model's context, capped at 2048."""
     candidates = [
@@ -316,15 +489,26 @@ def disjoint_offsets(offsets) -> list[tuple[int, int]]:
     return spans
 
 
-def chunk_document(tokenizer, doc: Document, max_length: int, prefix: list[int]) -> list[Sequence]:
-    """Cut a document into sequences of at most `max_length` tokens (prefix included)."""
+def chunk_document(
+    tokenizer, doc: Document, max_length: int, prefix: list[int], long_documents: str = "chunk"
+) -> list[Sequence]:
+    """Cut a document into sequences of at most `max_length` tokens (prefix included).
+
+    `long_documents="truncate"` keeps only the first sequence (models fine-tuned on
+    truncated examples never saw the rest; DESIGN.md §2).
+    """
+    if long_documents not in LONG_DOCUMENTS:
+        raise InputError(f"--long-documents {long_documents} is not one of {', '.join(LONG_DOCUMENTS)}")
     encoding = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoding["input_ids"], disjoint_offsets(encoding["offset_mapping"])
     room = max_length - len(prefix)
     if room < 1:
         raise InputError(f"--max-length {max_length} leaves no room after the tokenizer's special prefix")
+    starts = range(0, len(ids), room)
+    if long_documents == "truncate":
+        starts = starts[:1]
     sequences = []
-    for chunk, start in enumerate(range(0, len(ids), room)):
+    for chunk, start in enumerate(starts):
         chunk_ids = prefix + ids[start : start + room]
         chunk_offsets = [(0, 0)] * len(prefix) + offsets[start : start + room]
         if len(chunk_ids) < 2:
@@ -466,15 +650,18 @@ def iter_sequence_parts(
     caps: SequenceCaps | None = None,
     stats: RowStats | None = None,
     wanted: Callable[[int, str], bool] | None = None,
+    long_documents: str | None = None,
 ) -> Iterator[Part]:
     """The corpus as numbered parts of (global sequence index, sequence) pairs.
 
     Parts are fixed runs of `docs_per_part` documents, so a resumed run sees the
     same parts and indices as an uninterrupted one. Documents for which
     `wanted(doc_index, doc_id)` is false are counted in their part but never
-    tokenized (candidates another query or process scores).
+    tokenized (candidates another query or process scores). `long_documents`
+    (default: the spec's) chunks or truncates documents longer than `max_length`.
     """
     require_fast_tokenizer(tokenizer)
+    long_documents = long_documents or spec.long_documents
     caps = caps or SequenceCaps()
     prefix = special_prefix(tokenizer)
     part = Part(0, [], {})
@@ -484,7 +671,7 @@ def iter_sequence_parts(
         if not skip:
             part.texts[doc_index] = doc.text
         part.documents += 1
-        for sequence in [] if skip else chunk_document(tokenizer, doc, max_length, prefix):
+        for sequence in [] if skip else chunk_document(tokenizer, doc, max_length, prefix, long_documents):
             if caps.max_sequences is not None and sequence_index >= caps.max_sequences:
                 break
             if caps.max_tokens is not None and tokens + len(sequence) > caps.max_tokens:

@@ -11,19 +11,30 @@ from pathlib import Path
 
 from attrib.errors import InputError
 
-# model_type -> regex over module names that selects the MLP projections of every block.
+# model_type -> regex over module names that selects the MLP projections of every block
+# (module names checked against transformers' modeling files on tiny configs; tests/test_models.py).
+GATED_MLP = r"\.mlp\.(gate_proj|up_proj|down_proj)$"
 MLP_PATTERNS = {
     "gpt2": r"\.mlp\.(c_fc|c_proj)$",
+    "gpt_bigcode": r"\.mlp\.(c_fc|c_proj)$",  # StarCoder (1); nn.Linear, not GPT-2's Conv1D
+    "starcoder2": r"\.mlp\.(c_fc|c_proj)$",
     "gpt_neox": r"\.mlp\.(dense_h_to_4h|dense_4h_to_h)$",
+    "falcon": r"\.mlp\.(dense_h_to_4h|dense_4h_to_h)$",
+    "bloom": r"\.mlp\.(dense_h_to_4h|dense_4h_to_h)$",
     "gptj": r"\.mlp\.(fc_in|fc_out)$",
     "opt": r"\.(fc1|fc2)$",
     "phi": r"\.mlp\.(fc1|fc2)$",
     "phi3": r"\.mlp\.(gate_up_proj|down_proj)$",
     **{
-        name: r"\.mlp\.(gate_proj|up_proj|down_proj)$"
-        for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")
+        name: GATED_MLP
+        for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2",
+                     "stablelm", "granite", "cohere")
     },
 }
+# Unknown model types: the Linear children of a module named mlp, feed_forward or ffn (said when used).
+FALLBACK_PATTERN = r"(^|\.)(mlp|feed_forward|ffn)\.[^.]+$"
+# Mixture-of-experts layers: expert modules see only the tokens routed to them, not [batch, seq, d].
+EXPERTS = re.compile(r"(^|\.)(experts|block_sparse_moe)(\.|$)")
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -137,19 +148,29 @@ def load_model(
 
 
 def find_tracked_layers(model, pattern: str | None = None) -> list[TrackedLayer]:
-    """The linear layers to compute influence for: the MLP projections, or those `pattern` matches."""
+    """The linear layers to compute influence for: the MLP projections, or those `pattern` matches.
+
+    Known model types use `MLP_PATTERNS`; others fall back to the Linear children of
+    modules named mlp, feed_forward or ffn, and say so. Mixture-of-experts models are
+    refused unless `pattern` leaves the experts out: an expert sees routed tokens.
+    """
     import torch
     from transformers.pytorch_utils import Conv1D
 
+    from attrib.progress import message
+
     model_type = getattr(model.config, "model_type", "?")
+    routed = [name for name, _ in model.named_modules() if EXPERTS.search(name)]
+    fallback = False
     if pattern is None:
-        if model_type not in MLP_PATTERNS:
+        if routed:
             raise InputError(
-                f"attrib does not know the MLP layers of model type '{model_type}'; pass "
-                "--modules REGEX (see `attrib inspect --modules '.*' --model M` for names) "
-                "and please report the architecture"
+                f"{model_type} is a mixture-of-experts model: its expert layers ({routed[0]}, …) see only the "
+                "tokens routed to them, which attrib cannot attribute; pass --modules REGEX for layers outside "
+                r"the experts (e.g. --modules 'self_attn\.o_proj$')"
             )
-        pattern = MLP_PATTERNS[model_type]
+        fallback = model_type not in MLP_PATTERNS
+        pattern = FALLBACK_PATTERN if fallback else MLP_PATTERNS[model_type]
     try:
         regex = re.compile(pattern)
     except re.error as exc:
@@ -165,20 +186,64 @@ def find_tracked_layers(model, pattern: str | None = None) -> list[TrackedLayer]
         elif isinstance(module, Conv1D):
             d_in, d_out = module.weight.shape
             layers.append(TrackedLayer(name, module, d_in, d_out, module.bias is not None, True))
+    experts = [layer.name for layer in layers if EXPERTS.search(layer.name)]
+    if experts:
+        raise InputError(
+            f"--modules {pattern!r} matches expert layers of a mixture-of-experts model ({experts[0]}, …), which "
+            "see only the tokens routed to them; leave them out of --modules"
+        )
     if not layers:
+        if fallback:
+            raise InputError(
+                f"attrib does not know the MLP layers of model type '{model_type}' and found no Linear layer in a "
+                "module named mlp, feed_forward or ffn; pass --modules REGEX (see `attrib inspect --modules '.*' "
+                "--model M` for names) and please report the architecture"
+            )
         raise InputError(
             f"--modules {pattern!r} matches no nn.Linear or Conv1D module of this {model_type} model"
+        )
+    if fallback:
+        message(
+            f"model type '{model_type}' is not in attrib's list: tracking the {len(layers)} Linear layers inside "
+            "modules named mlp, feed_forward or ffn (structural fallback); check them with `attrib inspect` "
+            "or choose with --modules"
         )
     return layers
 
 
 def fingerprint(model, layers: list[TrackedLayer]) -> str:
-    """sha256 of the config and of the tracked weights rounded to bfloat16.
+    """sha256 of the model's identity as far as influence is concerned, computed once per process.
 
-    Rounding to bfloat16 lets factors fitted in bf16 serve a float32 run of the same
-    checkpoint (and back) while any real change of the weights is still caught.
+    Covers: the config (without dtype, path, transformers version and use_cache); every
+    parameter's name, shape and a strided sample of up to 4096 evenly spaced elements;
+    and the tracked layers' weights (bias folded in) in full. Values are rounded to
+    bfloat16 first, so factors fitted in bf16 serve a float32 run of the same checkpoint
+    (and back) while any real change is caught: a change of a tracked weight always, a
+    change elsewhere (attention, embeddings, norms) whenever it touches a sampled
+    element, as fine-tuning, another checkpoint or a loaded adapter does. Buffers are
+    not covered. The result is cached on the model, keyed by the tracked layer names and
+    the parameters' storage and version counters, so later calls are free and in-place
+    updates of a parameter are still seen.
     """
+    key = (
+        tuple(layer.name for layer in layers),
+        tuple((name, p.data_ptr(), p._version, str(p.dtype)) for name, p in model.named_parameters()),
+    )
+    cache = model.__dict__.setdefault("_attrib_fingerprints", {})
+    if key not in cache:
+        cache.clear()  # one entry per model: an old key means old weights
+        cache[key] = _fingerprint(model, layers)
+    return cache[key]
+
+
+FINGERPRINT_SAMPLES = 4096  # elements sampled from each parameter
+
+
+def _fingerprint(model, layers: list[TrackedLayer]) -> str:
     import torch
+
+    def update(tensor) -> None:
+        digest.update(tensor.detach().to(torch.bfloat16).contiguous().cpu().view(torch.int16).numpy().tobytes())
 
     config = model.config.to_dict()
     for volatile in ("torch_dtype", "dtype", "_name_or_path", "transformers_version", "use_cache"):
@@ -186,8 +251,15 @@ def fingerprint(model, layers: list[TrackedLayer]) -> str:
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for layer in layers:
         digest.update(layer.name.encode())
-        weight = layer.weight_matrix().detach().to(torch.bfloat16).contiguous().cpu()
-        digest.update(weight.view(torch.int16).numpy().tobytes())
+        update(layer.weight_matrix())
+    for name, parameter in model.named_parameters():
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        flat = parameter.detach().reshape(-1)
+        if flat.numel() > FINGERPRINT_SAMPLES:
+            # integer positions, so every device samples the same elements
+            positions = torch.arange(FINGERPRINT_SAMPLES, device=flat.device) * (flat.numel() - 1) // (FINGERPRINT_SAMPLES - 1)
+            flat = flat[positions]
+        update(flat)
     return digest.hexdigest()
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attrib.data import CorpusSpec, RowStats, corpus_files, iter_documents
+from attrib.data import EMPTY_TEXT, CorpusSpec, RowStats, corpus_files, iter_documents
 from attrib.errors import InputError
 from attrib.models import load_tokenizer
 
@@ -169,6 +169,7 @@ def _item_batches(spec: CorpusSpec, settings: PrefilterSettings, tokenizer, max_
     from attrib.data import chunk_document, special_prefix
 
     prefix = special_prefix(tokenizer) if settings.unit == "sequence" else []
+    long_documents = spec.long_documents
     batch = ItemBatch([], [], [])
     for doc in iter_documents(spec, stats):
         counts.documents += 1
@@ -177,7 +178,7 @@ def _item_batches(spec: CorpusSpec, settings: PrefilterSettings, tokenizer, max_
             batch.chunks.append(-1)
             batch.texts.append(doc.text)
         else:
-            for sequence in chunk_document(tokenizer, doc, max_length, prefix):
+            for sequence in chunk_document(tokenizer, doc, max_length, prefix, long_documents):
                 spans = [(s, e) for s, e in sequence.offsets if e > s]
                 begin, end = (spans[0][0], spans[-1][1]) if spans else (0, 0)
                 batch.doc_ids.append(sequence.doc_id)
@@ -442,11 +443,6 @@ def _exact(batch_source, settings, tokenizer, query_texts, query_ids) -> tuple[T
     return top, {"documents": counts.documents, "items": counts.items, "rows_skipped": dict(stats.skipped)}
 
 
-def _require_a_document(spec: CorpusSpec) -> None:
-    """Fail on an empty corpus before any output or progress bar exists (reads up to its first good row)."""
-    next(iter_documents(CorpusSpec(**{**asdict(spec), "max_docs": 1})))
-
-
 def choose_backend(spec: CorpusSpec, backend: str) -> str:
     """`auto`: exact when the corpus is small local files (or --max-docs is small), streaming otherwise."""
     if backend != "auto":
@@ -522,9 +518,9 @@ def run_prefilter(
     exact backend starts over. candidates.parquet appears only complete (atomic
     rename), followed by the manifest that marks the stage complete.
     """
-    from attrib.data import default_max_length, load_queries, require_fast_tokenizer
+    from attrib.data import check_corpus, chunking_identity, default_max_length, load_queries, require_fast_tokenizer
     from attrib.progress import message
-    from attrib.storage import StageDir, read_manifest
+    from attrib.storage import StageDir, input_identity, read_manifest
 
     spec = corpus if isinstance(corpus, CorpusSpec) else CorpusSpec(str(corpus))
     settings = PrefilterSettings(top_k, unit, analyzer, tuple(ngram_range), scoring, query_text, backend, model,
@@ -538,11 +534,14 @@ def run_prefilter(
         require_fast_tokenizer(tokenizer)  # chunks map back to text through offsets
         settings.max_length = max_length or default_max_length(config, tokenizer)
     _check_query_terms(query_ids, texts, settings, tokenizer)
-    _require_a_document(spec)
+    check_corpus(spec)  # a missing path, a wrong --text-field or an empty corpus fail before any output exists
     chosen = choose_backend(spec, backend)
     recorded = {**asdict(settings), "ngram_range": list(settings.ngram_range), "corpus": asdict(spec),
-                "queries": str(queries)}
-    stage = StageDir(out, "prefilter", recorded, None, {"corpus": spec.source, "queries": str(queries)}, overwrite)
+                "queries": str(queries), "long_documents": spec.long_documents}
+    chunking = chunking_identity(tokenizer, settings.max_length, spec.long_documents) if unit == "sequence" else None
+    inputs = {"corpus": input_identity(spec.source), "queries": input_identity(queries),
+              "tokenizer": chunking["tokenizer"] if chunking else None}
+    stage = StageDir(out, "prefilter", recorded, None, inputs, overwrite)
     if stage.already_complete:
         message(f"{out} is already complete; use --overwrite to compute it again")
         return read_manifest(stage.path)
@@ -550,21 +549,54 @@ def run_prefilter(
     def batch_source(stats: RowStats, counts: ItemCounts) -> Iterator[ItemBatch]:
         return _item_batches(spec, settings, tokenizer, settings.max_length, stats, counts)
 
-    if chosen == "streaming":
-        top, corpus_counts = _streaming(batch_source, settings, tokenizer, texts, query_ids, stage)
-    else:
-        top, corpus_counts = _exact(batch_source, settings, tokenizer, texts, query_ids)
-    rows, without = _write_candidates(stage.file(CANDIDATES_FILE), top, query_ids, unit)
+    with stage.guard():
+        if chosen == "streaming":
+            top, corpus_counts = _streaming(batch_source, settings, tokenizer, texts, query_ids, stage)
+        else:
+            top, corpus_counts = _exact(batch_source, settings, tokenizer, texts, query_ids)
+        rows, without = _write_candidates(stage.file(CANDIDATES_FILE), top, query_ids, unit)
     if without:
         shown = ", ".join(without[:5]) + (" …" if len(without) > 5 else "")
         print(f"warning: {len(without)} of {len(query_ids)} queries have no candidate (no term shared with "
               f"the corpus): {shown}", file=sys.stderr)
-    counts = {**corpus_counts, "queries": len(query_ids), "candidates": rows}
+    empty = corpus_counts["rows_skipped"].get(EMPTY_TEXT, 0)
+    counts = {**corpus_counts, "queries": len(query_ids), "candidates": rows, "empty_documents": empty}
     manifest = stage.complete(counts, [CANDIDATES_FILE], backend_used=chosen, query_ids=query_ids,
-                              queries_without_candidates=without)
+                              queries_without_candidates=without, chunking=chunking)
     stage.file(FREQUENCIES_FILE).unlink(missing_ok=True)
-    message(f"{rows:,} candidates for {len(query_ids)} queries written to {out}")
+    skipped = f" ({empty:,} empty documents skipped)" if empty else ""
+    message(f"{rows:,} candidates for {len(query_ids)} queries written to {out}{skipped}")
     return manifest
+
+
+def check_candidates_chunking(manifest: dict, tokenizer, max_length: int, long_documents: str,
+                              source: str = "--candidates") -> None:
+    """Refuse sequence-level candidates cut differently from how the scoring stage cuts the corpus.
+
+    With another tokenizer, --max-length or --long-documents, chunk k of a document is
+    other text, so the wrong chunks would be scored. Document-level candidates do not
+    depend on chunking and always pass. Call it with the candidates' manifest (e.g.
+    `read_manifest(dir)`) and the scoring model's tokenizer and settings.
+    """
+    from attrib.data import chunking_identity
+
+    if manifest.get("settings", {}).get("unit") != "sequence":
+        return
+    recorded = manifest.get("chunking")
+    rerun = ("; rerun `attrib prefilter --unit sequence --overwrite` with the scoring --model, --max-length and "
+             "--long-documents, or use --unit document")
+    if not recorded:
+        raise InputError(f"{source} records no chunking (written by an older attrib){rerun}")
+    current = chunking_identity(tokenizer, max_length, long_documents)
+    differences = []
+    old_tokenizer, new_tokenizer = recorded.get("tokenizer", {}), current["tokenizer"]
+    if any(old_tokenizer.get(key) != new_tokenizer[key] for key in ("vocab_size", "vocab_sha256", "special_prefix")):
+        differences.append(f"tokenizer {old_tokenizer.get('name_or_path', '?')} != {new_tokenizer['name_or_path']}")
+    for key, option in (("max_length", "--max-length"), ("long_documents", "--long-documents")):
+        if recorded.get(key) != current[key]:
+            differences.append(f"{option} {recorded.get(key)} != {current[key]}")
+    if differences:
+        raise InputError(f"{source} was cut into sequences differently ({'; '.join(differences)}){rerun}")
 
 
 def load_candidates(directory: str | Path) -> dict[str, list[Candidate]]:
@@ -591,5 +623,4 @@ def load_candidates(directory: str | Path) -> dict[str, list[Candidate]]:
     return result
 
 
-__all__ = ["Candidate", "PrefilterSettings", "TopK", "choose_backend", "load_candidates", "parse_ngram_range",
-           "run_prefilter"]
+__all__ = ["Candidate", "PrefilterSettings", "TopK", "check_candidates_chunking", "choose_backend", "load_candidates", "parse_ngram_range", "run_prefilter"]

@@ -1,17 +1,52 @@
-"""Progress bars on stderr with items/s, tokens/s and ETA; `--quiet` turns them off."""
+"""Progress bars on stderr with items/s, tokens/s and ETA; `--quiet` turns them off.
+
+Under torchrun or accelerate only rank 0 speaks (the rank comes from the RANK or
+LOCAL_RANK environment variable, or `set_rank`); the other ranks do with `--debug`.
+Errors and warnings are not affected.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator
 
 QUIET = False
+DEBUG = False
+RANK: int | None = None  # None: read the environment
 
 
 def set_quiet(quiet: bool) -> None:
     global QUIET
     QUIET = quiet
+
+
+def set_debug(debug: bool) -> None:
+    """With --debug every rank prints its progress, not only rank 0."""
+    global DEBUG
+    DEBUG = debug
+
+
+def set_rank(rank: int | None) -> None:
+    """This process's rank (None: from the RANK / LOCAL_RANK environment variables)."""
+    global RANK
+    RANK = rank
+
+
+def current_rank() -> int:
+    if RANK is not None:
+        return RANK
+    for variable in ("RANK", "LOCAL_RANK"):
+        value = os.environ.get(variable, "")
+        if value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def silent() -> bool:
+    """No bars or status lines: --quiet, or a rank other than 0 without --debug."""
+    return QUIET or (current_rank() != 0 and not DEBUG)
 
 
 class Bar:
@@ -50,7 +85,7 @@ def _rate_columns():
 @contextlib.contextmanager
 def progress(description: str, total: int | None = None, unit: str = "seq") -> Iterator[Bar]:
     """Show one bar while the block runs."""
-    if QUIET:
+    if silent():
         yield Bar()
         return
     from rich.console import Console
@@ -77,6 +112,7 @@ def progress(description: str, total: int | None = None, unit: str = "seq") -> I
 
 
 def message(text: str) -> None:
-    """A status line for people (stderr), hidden by --quiet."""
-    if not QUIET:
-        print(text, file=sys.stderr)
+    """A status line for people (stderr), hidden by --quiet and on ranks other than 0."""
+    if not silent():
+        prefix = f"[rank {current_rank()}] " if current_rank() != 0 else ""
+        print(prefix + text, file=sys.stderr)

@@ -80,20 +80,27 @@ def queries_digest(queries) -> str:
 def run_query_gradients(out, model_spec: str, lm, tokenizer, layers, factors: str, queries: list, settings: QuerySettings,
                         world: World, overwrite: bool = False, record: dict | None = None) -> dict:
     """Compute, precondition and compress every query's gradient into `out`; returns its manifest."""
-    from attrib.curvature import Curvature
     from attrib.models import model_record
-    from attrib.query_gradients import iter_query_gradient_batches, part_name, save_part
-    from attrib.storage import StageDir, atomic_path, open_input, read_manifest
+    from attrib.storage import StageDir, input_identity, open_input, read_manifest
 
     settings.validate()
     factors_manifest = open_input(factors, "fit-factors", option="--factors")
     recorded = {**asdict(settings), "strategy": factors_manifest["settings"]["strategy"]}
-    inputs = {"factors": str(factors), "factors_fingerprint": factors_manifest["model"]["fingerprint"],
-              "factors_files": factors_manifest.get("files", []), "queries_sha256": queries_digest(queries)}
+    inputs = {"factors": input_identity(factors), "queries_sha256": queries_digest(queries)}
     record = record or model_record(model_spec, lm, layers)
     stage = world.main_first(lambda is_main: StageDir(out, "query-gradients", recorded, record, inputs, overwrite and is_main))
     if stage.already_complete:
         return read_manifest(out)
+    with stage.guard():
+        _compute_query_gradients(stage, lm, tokenizer, layers, factors, queries, settings, world, record)
+    return read_manifest(out)
+
+
+def _compute_query_gradients(stage, lm, tokenizer, layers, factors, queries, settings: QuerySettings, world, record):
+    from attrib.curvature import Curvature
+    from attrib.query_gradients import iter_query_gradient_batches, part_name, save_part
+    from attrib.storage import atomic_path
+
     curvature = Curvature(factors, layers, settings.damping, settings.damping_scale, record["fingerprint"])
     batches = iter_query_gradient_batches(
         lm, tokenizer, layers, queries, curvature, settings.query_rank, settings.max_length, settings.tokens_per_batch,
@@ -116,7 +123,6 @@ def run_query_gradients(out, model_spec: str, lm, tokenizer, layers, factors: st
             damping=dampings,
         )
     world.barrier()
-    return read_manifest(out)
 
 
 @dataclass
@@ -135,17 +141,33 @@ def run_query(out, model_spec: str, lm, tokenizer, layers, request: ScoreRequest
               score_settings, world: World, overwrite: bool = False, max_memory: int | None = None) -> dict | None:
     """Score the corpus against the queries into `out`; returns the final manifest (None when already complete)."""
     from attrib.models import model_record
-    from attrib.query_gradients import QueryGradientStore
-    from attrib.scoring import discard_parts, finalize_scores, score_corpus
-    from attrib.storage import StageDir, open_input
+    from attrib.storage import StageDir, input_identity
 
     record = model_record(model_spec, lm, layers)
-    inputs = {**asdict(request), "corpus": asdict(request.corpus)}
+    inputs = {
+        "factors": input_identity(request.factors),
+        "corpus": {**asdict(request.corpus), "identity": input_identity(request.corpus.source)},
+        "queries": input_identity(request.queries),
+        "query_gradients": input_identity(request.query_gradients),
+        "candidates": input_identity(request.candidates),
+        "prefilter": request.prefilter,
+    }
     recorded = {**asdict(score_settings), "query_gradients": asdict(query_settings)}
     stage = world.main_first(lambda is_main: StageDir(out, "query", recorded, record, inputs, overwrite and is_main))
     if stage.already_complete:
         message(f"{out} is already complete; use --overwrite to score again")
         return None
+    with stage.guard():
+        return _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, query_settings, score_settings,
+                      world, max_memory, record)
+
+
+def _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, query_settings, score_settings, world,
+           max_memory, record):
+    from attrib.query_gradients import QueryGradientStore
+    from attrib.scoring import discard_parts, finalize_scores, score_corpus
+    from attrib.storage import open_input
+
     gradients_dir = request.query_gradients or str(Path(out) / "query-gradients")
     if request.query_gradients is None:
         run_query_gradients(gradients_dir, model_spec, lm, tokenizer, layers, request.factors, query_list,

@@ -2,12 +2,15 @@
 
 A stage writes `manifest.json` with status "running" when it starts and "complete"
 when it ends (written last), so a later stage can tell a finished artefact from a
-crashed one. Every file goes through a temporary name and a rename.
+crashed one. Every file goes through a temporary name and a rename. A rerun resumes
+only a run with the same stage, model, settings and inputs (`input_identity`); a
+run that fails on bad input removes the directory it created (`StageDir.guard`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +24,82 @@ from attrib import __version__
 from attrib.errors import InputError
 
 MANIFEST = "manifest.json"
+IDENTITY_BYTES = 2**20  # hashed at each end of an input file
+LISTED_FILES = 64  # a directory input with more files is recorded as one digest
+
+
+def _file_identity(path: Path) -> dict:
+    """Size, mtime and a sha256 of the first and last MiB: cheap, and catches edits and replacements."""
+    info = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(IDENTITY_BYTES))
+        if info.st_size > IDENTITY_BYTES:
+            handle.seek(max(IDENTITY_BYTES, info.st_size - IDENTITY_BYTES))
+            digest.update(handle.read(IDENTITY_BYTES))
+    return {"size": info.st_size, "mtime_ns": info.st_mtime_ns, "sha256_ends": digest.hexdigest()}
+
+
+def _stage_identity(path: Path, manifest: dict) -> dict:
+    """An input stage by what it computed: its model, and a hash of its settings, inputs, counts and files."""
+    summary = {key: manifest.get(key) for key in ("stage", "settings", "inputs", "counts", "files")}
+    digest = hashlib.sha256(json.dumps(summary, sort_keys=True, default=str).encode()).hexdigest()
+    return {
+        "path": str(path.resolve()),
+        "kind": "stage",
+        "stage": manifest.get("stage"),
+        "status": manifest.get("status"),
+        "model_fingerprint": manifest.get("model", {}).get("fingerprint"),
+        "sha256": digest,
+    }
+
+
+def input_identity(source: str | Path | None) -> dict | None:
+    """What an input is, for manifests and resume checks: JSON, cheap to compute on large inputs.
+
+    * a file: absolute path, size, mtime_ns and a sha256 of its first and last MiB;
+    * a stage directory (one with a manifest.json): its model fingerprint and a hash of
+      its manifest's stage, settings, inputs, counts and files;
+    * a directory or glob of corpus files: each file's relative path and identity (one
+      digest of them all when there are more than 64 files);
+    * anything else (a hub dataset or model id): the name.
+
+    Use it for every input a stage reads, e.g. `StageDir(..., inputs={"factors":
+    input_identity(factors), "queries": input_identity(queries)})`: a rerun whose inputs
+    differ is then refused with a line naming `--overwrite` instead of resuming.
+    """
+    if source is None:
+        return None
+    path = Path(source).expanduser()
+    if path.is_file():
+        return {"path": str(path.resolve()), "kind": "file", **_file_identity(path)}
+    if path.is_dir() and (path / MANIFEST).is_file():
+        manifest = read_manifest(path) or {}
+        return _stage_identity(path, manifest)
+    from attrib.data import corpus_files
+
+    try:
+        files = corpus_files(str(source))
+    except InputError:
+        files = None
+    if files is None:
+        return {"name": str(source), "kind": "name"}
+    root = path.resolve() if path.is_dir() else Path.cwd()
+    listed = []
+    for file in files:
+        resolved = file.resolve()
+        name = resolved.relative_to(root).as_posix() if resolved.is_relative_to(root) else str(resolved)
+        listed.append({"file": name, **_file_identity(file)})
+    identity: dict = {"path": str(path.resolve()) if path.is_dir() else str(source), "kind": "files"}
+    if len(listed) <= LISTED_FILES:
+        return {**identity, "files": listed}
+    digest = hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()
+    return {**identity, "count": len(listed), "bytes": sum(f["size"] for f in listed), "sha256": digest}
+
+
+def _as_json(value: Any) -> Any:
+    """What `value` reads back as from a manifest (tuples become lists, paths strings)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 @contextlib.contextmanager
@@ -98,9 +177,14 @@ def open_input(
 class StageDir:
     """The output directory of one stage run: its manifest, parts and final files.
 
-    Opening a directory that holds an unfinished run with the same settings resumes
-    it (finished parts stay); other settings or another model are refused unless
-    `overwrite`, which starts over.
+    Opening a directory that holds an unfinished run with the same settings and
+    inputs resumes it (finished parts stay); other settings, inputs or another model
+    are refused unless `overwrite`, which starts over.
+
+    Check what can be checked before creating a StageDir, and run the stage inside
+    `with stage.guard():` so that an input error found later removes what this run
+    created (the directory, or the contents of a directory that was empty) instead
+    of leaving a "running" manifest that a later run would resume into.
     """
 
     def __init__(
@@ -120,6 +204,7 @@ class StageDir:
         self.started = time.time()
         self.timings: dict[str, float] = {}
         self.already_complete = False
+        self.created: str | None = None  # "directory" or "contents": what a failed run may remove
         existing = read_manifest(self.path) if self.path.is_dir() else None
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"--out {self.path} is a file; give a directory")
@@ -139,6 +224,10 @@ class StageDir:
                 )
             shutil.rmtree(self.path)
         if not self.already_complete:
+            if not self.path.exists():
+                self.created = "directory"
+            elif existing is None:
+                self.created = "contents"  # an empty directory given by the user
             self.path.mkdir(parents=True, exist_ok=True)
             self._write_manifest("running")
 
@@ -152,13 +241,48 @@ class StageDir:
             raise InputError(
                 f"--out {self.path} holds a run for another model; use --overwrite or another --out"
             )
-        old = existing.get("settings", {})
-        changed = sorted(k for k in set(old) | set(self.settings) if old.get(k) != self.settings.get(k))
+        old, new = existing.get("settings", {}), _as_json(self.settings)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             raise InputError(
                 f"--out {self.path} holds a run with other settings ({', '.join(changed)}); "
                 "use --overwrite to start over or another --out"
             )
+        old, new = existing.get("inputs", {}), _as_json(self.inputs)
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            raise InputError(
+                f"--out {self.path} holds a run on other inputs ({', '.join(changed)} changed since); "
+                "use --overwrite to start over or another --out"
+            )
+
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[StageDir]:
+        """Run the stage; on an input error, remove what this run created (see `discard_if_created`).
+
+        Other failures (a crash, out of memory, Ctrl-C) keep the directory, so that a
+        rerun resumes from the parts already finished.
+        """
+        try:
+            yield self
+        except InputError:
+            self.discard_if_created()
+            raise
+
+    def discard_if_created(self) -> bool:
+        """Remove the directory this run created (or empty the empty one it was given); True if it did."""
+        if self.created is None or not self.path.is_dir():
+            return False
+        if self.created == "directory":
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            for child in self.path.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        self.created = None
+        return True
 
     def file(self, name: str) -> Path:
         return self.path / name

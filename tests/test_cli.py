@@ -127,3 +127,132 @@ def test_fit_factors_cli_end_to_end_and_rerun(tmp_path, capsys, model_dirs, corp
     assert code == 2 and "other settings (max_length)" in err
     code, _, err = run_cli(capsys, *args, "--strategy", "nope")
     assert code == 2 and "--strategy nope" in err
+
+
+def test_only_rank_zero_prints_progress(monkeypatch, capsys):
+    from attrib.progress import message, progress, set_debug
+
+    monkeypatch.setenv("RANK", "1")
+    message("status line")
+    with progress("a bar", total=3) as bar:
+        bar.advance(3)
+    assert capsys.readouterr().err == ""
+    set_debug(True)  # --debug: every rank speaks, saying which it is
+    message("status line")
+    assert capsys.readouterr().err == "[rank 1] status line\n"
+    monkeypatch.setenv("RANK", "0")
+    set_debug(False)
+    message("status line")
+    assert capsys.readouterr().err == "status line\n"
+
+
+@pytest.mark.parametrize("error", [
+    "torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')",
+    "RuntimeError('[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can\\'t allocate memory: you tried to allocate 123')",
+])
+def test_out_of_memory_names_the_settings_that_reduce_it(tmp_path, capsys, monkeypatch, model_dirs, corpus_file, error):
+    """A real fit whose forward pass runs out of memory ends in one line naming the memory settings."""
+    import torch
+
+    from attrib.models import load_model
+
+    original = load_model
+
+    def load_then_fail(*args, **kwargs):
+        model, tokenizer = original(*args, **kwargs)
+        exc = eval(error, {"torch": torch})
+
+        def raise_oom(module, inputs):
+            raise exc
+
+        model.register_forward_pre_hook(raise_oom)  # the model itself fails as an allocator would
+        return model, tokenizer
+
+    monkeypatch.setattr("attrib.models.load_model", load_then_fail)
+    code, _, err = run_cli(capsys, "fit-factors", "--model", model_dirs["gpt2"], "--corpus", corpus_file,
+                           "--out", tmp_path / "f", "--max-length", "16", "--quiet")
+    assert code == 1 and err.count("\n") == 1 and err.startswith("error: out of memory"), err
+    for setting in ("--tokens-per-batch", "--layers-per-pass", "--queries-per-pass", "--modules"):
+        assert setting in err
+    assert (tmp_path / "f" / "manifest.json").exists()  # a run-time failure keeps the run for a resume
+
+
+def fit_args(model, corpus, out, *extra):
+    return ["fit-factors", "--model", model, "--corpus", corpus, "--out", out, "--max-length", "16", "--quiet", *extra]
+
+
+def test_fit_factors_does_not_resume_on_a_changed_corpus(tmp_path, capsys, monkeypatch, model_dirs, corpus_file):
+    """A run killed after some parts on corpus A is neither continued on corpus B nor reported done."""
+    from attrib.models import load_model
+
+    original, forwards = load_model, {"count": 0}
+
+    def load_then_die(*args, **kwargs):
+        model, tokenizer = original(*args, **kwargs)
+
+        def die_on_the_third_batch(module, inputs):
+            forwards["count"] += 1
+            if forwards["count"] == 3:
+                raise RuntimeError("killed")
+
+        model.register_forward_pre_hook(die_on_the_third_batch)
+        return model, tokenizer
+
+    out = tmp_path / "f"
+    args = fit_args(model_dirs["gpt2"], corpus_file, out, "--docs-per-part", "2", "--tokens-per-batch", "16")
+    monkeypatch.setattr("attrib.models.load_model", load_then_die)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1 and json.loads((out / "manifest.json").read_text())["status"] == "running", err
+    monkeypatch.undo()
+    with open(corpus_file, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"id": "new", "text": "Another document appended to the corpus."}) + "\n")
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "other inputs (corpus changed since)" in err and "--overwrite" in err
+    assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    code, _, err = run_cli(capsys, *args, "--overwrite")
+    assert code == 0, err
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"]["corpus"]["kind"] == "file" and manifest["settings"]["long_documents"] == "chunk"
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("missing corpus", "no such file"),
+    ("wrong text field", "no field 'body'"),
+    ("bad row later", "c.jsonl:9: invalid JSON"),
+    ("max-length 0", "--max-length"),
+    ("float16", "--dtype float16 is refused for fit-factors"),
+    ("bad long-documents", "--long-documents"),
+])
+def test_fit_factors_writes_nothing_on_bad_input(tmp_path, capsys, model_dirs, corpus_file, case, fragment):
+    corpus, extra = corpus_file, []
+    if case == "missing corpus":
+        corpus = tmp_path / "nowhere.jsonl"
+    elif case == "wrong text field":
+        extra = ["--text-field", "body"]
+    elif case == "bad row later":  # found only after the output directory exists
+        corpus = tmp_path / "c.jsonl"
+        corpus.write_text("\n".join(corpus_file.read_text().splitlines()[:8]) + "\n{oops\n")
+    elif case == "max-length 0":
+        extra = ["--max-length", "0"]
+    elif case == "float16":
+        extra = ["--dtype", "float16"]
+    elif case == "bad long-documents":
+        extra = ["--long-documents", "drop"]
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *fit_args(model_dirs["gpt2"], corpus, out, *extra))
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and fragment in err, err
+    assert not out.exists()
+
+
+def test_fit_factors_skips_and_counts_empty_documents(tmp_path, capsys, model_dirs, corpus_file):
+    rows = [json.loads(line) for line in corpus_file.read_text().splitlines()]
+    rows[2]["text"], rows[5]["text"] = "", "  \n "
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "f"
+    code, _, err = run_cli(capsys, "fit-factors", "--model", model_dirs["gpt2"], "--corpus", corpus, "--out", out,
+                           "--max-length", "16", "--strategy", "kfac")
+    assert code == 0, err
+    assert "2 empty documents skipped" in err
+    assert json.loads((out / "manifest.json").read_text())["counts"]["rows_skipped"] == {"empty text": 2}

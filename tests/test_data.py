@@ -34,8 +34,10 @@ def test_formats_read_the_same_documents(tmp_path):
     for source in ("c.jsonl", "c.parquet", "csv/c.csv"):
         got = docs(tmp_path / source, id_field="id")
         assert [(d.doc_id, d.text) for d in got] == expected, source
-    # default ids are row indices; --max-docs stops early
-    assert [d.doc_id for d in docs(tmp_path / "c.jsonl", max_docs=3)] == ["0", "1", "2"]
+    # the `id` field is used by default in every format; --id-field none numbers the rows; --max-docs stops early
+    for source in ("c.jsonl", "c.parquet", "csv/c.csv"):
+        assert [d.doc_id for d in docs(tmp_path / source)] == [r["id"] for r in rows], source
+    assert [d.doc_id for d in docs(tmp_path / "c.jsonl", id_field="none", max_docs=3)] == ["0", "1", "2"]
 
 
 def test_text_files_directories_and_globs(tmp_path):
@@ -56,7 +58,6 @@ def test_text_files_directories_and_globs(tmp_path):
         ("{not json", "invalid JSON"),
         ('{"title": "x"}', "no field 'text'"),
         ('{"text": 5}', "not a string"),
-        ('{"text": "   "}', "is empty"),
         ('["a list"]', "not a JSON object"),
     ],
 )
@@ -163,3 +164,92 @@ def test_packing_respects_token_budget(tokenizer):
     ids, mask, targets = collate([sequences[i] for i in batches[0]], 0)
     assert ids.shape == mask.shape == targets.shape
     assert int(mask.sum()) == sum(len(sequences[i]) for i in batches[0])
+
+
+def test_ids_are_decided_row_by_row_whatever_max_docs(tmp_path):
+    """`id` is used where rows have it; a corpus that mixes rows with and without one is refused."""
+    without = write_jsonl(tmp_path / "plain.jsonl", [{"text": t} for t in TEXTS[:3]])
+    assert [d.doc_id for d in docs(without)] == ["0", "1", "2"]
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"id": "a", "text": "one"}, {"id": "b", "text": "two"},
+                                                   {"text": "three"}])
+    assert [d.doc_id for d in docs(mixed, max_docs=2)] == ["a", "b"]  # the ids do not depend on --max-docs
+    with pytest.raises(InputError, match=r"mixed.jsonl:3 has no 'id' field but .*mixed.jsonl:1 had one.*--id-field none"):
+        docs(mixed)
+    late = write_jsonl(tmp_path / "late.jsonl", [{"text": "one"}, {"id": "b", "text": "two"}])
+    with pytest.raises(InputError, match=r"late.jsonl:2 has an 'id' field.*--id-field none"):
+        docs(late)
+    assert [d.doc_id for d in docs(mixed, id_field="none")] == ["0", "1", "2"]
+    named = write_jsonl(tmp_path / "named.jsonl", [{"id": 1, "key": "k1", "text": "one"}])
+    assert [d.doc_id for d in docs(named, id_field="key")] == ["k1"]
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": "a", "text": "kept"}, {"id": "b", "text": ""},
+                                              {"id": "c", "text": " \n\t"}, {"id": "d", "text": "also kept"}])
+    stats = RowStats()
+    assert [d.doc_id for d in iter_documents(CorpusSpec(str(path)), stats)] == ["a", "d"]
+    assert stats.empty == 2 and stats.skipped == {"empty text": 2} and stats.documents == 2
+    only_empty = write_jsonl(tmp_path / "e.jsonl", [{"text": " "}])
+    with pytest.raises(InputError, match=r"no usable document \(1 empty\)"):
+        docs(only_empty)
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_json_array_files_are_read_as_arrays(tmp_path, indent, monkeypatch):
+    import json
+
+    import attrib.data
+
+    rows = [{"id": f"d{i}", "text": text} for i, text in enumerate(TEXTS[:5])] + [{"id": 7, "text": "x" * 5000}]
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(rows, indent=indent, ensure_ascii=False), encoding="utf-8")
+    monkeypatch.setattr(attrib.data, "JSON_ARRAY_CHUNK", 7)  # elements and numbers straddle reads
+    assert [(d.doc_id, d.text) for d in docs(path)] == [(str(r["id"]), r["text"]) for r in rows]
+    assert [d.text for d in docs(path, skip_bad_rows=True)] == [r["text"] for r in rows]
+    lines = tmp_path / "l.json"
+    write_jsonl(lines, rows)  # JSON Lines in a .json file still work
+    assert len(docs(lines)) == len(rows)
+    (tmp_path / "empty.json").write_text("[ ]")
+    with pytest.raises(InputError, match="no usable document"):
+        docs(tmp_path / "empty.json")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[\n  {"text": "a"},\n  {"text": "b",}\n]', r"bad.json:3: array element 1: invalid JSON"),
+        ('[{"text": "a"} {"text": "b"}]', r"bad.json:1: array element 0: expected ','"),
+        ('[{"text": "a"},\n "just a string"]', r"bad.json:2: array element 1: row is not a JSON object"),
+        ('[{"text": "a"}', r"array element 0: expected ',' or ']' after the element, found the end of the file"),
+        ('[{"text": "a"}] {}', r"text after the end of the JSON array"),
+        ('[{"text": "a"},', r"array element 1: the file ends inside the array"),
+    ],
+)
+def test_bad_json_arrays_name_file_and_element(tmp_path, text, message):
+    path = tmp_path / "bad.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(InputError, match=message):
+        docs(path)
+
+
+def test_long_documents_chunk_or_truncate(tokenizer):
+    text = " ".join(TEXTS)
+    chunked = chunk_document(tokenizer, Document("d", text), 16, [])
+    truncated = chunk_document(tokenizer, Document("d", text), 16, [], long_documents="truncate")
+    assert len(chunked) > 2 and len(truncated) == 1
+    assert truncated[0].input_ids == chunked[0].input_ids and truncated[0].chunk == 0
+    with pytest.raises(InputError, match="--long-documents"):
+        chunk_document(tokenizer, Document("d", text), 16, [], long_documents="drop")
+
+
+def test_sequence_parts_follow_the_long_document_policy(tmp_path, tokenizer):
+    from attrib.data import iter_sequence_parts
+
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": "long", "text": " ".join(TEXTS)}, {"id": "short", "text": TEXTS[0]}])
+
+    def chunks(**kwargs):
+        parts = iter_sequence_parts(CorpusSpec(str(path), **kwargs), tokenizer, 16, 10)
+        return [(seq.doc_id, seq.chunk) for part in parts for _, seq in part.sequences]
+
+    assert chunks(long_documents="truncate") == [("long", 0), ("short", 0)]
+    assert len(chunks()) > 3 and chunks()[:2] == [("long", 0), ("long", 1)]

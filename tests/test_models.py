@@ -40,9 +40,115 @@ def test_modules_regex_override_and_errors(model_dirs):
         find_tracked_layers(model, "nothing_like_this")
     with pytest.raises(InputError, match="not a valid regular expression"):
         find_tracked_layers(model, "(")
-    model.config.model_type = "mystery"
+    known = [layer.name for layer in find_tracked_layers(model)]
+    model.config.model_type = "mystery"  # unknown: the Linear children of modules named mlp
+    assert [layer.name for layer in find_tracked_layers(model)] == known
+    opt, _ = load_model(str(model_dirs["opt"]), "float32", "cpu")
+    opt.config.model_type = "mystery"  # OPT has no module named mlp
     with pytest.raises(InputError, match="--modules"):
+        find_tracked_layers(opt)
+
+
+def test_unknown_model_types_say_the_fallback_was_used(model_dirs, capsys):
+    model, _ = load_model(str(model_dirs["gpt_neox"]), "float32", "cpu")
+    model.config.model_type = "mystery"
+    assert [layer.name for layer in find_tracked_layers(model)][:2] == EXPECTED["gpt_neox"]
+    assert "structural fallback" in capsys.readouterr().err
+
+
+TINY = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+FAMILIES = {
+    "falcon": ({"vocab_size": 64, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2},
+               ["transformer.h.0.mlp.dense_h_to_4h", "transformer.h.0.mlp.dense_4h_to_h"]),
+    "bloom": ({"vocab_size": 64, "hidden_size": 16, "n_layer": 2, "n_head": 2},
+              ["transformer.h.0.mlp.dense_h_to_4h", "transformer.h.0.mlp.dense_4h_to_h"]),
+    "gpt_bigcode": ({"vocab_size": 64, "n_embd": 16, "n_layer": 2, "n_head": 2},
+                    ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]),
+    "starcoder2": ({**TINY, "num_key_value_heads": 2}, ["model.layers.0.mlp.c_fc", "model.layers.0.mlp.c_proj"]),
+    **{
+        family: ({**TINY, "num_key_value_heads": 2},
+                 ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj"])
+        for family in ("stablelm", "granite", "cohere")
+    },
+}
+
+
+def tiny_family_model(family: str, **config):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **config)).eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_discovers_mlp_layers_of_more_families(family):
+    """The MLP projections of each family, two blocks, each a Linear the capture can fold."""
+    config, expected = FAMILIES[family]
+    model = tiny_family_model(family, **config)
+    layers = find_tracked_layers(model)
+    assert [layer.name for layer in layers] == expected + [name.replace(".0.", ".1.") for name in expected]
+    for layer in layers:
+        x = torch.randn(3, layer.d_in)
+        folded = torch.cat([x, torch.ones(3, 1)], 1) if layer.has_bias else x
+        assert torch.allclose(folded @ layer.weight_matrix().T, layer.module(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("family, extra", [
+    ("mixtral", {"num_local_experts": 2, "num_experts_per_tok": 1}),
+    ("qwen2_moe", {"num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 8,
+                   "shared_expert_intermediate_size": 8}),
+])
+def test_mixture_of_experts_is_refused_unless_experts_are_left_out(family, extra):
+    model = tiny_family_model(family, **TINY, num_key_value_heads=2, **extra)
+    with pytest.raises(InputError, match="mixture-of-experts model.*--modules") as error:
         find_tracked_layers(model)
+    assert "\n" not in str(error.value)
+    names = [layer.name for layer in find_tracked_layers(model, r"self_attn\.o_proj$")]
+    assert names == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+
+
+def capture_forward(model, layers, batch=2, seq=5):
+    from attrib.capture import Capture
+
+    input_ids = torch.randint(1, 60, (batch, seq))
+    mask = torch.ones_like(input_ids)
+    Capture(model, layers, lambda i, a: None, lambda i, kept, g: None).run(input_ids, mask, lambda logits: [logits.sum()])
+
+
+def test_capture_refuses_modules_of_the_wrong_shape_or_called_twice():
+    """A shared expert sees [tokens, d]; a block used twice calls its MLP twice per forward."""
+    moe = tiny_family_model("qwen2_moe", **TINY, num_key_value_heads=2, num_experts=2, num_experts_per_tok=1,
+                            moe_intermediate_size=8, shared_expert_intermediate_size=8)
+    layers = find_tracked_layers(moe, r"shared_expert\.down_proj$")
+    with pytest.raises(InputError, match=r"module model.layers.0.mlp.shared_expert.down_proj sees inputs of shape \[10, 8\]"):
+        capture_forward(moe, layers)
+    llama = tiny_family_model("llama", **TINY, num_key_value_heads=2)
+    capture_forward(llama, find_tracked_layers(llama))  # the normal case passes, twice in a row
+    capture_forward(llama, find_tracked_layers(llama))
+    llama.model.layers[1].mlp = llama.model.layers[0].mlp  # one MLP shared by both blocks
+    with pytest.raises(InputError, match="model.layers.0.mlp.gate_proj is called more than once per forward"):
+        capture_forward(llama, find_tracked_layers(llama))
+
+
+def test_fingerprint_covers_every_parameter_and_is_cached(model_dirs):
+    import time
+
+    model, _ = load_model(str(model_dirs["llama"]), "float32", "cpu")
+    layers = find_tracked_layers(model)
+    base = fingerprint(model, layers)
+    started = time.perf_counter()
+    assert fingerprint(model, layers) == base
+    assert time.perf_counter() - started < 0.01  # cached
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        parameter = dict(model.named_parameters())[name]
+        with torch.no_grad():
+            parameter.view(-1)[0] += 1.0  # the first element is always in the strided sample
+        changed = fingerprint(model, layers)
+        assert changed != base, name
+        with torch.no_grad():
+            parameter.view(-1)[0] -= 1.0
+        assert fingerprint(model, layers) == base, name
+    assert fingerprint(model, layers[:1]) != base  # keyed by the tracked layers
 
 
 def test_fingerprint_tracks_weights_not_dtype(model_dirs):

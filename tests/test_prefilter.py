@@ -318,6 +318,9 @@ def test_cli_writes_candidates(planted, tmp_path, capsys):
         ("sequence without model", "--unit sequence needs --model"),
         ("bad ngram range", "--ngram-range"),
         ("bad scoring", "--scoring cosine"),
+        ("bad row after the first", "c.jsonl:3: invalid JSON"),
+        ("max-length 0", "--max-length"),
+        ("bad long-documents", "--long-documents drop"),
     ],
 )
 def test_cli_bad_input_is_one_line(planted, tmp_path, capsys, case, expected):
@@ -344,7 +347,62 @@ def test_cli_bad_input_is_one_line(planted, tmp_path, capsys, case, expected):
         extra = ["--ngram-range", "2-1"]
     elif case == "bad scoring":
         extra = ["--scoring", "cosine"]
+    elif case == "bad row after the first":  # found after the output directory exists
+        args["--corpus"] = tmp_path / "c.jsonl"
+        args["--corpus"].write_text('{"text": "the capital"}\n{"text": "of rivers"}\n{not json\n')
+        extra = ["--quiet"]
+    elif case == "max-length 0":
+        extra = ["--max-length", "0"]
+    elif case == "bad long-documents":
+        extra = ["--long-documents", "drop"]
     argv = ["prefilter", *[str(x) for pair in args.items() for x in pair], *extra]
     code, err = run_cli(capsys, *argv)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and expected in lines[0], err
+    assert not (tmp_path / "out").exists()  # nothing written on bad input
+
+
+def test_resume_refuses_a_changed_corpus(planted, tmp_path, monkeypatch):
+    """An unfinished run on corpus A is not continued on corpus B (nor on edited queries)."""
+    import shutil
+
+    import attrib.prefilter as stage
+
+    corpus, queries, _ = planted
+    copy = shutil.copy(corpus, tmp_path / "corpus.jsonl")
+    spec = CorpusSpec(str(copy))
+    monkeypatch.setattr(stage.TopK, "push", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("killed")))
+    with pytest.raises(RuntimeError):
+        run_prefilter(spec, queries, tmp_path / "out", top_k=5, backend="streaming")
+    monkeypatch.undo()
+    with open(copy, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"id": "new", "text": "another document"}) + "\n")
+    with pytest.raises(InputError, match=r"other inputs \(corpus changed since\); use --overwrite"):
+        run_prefilter(spec, queries, tmp_path / "out", top_k=5, backend="streaming")
+    edited = write_rows(tmp_path / "q.jsonl", [{"id": "q0", "prompt": "The capital of", "completion": " x"}])
+    run_prefilter(spec, edited, tmp_path / "done", top_k=5)
+    write_rows(edited, [{"id": "q0", "prompt": "The river of", "completion": " y"}])
+    with pytest.raises(InputError, match=r"other inputs \(queries changed since\)"):
+        run_prefilter(spec, edited, tmp_path / "done", top_k=5)
+
+
+def test_sequence_candidates_refuse_other_chunking(planted, tokenizer_model, tokenizer, tmp_path):
+    """Chunk k is the same text only with the same tokenizer, --max-length and --long-documents."""
+    from transformers import AutoTokenizer
+
+    from attrib.prefilter import check_candidates_chunking
+
+    manifest = prefilter(planted, tmp_path / "seq", unit="sequence", model=str(tokenizer_model), max_length=16)
+    own = AutoTokenizer.from_pretrained(tokenizer_model)
+    assert manifest["chunking"]["max_length"] == 16 and manifest["settings"]["long_documents"] == "chunk"
+    check_candidates_chunking(manifest, own, 16, "chunk")
+    for args, fragment in (
+        ((own, 32, "chunk"), "--max-length 16 != 32"),
+        ((own, 16, "truncate"), "--long-documents chunk != truncate"),
+        ((tokenizer, 16, "chunk"), "tokenizer"),
+    ):
+        with pytest.raises(InputError, match="cut into sequences differently") as error:
+            check_candidates_chunking(manifest, *args)
+        assert fragment in str(error.value) and "--overwrite" in str(error.value) and "\n" not in str(error.value)
+    documents = prefilter(planted, tmp_path / "doc")
+    check_candidates_chunking(documents, tokenizer, 32, "truncate")  # whole documents do not depend on chunking

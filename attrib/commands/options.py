@@ -18,13 +18,27 @@ Corpus = Annotated[
     typer.Option(help="JSONL/Parquet/CSV/text file, a directory or glob of them, or a `datasets` hub name."),
 ]
 TextField = Annotated[str, typer.Option(help="Column holding the document text.")]
-IdField = Annotated[Optional[str], typer.Option(help="Column holding the document id (default: row index).")]
+IdField = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Column holding the document id. Default: the `id` column/field where rows have one, else the row "
+        "number (a corpus mixing rows with and without `id` is refused); 'none': always row numbers."
+    ),
+]
 Lines = Annotated[bool, typer.Option(help="Text files hold one document per line (default: one per file).")]
 MaxDocs = Annotated[Optional[int], typer.Option(help="Read at most this many documents.")]
 SkipBadRows = Annotated[bool, typer.Option(help="Skip and count bad rows instead of stopping.")]
 Split = Annotated[str, typer.Option(help="Split of a `datasets` hub corpus.")]
 MaxLength = Annotated[
-    Optional[int], typer.Option(help="Tokens per sequence (default: the model's context, capped at 2048).")
+    Optional[int],
+    typer.Option(min=2, help="Tokens per sequence (default: the model's context, capped at 2048)."),
+]
+LongDocuments = Annotated[
+    str,
+    typer.Option(
+        help="Documents longer than --max-length: chunk (score every chunk; packed pre-training) or truncate "
+        "(only the first --max-length tokens; models fine-tuned on truncated examples)."
+    ),
 ]
 Queries = Annotated[str, typer.Option(help='JSONL of queries {"id", "prompt", "completion"}.')]
 Out = Annotated[str, typer.Option("--out", "-o", help="Output stage directory (rerun to resume).")]
@@ -33,10 +47,21 @@ TokensPerBatch = Annotated[int, typer.Option(help="Padded tokens per batch (leng
 Seed = Annotated[int, typer.Option(help="Seed for sampled labels and shuffling.")]
 
 
-def corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split):
-    from attrib.data import CorpusSpec
+def corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents="chunk"):
+    from attrib.data import LONG_DOCUMENTS, CorpusSpec
     from attrib.errors import InputError
 
     if max_docs is not None and max_docs < 1:
         raise InputError("--max-docs must be at least 1")
-    return CorpusSpec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split)
+    if long_documents not in LONG_DOCUMENTS:
+        raise InputError(f"--long-documents {long_documents} is not one of {', '.join(LONG_DOCUMENTS)}")
+    return CorpusSpec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents)
+
+
+def checked_max_length(max_length: int | None) -> int | None:
+    """--max-length as given (None: the model's context); 0 or less is refused, never read as 'default'."""
+    from attrib.errors import InputError
+
+    if max_length is not None and max_length < 2:
+        raise InputError(f"--max-length {max_length} must be at least 2 (a sequence of one token predicts nothing)")
+    return max_length

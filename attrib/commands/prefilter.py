@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.commands.options import (
-    Corpus, IdField, Lines, MaxDocs, MaxLength, Out, Overwrite, Queries, SkipBadRows, Split, TextField,
-    TrustRemoteCode, corpus_spec,
+    Corpus, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Out, Overwrite, Queries, SkipBadRows, Split,
+    TextField, TrustRemoteCode, checked_max_length, corpus_spec,
 )
 
 TopK = Annotated[int, typer.Option(help="Candidates kept per query.")]
@@ -39,6 +39,7 @@ def prefilter(
     backend: Backend = "auto",
     model: TokenizerModel = None,
     max_length: MaxLength = None,
+    long_documents: LongDocuments = "chunk",
     hash_features: HashFeatures = 2**22,
     text_field: TextField = "text",
     id_field: IdField = None,
@@ -56,7 +57,7 @@ def prefilter(
     from attrib.prefilter import parse_ngram_range, run_prefilter
 
     run_prefilter(
-        corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split),
+        corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents),
         queries,
         out,
         top_k,
@@ -67,7 +68,7 @@ def prefilter(
         query_text=query_text,
         backend=backend,
         model=model,
-        max_length=max_length,
+        max_length=checked_max_length(max_length),
         hash_features=hash_features,
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,

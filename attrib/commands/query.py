@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.commands.options import (
-    Corpus, Device, Dtype, IdField, Lines, MaxDocs, MaxLength, Model, Out, Overwrite, Queries,
-    SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, corpus_spec,
+    Corpus, Device, Dtype, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Model, Out, Overwrite, Queries,
+    SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, checked_max_length, corpus_spec,
 )
 
 Factors = Annotated[str, typer.Option(help="Output directory of `attrib fit-factors`.")]
@@ -96,6 +96,7 @@ def query_gradients(
     from attrib.progress import message
     from attrib.query_stage import run_query_gradients
 
+    max_length = checked_max_length(max_length)
     world, lm, tokenizer, layers = _load(model, factors, dtype, device, trust_remote_code)
     try:
         max_length = max_length or default_max_length(lm.config, tokenizer)
@@ -157,6 +158,7 @@ def query(
     max_docs: MaxDocs = None,
     skip_bad_rows: SkipBadRows = False,
     split: Split = "train",
+    long_documents: LongDocuments = "chunk",
     dtype: Dtype = "float32",
     device: Device = "auto",
     trust_remote_code: TrustRemoteCode = False,
@@ -166,13 +168,15 @@ def query(
 
     Example: attrib query --model M --factors run/factors --queries Q --corpus C --out run/scores
     """
-    from attrib.data import default_max_length
+    from attrib.data import check_corpus, default_max_length
     from attrib.errors import InputError
+    from attrib.prefilter import check_candidates_chunking
     from attrib.query_stage import ScoreRequest, parse_memory, run_query
     from attrib.scoring import ScoreSettings
     from attrib.storage import open_input
 
     top = _parse_token_scores_top(token_scores_top)
+    max_length = checked_max_length(max_length)
     if candidates is not None and prefilter is not None:
         raise InputError("give either --candidates or --prefilter, not both")
     if prefilter is not None and prefilter < 1:
@@ -181,14 +185,16 @@ def query(
         raise InputError("--queries is needed unless --query-gradients gives computed query gradients")
     if docs_per_part < 1 or tokens_per_batch < 1 or queries_per_pass < 0:
         raise InputError("--docs-per-part and --tokens-per-batch must be positive, --queries-per-pass at least 0")
-    if candidates is not None:
-        open_input(candidates, "prefilter", option="--candidates")
+    candidates_manifest = open_input(candidates, "prefilter", option="--candidates") if candidates is not None else None
     if query_gradients_dir is not None:
         _refuse_conflicts(query_gradients_dir, {"query_rank": query_rank, "damping": damping, "damping_scale": damping_scale})
-    spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split)
+    spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents)
+    check_corpus(spec)  # a missing path, a wrong --text-field or a bad first row fail before any output exists
     world, lm, tokenizer, layers = _load(model, factors, dtype, device, trust_remote_code)
     try:
         max_length = max_length or default_max_length(lm.config, tokenizer)
+        if candidates_manifest is not None:
+            check_candidates_chunking(candidates_manifest, tokenizer, max_length, long_documents)
         query_settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, max_memory,
                                          layers, world)
         query_list = _checked_queries(queries, tokenizer, max_length) if query_gradients_dir is None else None
