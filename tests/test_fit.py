@@ -17,14 +17,15 @@ from attrib.storage import StageDir, load_tensors
 from tests.oracle import dense_curvature, describe_difference, sequence_gradient, token_statistics
 
 
-def fit(tmp_path, model_dir, corpus_file, name="factors", dtype=torch.float64, modules=None, **settings):
+def fit(tmp_path, model_dir, corpus_file, name="factors", dtype=torch.float64, modules=None, checkpoint_every=0.0,
+        world=None, **settings):
     model, tokenizer = load_model(str(model_dir), "float32", "cpu")
     model.to(dtype)
     layers = find_tracked_layers(model, modules)
     fit_settings = FitSettings(max_length=24, stats_dtype="float64", **settings)
     stage = StageDir(tmp_path / name, "fit-factors", asdict(fit_settings), model_record("m", model, layers))
     spec = CorpusSpec(str(corpus_file))
-    fit_factors(model, tokenizer, layers, spec, stage, fit_settings, World())
+    fit_factors(model, tokenizer, layers, spec, stage, fit_settings, world or World(), checkpoint_every=checkpoint_every)
     return model, tokenizer, layers, stage.path
 
 
@@ -52,9 +53,13 @@ def test_ekfac_matches_dense_oracle(tmp_path, model_dirs, corpus_file, arch):
     stats = [token_statistics(model, layers, seq) for seq in sequences]
     grads = [sequence_gradient(model, layers, seq) for seq in sequences]
     tokens = sum(len(seq) for seq in sequences)
+    labelled = sum(seq.num_loss_tokens for seq in sequences)  # S averages over positions that have a label
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["covariance_tokens"] == tokens and manifest["counts"]["covariance_labelled_tokens"] == labelled
+    assert not any(key.startswith("count") for key in covariance)  # counts live in the manifest, not in tensors
     for layer in layers:
         a_sum = sum(s[layer.name][0].T @ s[layer.name][0] for s in stats) / tokens
-        g_sum = sum(s[layer.name][1].T @ s[layer.name][1] for s in stats) / tokens
+        g_sum = sum(s[layer.name][1].T @ s[layer.name][1] for s in stats) / labelled
         # the oracle's own consistency: Σ_t g_t a_tᵀ is the autograd weight gradient
         assert_close(stats[0][layer.name][1].T @ stats[0][layer.name][0], grads[0][layer.name], 1e-9)
         # float32 storage of the factors bounds the agreement at ~1e-6 relative
@@ -106,7 +111,7 @@ def test_sampled_fisher_approaches_softmax_expectation(tmp_path, model_dirs, tok
     with torch.no_grad():
         probs = torch.softmax(model(input_ids=torch.tensor([sequence.input_ids])).logits[0].double(), -1)
     positions = [t for t, target in enumerate(sequence.targets) if target >= 0]
-    tokens = len(sequence)
+    tokens = len(positions)  # S averages over positions that have a label
     expected = sum(torch.diag(probs[t]) - torch.outer(probs[t], probs[t]) for t in positions) / tokens
     variance = torch.zeros_like(expected)
     for t in positions:
@@ -166,8 +171,8 @@ def test_baseline_strategies(tmp_path, model_dirs, corpus_file, strategy):
         assert not (out / "eigen.safetensors").exists()
     else:
         eigen = load_tensors(out / "eigen.safetensors")
-        cov = load_tensors(out / "covariance.safetensors")
-        per_sequence = float(cov["count.tokens"]) / float(cov["count.sequences"])
+        counts = manifest["counts"]
+        per_sequence = counts["covariance_labelled_tokens"] / counts["covariance_sequences"]
         expected = per_sequence * torch.outer(
             eigen[f"{layers[0].name}.gradient_eigenvalues"].double(), eigen[f"{layers[0].name}.activation_eigenvalues"].double()
         )
@@ -194,12 +199,12 @@ def test_resume_after_kill_gives_identical_files(tmp_path, model_dirs, corpus_fi
     resumed = tmp_path / "resumed"
     assert (resumed / "covariance.safetensors").exists() and not (resumed / "lambda.safetensors").exists()
     assert json.loads((resumed / "manifest.json").read_text())["status"] == "running"
-    assert list((resumed / "correction").glob("rank0-of1.safetensors"))
+    assert (resumed / "checkpoints" / "correction-g000.safetensors").exists()
     monkeypatch.setattr(factors_module.CorrectionSums, "add_gradients", original)
     fit(tmp_path, model_dirs["gpt2"], corpus_file, "resumed", docs_per_part=3, dtype=torch.float32)
     for name in ("covariance", "eigen", "lambda"):
         assert (whole / f"{name}.safetensors").read_bytes() == (resumed / f"{name}.safetensors").read_bytes()
-    assert not (resumed / "correction").exists()
+    assert not (resumed / "checkpoints").exists()
 
 
 @pytest.mark.parametrize("length", [1, 200])
