@@ -37,6 +37,7 @@ from attrib.factors import (
     kfac_eigenvalues,
     symmetric_eigh,
 )
+from attrib.memory import layer_groups
 from attrib.models import TrackedLayer
 from attrib.progress import message, progress
 from attrib.storage import StageDir, load_into, load_tensors, merge_tensor_files, open_input, tensor_metadata, write_tensors
@@ -54,12 +55,6 @@ DEFAULT_CHECKPOINT_EVERY = 600.0  # seconds
 def group_file(kind: str, group: int, groups: int) -> str:
     """`kind.safetensors` when all layers form one group, else `kind-g000.safetensors`, …"""
     return f"{kind}.safetensors" if groups == 1 else f"{kind}-g{group:03d}.safetensors"
-
-
-def layer_groups(count: int, layers_per_pass: int | None) -> list[list[int]]:
-    """Consecutive groups of at most `layers_per_pass` layer indices (None: one group)."""
-    size = count if layers_per_pass is None else max(1, min(layers_per_pass, count))
-    return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
 
 
 @dataclass

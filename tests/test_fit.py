@@ -222,3 +222,96 @@ def test_correction_is_the_same_whichever_order_is_cheaper(length):
     correction.add_gradients(kept, g)
     expected = sum((basis_s.T @ (g[n].T @ a[n]) @ basis_a) ** 2 for n in range(3))
     assert_close(correction.squares, expected, 1e-10)
+
+
+def factor_tensors(out):
+    """Every tensor of the files the manifest lists, by name (whatever the file layout)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    tensors = {}
+    for name in manifest["files"]:
+        for key, value in load_tensors(out / name).items():
+            assert key not in tensors, f"{key} is in two files"
+            tensors[key] = value
+    return manifest, tensors
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
+def test_layer_groups_give_identical_factors(tmp_path, model_dirs, corpus_file, strategy):
+    """--layers-per-pass 1 and 2 write the same tensors, bit for bit, as one pass over all layers:
+    the hooks do not change the model's computation and labels are seeded per sequence."""
+    fits = {}
+    for layers_per_pass in (None, 2, 1):
+        name = f"lpp{layers_per_pass}"
+        _, _, layers, out = fit(tmp_path, model_dirs["llama"], corpus_file, name, dtype=torch.float32,
+                                strategy=strategy, tokens_per_batch=48, layers_per_pass=layers_per_pass)
+        fits[layers_per_pass] = factor_tensors(out)
+    whole_manifest, whole = fits[None]
+    assert whole_manifest["files"] == ["covariance.safetensors", "eigen.safetensors", "lambda.safetensors"]
+    assert len(layers) == 6
+    for layers_per_pass in (2, 1):
+        manifest, tensors = fits[layers_per_pass]
+        groups = -(-len(layers) // layers_per_pass)
+        assert len(manifest["files"]) == 3 * groups and "lambda-g000.safetensors" in manifest["files"]
+        assert [len(group) for group in manifest["layer_groups"]] == [layers_per_pass] * groups
+        assert manifest["counts"] == whole_manifest["counts"]
+        assert tensors.keys() == whole.keys()
+        for key in whole:
+            assert torch.equal(tensors[key], whole[key]), key
+
+
+@pytest.mark.parametrize("every", ["each part", "every third part", "never"])
+def test_interval_checkpoints_resume_to_identical_files(tmp_path, model_dirs, corpus_file, monkeypatch, every):
+    """Checkpoints on a wall-clock interval (a fake clock that ticks once per part): a run killed
+    in pass 1 resumes from the last checkpoint (or from the start) and writes the same bytes."""
+    import attrib.factors as factors_module
+    import attrib.fit as fit_module
+
+    seconds = {"each part": 0.0, "every third part": 1.5, "never": 1e9}[every]
+    clock = {"now": 0.0}
+
+    def tick():
+        clock["now"] += 0.5  # read twice per part: at the pass start or last checkpoint, and at each part's end
+        return clock["now"]
+
+    monkeypatch.setattr(fit_module.time, "monotonic", tick)
+    _, _, _, whole = fit(tmp_path, model_dirs["gpt2"], corpus_file, "whole", docs_per_part=2, dtype=torch.float32,
+                         checkpoint_every=seconds)
+    calls = {"n": 0}
+    original = factors_module.CovarianceSums.add_gradients
+
+    def dying(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4 * 5 + 1:  # 4 layers × 1 batch per part: dies in the sixth of six parts
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(factors_module.CovarianceSums, "add_gradients", dying)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path, model_dirs["gpt2"], corpus_file, "resumed", docs_per_part=2, dtype=torch.float32, checkpoint_every=seconds)
+    checkpoint = tmp_path / "resumed" / "checkpoints" / "covariance-g000.safetensors"
+    if every == "never":
+        assert not checkpoint.exists()
+    else:
+        from attrib.storage import tensor_metadata
+
+        assert int(tensor_metadata(checkpoint)["parts_done"]) == {"each part": 5, "every third part": 3}[every]
+    monkeypatch.setattr(factors_module.CovarianceSums, "add_gradients", original)
+    fit(tmp_path, model_dirs["gpt2"], corpus_file, "resumed", docs_per_part=2, dtype=torch.float32, checkpoint_every=seconds)
+    for name in ("covariance", "eigen", "lambda"):
+        assert (whole / f"{name}.safetensors").read_bytes() == (tmp_path / "resumed" / f"{name}.safetensors").read_bytes()
+
+
+def test_non_finite_statistics_stop_the_run_naming_layer_and_part(tmp_path, model_dirs, corpus_file, monkeypatch):
+    import attrib.factors as factors_module
+    from attrib.errors import RunError
+
+    original = factors_module.CovarianceSums.add_gradients
+    calls = {"n": 0}
+
+    def poisoned(self, g, weight=1.0):
+        calls["n"] += 1
+        original(self, g * (float("inf") if calls["n"] == 4 * 3 + 2 else 1.0), weight)  # part 3, second layer hooked
+
+    monkeypatch.setattr(factors_module.CovarianceSums, "add_gradients", poisoned)
+    with pytest.raises(RunError, match=r"covariance pass: the running sums of layer transformer\.h\.\d\.mlp\.c_\w+ are not finite after part 3"):
+        fit(tmp_path, model_dirs["gpt2"], corpus_file, docs_per_part=2, dtype=torch.float32)

@@ -40,3 +40,38 @@ def corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, sp
     if max_docs is not None and max_docs < 1:
         raise InputError("--max-docs must be at least 1")
     return CorpusSpec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split)
+
+
+def parse_duration(text: str, option: str) -> float:
+    """Seconds from '90', '90s', '10m' or '2h' (0 is allowed)."""
+    from attrib.errors import InputError
+
+    units = {"s": 1, "m": 60, "h": 3600}
+    value = text.strip().lower()
+    scale = units.get(value[-1:], None)
+    number = value[:-1] if scale else value
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        raise InputError(f"{option} {text!r} is not a duration like 90s, 10m or 2h") from None
+    if seconds < 0:
+        raise InputError(f"{option} must not be negative")
+    return seconds
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """Bytes from '80GiB', '80G', '512MiB', '40GB' (GB = 10⁹, G and GiB = 2³⁰)."""
+    import re
+
+    from attrib.errors import InputError
+
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not match:
+        raise InputError(f"{option} {text!r} is not a size like 80GiB or 512MiB")
+    number, prefix, suffix = match.groups()
+    power = " kmgt".index(prefix) if prefix else 0
+    base = 1000 if suffix == "b" and prefix else 1024
+    try:
+        return int(float(number) * base**power)
+    except ValueError:
+        raise InputError(f"{option} {text!r} is not a size like 80GiB or 512MiB") from None
