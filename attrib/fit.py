@@ -16,6 +16,7 @@ Counts live in the manifest and in each file's safetensors metadata, never in te
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -73,6 +74,7 @@ class FitSettings:
     seed: int = 0
     world_size: int = 1
     layers_per_pass: int | None = None  # None: every tracked layer in one pass
+    tf32: bool = False  # TF32 matmuls for the float32 statistics (CUDA only; a no-op on CPU)
 
     def validate(self) -> None:
         if self.strategy not in STRATEGY:
@@ -407,6 +409,27 @@ def fit_factors(
 
     `checkpoint_every` (seconds; 0 = after every part of the corpus) does not change the result.
     """
+    with _statistics_precision(settings.tf32):
+        return _fit_factors(model, tokenizer, layers, corpus, stage, settings, world, checkpoint_every)
+
+
+@contextlib.contextmanager
+def _statistics_precision(tf32: bool):
+    """TF32 (10-bit mantissa inputs, float32 accumulation) for CUDA float32 matmuls while fitting.
+
+    With bf16 model compute only the statistics run in float32, so this speeds up exactly them;
+    tests/test_fit.py states how far TF32-rounded and bf16-computed statistics move the factors.
+    """
+    previous = torch.backends.cuda.matmul.fp32_precision
+    if tf32:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def _fit_factors(model, tokenizer, layers, corpus, stage, settings, world, checkpoint_every) -> dict:
     strategy = STRATEGY[settings.strategy]
     groups = layer_groups(len(layers), settings.layers_per_pass)
     runner = _PassRunner(stage, model, tokenizer, corpus, settings, world, checkpoint_every)

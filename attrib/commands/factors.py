@@ -31,6 +31,8 @@ def fit_factors(
              "--layers-per-pass is chosen to fit it (see `attrib inspect`).")] = None,
     checkpoint_every: Annotated[str, typer.Option(
         help="Checkpoint running sums this often (e.g. 10m, 1h; 0 = after every part), and at the end of every pass.")] = "10m",
+    tf32: Annotated[Optional[bool], typer.Option(
+        "--tf32/--no-tf32", help="TF32 matmuls for the float32 statistics (default: on with CUDA).")] = None,
     collective_timeout: Annotated[str, typer.Option(
         help="How long a process waits for the others in a collective (several processes).")] = "6h",
     tokens_per_batch: TokensPerBatch = 4096,
@@ -85,6 +87,7 @@ def fit_factors(
             tokens_per_batch=tokens_per_batch, docs_per_part=docs_per_part,
             max_sequences=max_sequences, max_tokens=max_tokens, stats_dtype=stats_dtype,
             seed=seed, world_size=world.size, layers_per_pass=layers_per_pass,
+            tf32=str(world.device).startswith("cuda") if tf32 is None else tf32,
         )
         settings.validate()
         if budget is not None:
