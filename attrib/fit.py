@@ -214,7 +214,7 @@ class _PassRunner:
     def _end_of_part(self, name: str, part_index: int, sums: dict[str, torch.Tensor], since_checkpoint: float) -> bool:
         """Check this rank's running sums are finite and take rank 0's decision whether to
         checkpoint now: one small collective per part, so no rank is left waiting alone."""
-        finite = torch.stack([torch.isfinite(tensor).all() for tensor in sums.values()]) if sums else torch.ones(0, dtype=torch.bool)
+        finite = torch.stack([_all_finite(tensor) for tensor in sums.values()]) if sums else torch.ones(0, dtype=torch.bool)
         status = torch.stack([
             (~finite).any().to(torch.float64).to(self.world.device),
             torch.tensor(float(self.world.is_main and since_checkpoint >= self.checkpoint_every),
@@ -249,37 +249,47 @@ class _PassRunner:
             self.stage.file(self.checkpoint_name(name, group)).unlink(missing_ok=True)
 
 
+def _all_finite(tensor: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
+    """isfinite(tensor).all() as a device bool, in chunks: the plain form allocates temporaries
+    as large as the tensor (0.8 GiB transient for one 11008² covariance)."""
+    flat = tensor.reshape(-1)
+    return torch.stack([torch.isfinite(part).all() for part in flat.split(chunk)]).all()
+
+
 def covariance_step(runner: _PassRunner, layers: list[TrackedLayer], groups: list[list[int]]) -> PassCounts:
     """Pass 1 per group: A normalised by real positions, S by labelled ones, written by rank 0."""
-    stage, world, settings = runner.stage, runner.world, runner.settings
+    stage, world = runner.stage, runner.world
     names = [group_file(COVARIANCE, g, len(groups)) for g in range(len(groups))]
     done = world.broadcast_object([stage.has(name) for name in names] if world.is_main else None)
-    dtype = getattr(torch, settings.stats_dtype)
     for g, group in enumerate(groups):
-        if done[g]:
-            continue
-        started = time.time()
-        members = [layers[i] for i in group]
-        covariances = [CovarianceSums(l.d_in_folded, l.d_out, dtype, world.device) for l in members]
-        capture = Capture(
-            runner.model, members,
-            lambda j, a: covariances[j].add_activations(a),
-            lambda j, _, grad: covariances[j].add_gradients(grad, runner.label_weight),
-        )
-        sums = {}
-        for layer, covariance in zip(members, covariances):
-            sums[f"{layer.name}.activation_covariance"] = covariance.activation
-            sums[f"{layer.name}.gradient_covariance"] = covariance.gradient
-        counts = runner.run(COVARIANCE, g, len(groups), sums, capture)
-        if world.is_main:
-            for key, tensor in sums.items():  # in place: no second copy of the group
-                tensor.div_(counts.tokens if key.endswith(".activation_covariance") else counts.labelled)
-            write_tensors(stage.file(names[g]), sums, counts.metadata())
-        runner.discard_checkpoint(COVARIANCE, g)
-        del sums, covariances, capture
-        stage.timings["covariance_seconds"] = round(stage.timings.get("covariance_seconds", 0.0) + time.time() - started, 3)
+        if not done[g]:
+            started = time.time()
+            _covariance_group(runner, [layers[i] for i in group], g, len(groups), names[g])
+            stage.timings["covariance_seconds"] = round(stage.timings.get("covariance_seconds", 0.0) + time.time() - started, 3)
     # rank 0 broadcasts after its last write, so no rank reads a covariance file before it exists
     return world.broadcast_object(_group_counts(stage, names) if world.is_main else None)
+
+
+def _covariance_group(runner: _PassRunner, members: list[TrackedLayer], group: int, groups: int, name: str) -> None:
+    """One group's pass 1 (a function, so that nothing of the group outlives it)."""
+    stage, world = runner.stage, runner.world
+    dtype = getattr(torch, runner.settings.stats_dtype)
+    covariances = [CovarianceSums(l.d_in_folded, l.d_out, dtype, world.device) for l in members]
+    capture = Capture(
+        runner.model, members,
+        lambda j, a: covariances[j].add_activations(a),
+        lambda j, _, grad: covariances[j].add_gradients(grad, runner.label_weight),
+    )
+    sums = {}
+    for layer, covariance in zip(members, covariances):
+        sums[f"{layer.name}.activation_covariance"] = covariance.activation
+        sums[f"{layer.name}.gradient_covariance"] = covariance.gradient
+    counts = runner.run(COVARIANCE, group, groups, sums, capture)
+    if world.is_main:
+        for key, tensor in sums.items():  # in place: no second copy of the group
+            tensor.div_(counts.tokens if key.endswith(".activation_covariance") else counts.labelled)
+        write_tensors(stage.file(name), sums, counts.metadata())
+    runner.discard_checkpoint(COVARIANCE, group)
 
 
 def _eigen_part(layer: TrackedLayer) -> str:
@@ -340,59 +350,72 @@ def correction_step(
     covariance_counts: PassCounts | None,
 ) -> PassCounts | None:
     """Λ per group: pass 2 over the corpus (EK-FAC, diagonal) or the covariance spectra (K-FAC)."""
-    from safetensors import safe_open
-
-    stage, world, settings = runner.stage, runner.world, runner.settings
+    stage, world = runner.stage, runner.world
     n = len(groups)
     names = [group_file(LAMBDA, g, n) for g in range(n)]
     done = world.broadcast_object([stage.has(name) for name in names] if world.is_main else None)
-    dtype = getattr(torch, settings.stats_dtype)
     for g, group in enumerate(groups):
         if done[g]:
             continue
         started = time.time()
         members = [layers[i] for i in group]
-        if not strategy.corrects:
-            if world.is_main:
-                tokens_per_sequence = covariance_counts.labelled / covariance_counts.sequences
-                lambdas = {}
-                with safe_open(str(stage.file(group_file(EIGEN, g, n))), framework="pt") as handle:
-                    for layer in members:
-                        lambdas[f"{layer.name}.lambda"] = kfac_eigenvalues(
-                            handle.get_tensor(f"{layer.name}.gradient_eigenvalues").double(),
-                            handle.get_tensor(f"{layer.name}.activation_eigenvalues").double(),
-                            tokens_per_sequence,
-                        ).float()
-                write_tensors(stage.file(names[g]), lambdas, covariance_counts.metadata())
-            continue
-        corrections = []
-        eigen = stage.file(group_file(EIGEN, g, n))
-        for layer in members:
-            bases = {}
-            if strategy.rotates:
-                with safe_open(str(eigen), framework="pt", device=str(world.device)) as handle:
-                    bases = {side: handle.get_tensor(f"{layer.name}.{side}_eigenvectors") for side in ("activation", "gradient")}
-            corrections.append(CorrectionSums(
-                bases.get("activation"), bases.get("gradient"), layer.d_in_folded, layer.d_out, dtype, world.device
-            ))
-            del bases
-        capture = Capture(
-            runner.model, members,
-            lambda j, a: corrections[j].rotate_activations(a),
-            lambda j, kept, grad: corrections[j].add_gradients(kept, grad, runner.label_weight),
-        )
-        sums = {f"{layer.name}.lambda": correction.squares for layer, correction in zip(members, corrections)}
-        counts = runner.run("correction", g, n, sums, capture)
-        if world.is_main:
-            for tensor in sums.values():
-                tensor.div_(counts.sequences)
-            write_tensors(stage.file(names[g]), {key: tensor.float() for key, tensor in sums.items()}, counts.metadata())
-        runner.discard_checkpoint("correction", g)
-        del sums, corrections, capture
+        if strategy.corrects:
+            _correction_group(runner, members, strategy, g, n, names[g])
+        elif world.is_main:
+            _kfac_group(stage, members, covariance_counts, stage.file(group_file(EIGEN, g, n)), stage.file(names[g]))
         stage.timings["correction_seconds"] = round(stage.timings.get("correction_seconds", 0.0) + time.time() - started, 3)
     if not strategy.corrects:
         return None
     return world.broadcast_object(_group_counts(stage, names) if world.is_main else None)
+
+
+def _kfac_group(stage: StageDir, members: list[TrackedLayer], counts: PassCounts, eigen_path, out_path) -> None:
+    """K-FAC's Λ = T λ_S λ_Aᵀ of one group from its eigenvalues, T the labelled tokens per sequence."""
+    from safetensors import safe_open
+
+    lambdas = {}
+    with safe_open(str(eigen_path), framework="pt") as handle:
+        for layer in members:
+            lambdas[f"{layer.name}.lambda"] = kfac_eigenvalues(
+                handle.get_tensor(f"{layer.name}.gradient_eigenvalues").double(),
+                handle.get_tensor(f"{layer.name}.activation_eigenvalues").double(),
+                counts.labelled / counts.sequences,
+            ).float()
+    write_tensors(out_path, lambdas, counts.metadata())
+
+
+def _correction_group(runner: _PassRunner, members: list[TrackedLayer], strategy: Strategy, group: int, groups: int,
+                      name: str) -> None:
+    """One group's pass 2 (a function, so that nothing of the group outlives it)."""
+    from safetensors import safe_open
+
+    stage, world = runner.stage, runner.world
+    dtype = getattr(torch, runner.settings.stats_dtype)
+    corrections = []
+    bases: dict = {}
+    with contextlib.ExitStack() as stack:
+        if strategy.rotates:
+            eigen = stage.file(group_file(EIGEN, group, groups))
+            handle = stack.enter_context(safe_open(str(eigen), framework="pt", device=str(world.device)))
+        for layer in members:
+            if strategy.rotates:
+                bases = {side: handle.get_tensor(f"{layer.name}.{side}_eigenvectors") for side in ("activation", "gradient")}
+            corrections.append(CorrectionSums(
+                bases.get("activation"), bases.get("gradient"), layer.d_in_folded, layer.d_out, dtype, world.device
+            ))
+            bases = {}
+    capture = Capture(
+        runner.model, members,
+        lambda j, a: corrections[j].rotate_activations(a),
+        lambda j, kept, grad: corrections[j].add_gradients(kept, grad, runner.label_weight),
+    )
+    sums = {f"{layer.name}.lambda": correction.squares for layer, correction in zip(members, corrections)}
+    counts = runner.run("correction", group, groups, sums, capture)
+    if world.is_main:
+        for tensor in sums.values():
+            tensor.div_(counts.sequences)
+        write_tensors(stage.file(name), {key: tensor.float() for key, tensor in sums.items()}, counts.metadata())
+    runner.discard_checkpoint("correction", group)
 
 
 def fit_factors(

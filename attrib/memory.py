@@ -73,12 +73,13 @@ class LayerShape:
 
 @dataclass
 class StagePeak:
-    """Predicted peak bytes; `terms` name the parts of the device peak (the step that peaks)."""
+    """Predicted peak bytes; `terms` name the parts of the device peak (of `step`, the step that peaks)."""
 
     device: int
     host: int
     step: str
     terms: dict[str, int] = field(default_factory=dict)
+    steps: dict[str, dict[str, int]] = field(default_factory=dict)  # every step's terms
 
 
 def layer_shapes(layers) -> list[LayerShape]:
@@ -181,15 +182,22 @@ def fit_factors(
         steps["correction"] = max((correction(g) for g in groups), key=lambda terms: sum(terms.values()))
     if not steps:  # identity: nothing is fitted
         steps["none"] = {"weights": weights}
-    step, terms = max(steps.items(), key=lambda item: sum(item[1].values()))
-    device_peak = int(sum(terms.values()) * (1 + DEVICE_SLACK))
-    largest_tensor = max((max(l.d_in, l.d_out) ** 2 for l in layers), default=0) * 8
+    return _peak(steps, device, weights, largest_tensor=max((max(l.d_in, l.d_out) ** 2 for l in layers), default=0) * 4)
+
+
+def step_device_bytes(terms: dict[str, int]) -> int:
+    """A step's device peak: its named terms plus DEVICE_SLACK."""
+    return int(sum(terms.values()) * (1 + DEVICE_SLACK))
+
+
+def _peak(steps: dict[str, dict[str, int]], device: str, weights: int, largest_tensor: int) -> StagePeak:
+    """The stage's peak over its steps. On CPU the host holds everything plus the process; on a
+    GPU the host holds the process, the weights while loading, and one float32 tensor per write."""
+    step, terms = max(steps.items(), key=lambda item: step_device_bytes(item[1]))
+    device_peak = step_device_bytes(terms)
     if device == "cpu":
-        host = device_peak + PROCESS_HOST["cpu"] + largest_tensor
-        return StagePeak(device_peak, host, step, terms)
-    # on a GPU the host holds the process, the weights while loading, and one tensor per write
-    host = PROCESS_HOST["cuda"] + weights + largest_tensor
-    return StagePeak(device_peak, host, step, terms)
+        return StagePeak(device_peak, device_peak + PROCESS_HOST["cpu"], step, terms, steps)
+    return StagePeak(device_peak, PROCESS_HOST["cuda"] + weights + largest_tensor, step, terms, steps)
 
 
 def choose_layers_per_pass(budget: int, predict: Callable[[int | None], StagePeak], layers: int, device: str) -> int | None:
