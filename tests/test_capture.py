@@ -31,7 +31,7 @@ def test_chunked_nll_equals_log_softmax_gather(dtype, tolerance, chunk):
     flat = label_nll(logits, labels, chunk_tokens=chunk)
     assert flat.dtype == torch.float32 and float(flat.detach()[1, 4:].abs().max()) == 0.0
     actual = flat.sum()
-    assert float(actual.detach()) == pytest.approx(float(expected), rel=1e-6)
+    assert float(actual.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     assert torch.equal(summed_nll(logits, labels), label_nll(logits, labels).sum())
     actual.backward()
     scale = float(reference_logits.grad.abs().max())
