@@ -32,6 +32,25 @@ class World:
         for tensor in tensors:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
+    def reduce_sum(self, tensors: list) -> None:
+        """Sum tensors across ranks into rank 0's copies (others' are left unspecified)."""
+        if self.size == 1:
+            return
+        import torch.distributed as dist
+
+        for tensor in tensors:
+            dist.reduce(tensor, dst=0, op=dist.ReduceOp.SUM)
+
+    def broadcast_object(self, value):
+        """Rank 0's `value` on every rank: decisions made once, so all ranks enter the same collectives."""
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def main_first(self, make):
         """Run `make(is_main)` on rank 0, then on the other ranks (e.g. creating a stage directory)."""
         if self.is_main:
@@ -57,8 +76,16 @@ class World:
                 dist.destroy_process_group()
 
 
-def detect_world(device: str) -> World:
-    """One process unless launched by torchrun/accelerate (WORLD_SIZE > 1)."""
+DEFAULT_COLLECTIVE_TIMEOUT = 6 * 3600.0  # seconds; NCCL's own default (10 min) kills long single-rank steps
+
+
+def detect_world(device: str, timeout: float = DEFAULT_COLLECTIVE_TIMEOUT) -> World:
+    """One process unless launched by torchrun/accelerate (WORLD_SIZE > 1).
+
+    `timeout` (seconds) bounds how long a rank waits in a collective for the others.
+    """
+    import datetime
+
     import torch
 
     from attrib.models import resolve_device
@@ -67,7 +94,9 @@ def detect_world(device: str) -> World:
         return World(0, 1, resolve_device(device))
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available() or device == "cpu")
+    state = PartialState(
+        cpu=not torch.cuda.is_available() or device == "cpu", timeout=datetime.timedelta(seconds=timeout)
+    )
     resolved = state.device.type if device == "auto" else resolve_device(device)
     if resolved == "cuda":
         resolved = f"cuda:{state.local_process_index}"

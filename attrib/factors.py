@@ -50,9 +50,10 @@ class CovarianceSums:
 
 def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (ascending, clamped at 0) and eigenvectors of a PSD matrix, in float64."""
-    symmetric = matrix.double()
-    symmetric = (symmetric + symmetric.T) / 2
+    symmetric = matrix.to(torch.float64, copy=True)
+    symmetric.add_(symmetric.T.contiguous()).mul_(0.5)  # (M + Mᵀ)/2 with one temporary, not three
     values, vectors = torch.linalg.eigh(symmetric)
+    del symmetric
     return values.clamp(min=0.0), vectors
 
 
@@ -79,10 +80,16 @@ class CorrectionSums:
             a = a @ self.activation_basis
         return rotate_first, a
 
-    def add_gradients(self, kept: tuple[bool, torch.Tensor], g: torch.Tensor, weight: float = 1.0, sequences_per_step: int = 8) -> None:
-        """Form per-sequence rotated gradients a few sequences at a time, square and add them."""
+    def add_gradients(self, kept: tuple[bool, torch.Tensor], g: torch.Tensor, weight: float = 1.0, sequences_per_step: int | None = None) -> None:
+        """Form per-sequence rotated gradients a few sequences at a time, square and add them.
+
+        A step holds [sequences, d_out, d_in] a few times over; by default as many sequences
+        (at most 8) as keep one such tensor under STEP_ELEMENTS, so 7B-wide layers go one by one.
+        """
         rotate_first, activations = kept
         g = g.to(self.squares.dtype)
+        if sequences_per_step is None:
+            sequences_per_step = correction_sequences_per_step(*self.squares.shape)
         if rotate_first and self.gradient_basis is not None:
             g = g @ self.gradient_basis  # [batch, seq, d_out]
         for start in range(0, g.shape[0], sequences_per_step):
@@ -91,6 +98,14 @@ class CorrectionSums:
             if not rotate_first:
                 per_sequence = self.gradient_basis.T @ per_sequence @ self.activation_basis
             self.squares.add_(per_sequence.square().sum(0), alpha=weight)
+
+
+STEP_ELEMENTS = 2**24  # elements of one [sequences, d_out, d_in] block of per-sequence gradients
+
+
+def correction_sequences_per_step(d_out: int, d_in: int) -> int:
+    """Sequences whose gradients the correction forms at once (see CorrectionSums.add_gradients)."""
+    return max(1, min(8, STEP_ELEMENTS // (d_out * d_in)))
 
 
 def kfac_eigenvalues(gradient_values, activation_values, tokens_per_sequence: float) -> torch.Tensor:

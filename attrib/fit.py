@@ -1,45 +1,63 @@
-"""The fit-factors stage: two passes over the corpus, then EK-FAC files (DESIGN.md §2–3).
+"""The fit-factors stage: covariance, eigendecomposition and correction steps (DESIGN.md §2–3).
 
-Pass 1 accumulates A = E[a aᵀ] and S = E[g gᵀ]; their eigenbases follow; pass 2
-accumulates Λ from per-sequence gradients rotated into those bases. Each pass
-checkpoints its running sums after every part of the corpus (one file per rank), so a
-killed run resumes where it stopped; finished passes are skipped.
+Each step loops over groups of tracked layers (`--layers-per-pass`; one group unless
+memory asks for more), so peak memory is bounded by a group, not the model; every group
+costs one more pass over the corpus. Pass 1 accumulates A = E[a aᵀ] and S = E[g gᵀ];
+the eigendecomposition loads, decomposes, writes and frees one layer at a time, layer i
+on rank i mod N; pass 2 accumulates Λ from per-sequence gradients rotated into those
+bases. Running sums are reduced to rank 0 and checkpointed on a wall-clock interval, so
+a killed run resumes from its last checkpoint. Which steps and groups are still to do is
+decided on rank 0 and broadcast, so every rank enters the same collectives.
+
+Files (listed in the manifest's `files`): `covariance.safetensors`, `eigen.safetensors`,
+`lambda.safetensors` for one group; `covariance-g000.safetensors`, … per group otherwise.
+Counts live in the manifest and in each file's safetensors metadata, never in tensors.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from attrib.capture import Capture, sample_labels, sequence_seed, summed_nll
 from attrib.data import CorpusSpec, RowStats, SequenceCaps, collate, iter_sequence_parts, pack_batches
 from attrib.distributed import World
-from attrib.errors import InputError
+from attrib.errors import InputError, RunError
 from attrib.factors import (
-    DEFAULT_DAMPING_SCALE,
     STRATEGY,
     CorrectionSums,
     CovarianceSums,
-    LayerCurvature,
-    default_damping,
+    Strategy,
     kfac_eigenvalues,
     symmetric_eigh,
 )
+from attrib.memory import layer_groups
 from attrib.models import TrackedLayer
 from attrib.progress import message, progress
-from attrib.storage import StageDir, load_tensors, open_input, save_tensors
+from attrib.storage import StageDir, load_into, merge_tensor_files, tensor_metadata, write_tensors
 
+COVARIANCE, EIGEN, LAMBDA = "covariance", "eigen", "lambda"
 COVARIANCE_FILE = "covariance.safetensors"
 EIGEN_FILE = "eigen.safetensors"
 LAMBDA_FILE = "lambda.safetensors"
+EIGEN_PARTS = "eigen-parts"  # one file per decomposed layer until its group's file is assembled
+CHECKPOINTS = "checkpoints"  # running sums of unfinished passes, one file per pass and group
 PASS_SEED = {"covariance": 1, "correction": 2}
+DEFAULT_CHECKPOINT_EVERY = 600.0  # seconds
+
+
+def group_file(kind: str, group: int, groups: int) -> str:
+    """`kind.safetensors` when all layers form one group, else `kind-g000.safetensors`, …"""
+    return f"{kind}.safetensors" if groups == 1 else f"{kind}-g{group:03d}.safetensors"
 
 
 @dataclass
 class FitSettings:
-    """Everything that changes the factors; stored in the manifest and checked on resume."""
+    """Everything that changes the factors or their files; stored in the manifest and checked on resume."""
 
     strategy: str = "ekfac"
     fisher: str = "true"
@@ -52,6 +70,8 @@ class FitSettings:
     stats_dtype: str = "float32"
     seed: int = 0
     world_size: int = 1
+    layers_per_pass: int | None = None  # None: every tracked layer in one pass
+    tf32: bool = False  # TF32 matmuls for the float32 statistics (CUDA only; a no-op on CPU)
 
     def validate(self) -> None:
         if self.strategy not in STRATEGY:
@@ -69,37 +89,87 @@ class FitSettings:
                 raise InputError(f"--{name.replace('_', '-')} must be positive")
         if self.max_length > self.tokens_per_batch:
             raise InputError("--tokens-per-batch must be at least --max-length")
+        if self.layers_per_pass is not None and self.layers_per_pass < 1:
+            raise InputError("--layers-per-pass must be at least 1")
+
+
+@dataclass
+class PassCounts:
+    """What one pass saw, summed over ranks: A is normalised by `tokens`, S by `labelled`."""
+
+    sequences: int = 0
+    tokens: int = 0  # real (unpadded) positions
+    labelled: int = 0  # positions with a label (all but the last of each sequence)
+
+    def metadata(self) -> dict[str, str]:
+        return {key: str(value) for key, value in asdict(self).items()}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str]) -> PassCounts:
+        return cls(int(metadata["sequences"]), int(metadata["tokens"]), int(metadata["labelled"]))
+
+
+def _group_counts(stage: StageDir, names: list[str]) -> PassCounts:
+    """The counts recorded in the files of every group; all groups must have seen the same data."""
+    found = {name: PassCounts.from_metadata(tensor_metadata(stage.file(name))) for name in names}
+    distinct = {(c.sequences, c.tokens, c.labelled) for c in found.values()}
+    if len(distinct) > 1:
+        raise RunError(
+            f"{stage.path}: layer groups were fitted on different data ({', '.join(f'{n}: {c}' for n, c in found.items())}); "
+            "the corpus changed between runs; use --overwrite"
+        )
+    return next(iter(found.values()))
 
 
 class _PassRunner:
     """Runs one pass of forward/backward over this rank's share of the corpus with checkpoints."""
 
-    def __init__(self, stage: StageDir, model, layers, tokenizer, corpus: CorpusSpec, settings: FitSettings, world: World):
-        self.stage, self.model, self.layers, self.tokenizer = stage, model, layers, tokenizer
+    def __init__(self, stage: StageDir, model, tokenizer, corpus: CorpusSpec, settings: FitSettings, world: World,
+                 checkpoint_every: float):
+        self.stage, self.model, self.tokenizer = stage, model, tokenizer
         self.corpus, self.settings, self.world = corpus, settings, world
+        self.checkpoint_every = checkpoint_every
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.row_stats = RowStats()
+        self.samples = 1 if settings.fisher == "empirical" else settings.fisher_samples
 
-    def run(self, name: str, sums: dict[str, torch.Tensor], capture: Capture) -> dict[str, float]:
-        """Accumulate into `sums` (tensors updated by the capture handlers); return global counts."""
-        settings, world = self.settings, self.world
-        checkpoint = f"{name}/rank{world.rank}-of{world.size}.safetensors"
-        counts = {"sequences": 0.0, "tokens": 0.0}
+    @property
+    def label_weight(self) -> float:
+        """Each sampled label's share of a position's statistics."""
+        return 1.0 / self.samples
+
+    @staticmethod
+    def checkpoint_name(name: str, group: int) -> str:
+        return f"{CHECKPOINTS}/{name}-g{group:03d}.safetensors"
+
+    def run(self, name: str, group: int, groups: int, sums: dict[str, torch.Tensor], capture: Capture) -> PassCounts:
+        """Accumulate into `sums` (tensors the capture handlers update); return the counts summed over ranks.
+
+        On return rank 0's `sums` hold the totals over all ranks; other ranks' are unspecified.
+        """
+        settings, world, stage = self.settings, self.world, self.stage
+        checkpoint = self.checkpoint_name(name, group)
+        saved = world.broadcast_object(
+            tensor_metadata(stage.file(checkpoint)) if world.is_main and stage.has(checkpoint) else None
+        )
+        local = [0, 0, 0]  # sequences, tokens, labelled since this rank's last checkpoint (rank 0: plus the checkpoint)
         parts_done = 0
-        if self.stage.has(checkpoint):
-            saved = load_tensors(self.stage.file(checkpoint), device=world.device)
-            for key, tensor in sums.items():
-                tensor.copy_(saved[key])
-            counts = {key: float(saved[f"count.{key}"]) for key in counts}
+        if saved is not None:
             parts_done = int(saved["parts_done"])
+            if world.is_main:
+                load_into(stage.file(checkpoint), sums)
+                counts = PassCounts.from_metadata(saved)
+                local = [counts.sequences, counts.tokens, counts.labelled]
             message(f"{name}: resuming after {parts_done} finished part(s)")
+        self.row_stats = RowStats()
         parts = iter_sequence_parts(
             self.corpus, self.tokenizer, settings.max_length, settings.docs_per_part,
             SequenceCaps(settings.max_sequences, settings.max_tokens), self.row_stats,
         )
-        samples = 1 if settings.fisher == "empirical" else settings.fisher_samples
         pass_seed = PASS_SEED[name]
-        with progress(f"{name} pass", unit="seq") as bar:
+        last_checkpoint = time.monotonic()
+        title = f"{name} pass" + (f" (layer group {group + 1}/{groups})" if groups > 1 else "")
+        with progress(title, unit="seq") as bar:
             for part in parts:
                 if part.index < parts_done:
                     continue
@@ -118,30 +188,231 @@ class _PassRunner:
                                 logits, targets, lengths,
                                 [sequence_seed(settings.seed, pass_seed, index, sample) for index, _ in batch],
                             ))
-                            for sample in range(samples)
+                            for sample in range(self.samples)
                         ]
 
                     capture.run(input_ids, mask, losses)
-                    counts["sequences"] += len(batch)
-                    counts["tokens"] += float(mask.sum())
-                    bar.advance(len(batch), tokens=int(mask.sum()))
-                state = {key: tensor for key, tensor in sums.items()}
-                state.update({f"count.{key}": torch.tensor(value) for key, value in counts.items()})
-                state["parts_done"] = torch.tensor(part.index + 1)
-                save_tensors(self.stage.file(checkpoint), state)
-        totals = torch.tensor([counts["sequences"], counts["tokens"]], dtype=torch.float64, device=world.device)
-        world.all_reduce_sum(list(sums.values()) + [totals])
-        if totals[0] == 0:
+                    tokens = sum(len(seq) for seq in sequences)
+                    local[0] += len(batch)
+                    local[1] += tokens
+                    local[2] += sum(seq.num_loss_tokens for seq in sequences)
+                    bar.advance(len(batch), tokens=tokens)
+                if self._end_of_part(name, part.index, sums, time.monotonic() - last_checkpoint):
+                    local = self._checkpoint(checkpoint, sums, local, part.index + 1)
+                    last_checkpoint = time.monotonic()
+        totals = torch.tensor(local, dtype=torch.float64, device=world.device)
+        world.all_reduce_sum([totals])
+        world.reduce_sum(list(sums.values()))
+        counts = PassCounts(*(int(value) for value in totals.tolist()))
+        if counts.sequences == 0:
             raise InputError(f"--corpus {self.corpus.source} yields no sequence of at least 2 tokens to fit on")
-        return {"sequences": float(totals[0]), "tokens": float(totals[1])}
+        return counts
 
-    def discard_checkpoints(self, name: str) -> None:
+    def _end_of_part(self, name: str, part_index: int, sums: dict[str, torch.Tensor], since_checkpoint: float) -> bool:
+        """Check this rank's running sums are finite and take rank 0's decision whether to
+        checkpoint now: one small collective per part, so no rank is left waiting alone."""
+        finite = torch.stack([_all_finite(tensor) for tensor in sums.values()]) if sums else torch.ones(0, dtype=torch.bool)
+        status = torch.stack([
+            (~finite).any().to(torch.float64).to(self.world.device),
+            torch.tensor(float(self.world.is_main and since_checkpoint >= self.checkpoint_every),
+                         dtype=torch.float64, device=self.world.device),
+        ])
+        self.world.all_reduce_sum([status])
+        if status[0] > 0:
+            bad = [key.rsplit(".", 1)[0] for key, ok in zip(sums, finite.tolist()) if not ok]
+            where = f"layer {bad[0]}" if bad else f"a layer on another rank than {self.world.rank}"
+            raise RunError(
+                f"{name} pass: the running sums of {where} are not finite after part {part_index} of the corpus "
+                "(inf/nan in the model's activations or gradients); fit in --dtype float32 or check that part's documents"
+            )
+        return bool(status[1] > 0)
+
+    def _checkpoint(self, path: str, sums: dict[str, torch.Tensor], local: list[int], parts_done: int) -> list[int]:
+        """Reduce the running sums to rank 0, which writes them once; other ranks restart from zero."""
+        world = self.world
+        totals = torch.tensor(local, dtype=torch.float64, device=world.device)
+        world.reduce_sum(list(sums.values()) + [totals])
+        if world.is_main:
+            counts = PassCounts(*(int(value) for value in totals.tolist()))
+            write_tensors(self.stage.file(path), sums, {**counts.metadata(), "parts_done": str(parts_done)})
+            return [counts.sequences, counts.tokens, counts.labelled]
+        for tensor in sums.values():
+            tensor.zero_()
+        return [0, 0, 0]
+
+    def discard_checkpoint(self, name: str, group: int) -> None:
         """Drop a finished pass's running sums once its result file exists (they are as large)."""
-        import shutil
-
-        self.world.barrier()
         if self.world.is_main:
-            shutil.rmtree(self.stage.file(name), ignore_errors=True)
+            self.stage.file(self.checkpoint_name(name, group)).unlink(missing_ok=True)
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
+    """isfinite(tensor).all() as a device bool, in chunks: the plain form allocates temporaries
+    as large as the tensor (0.8 GiB transient for one 11008² covariance)."""
+    flat = tensor.reshape(-1)
+    return torch.stack([torch.isfinite(part).all() for part in flat.split(chunk)]).all()
+
+
+def covariance_step(runner: _PassRunner, layers: list[TrackedLayer], groups: list[list[int]]) -> PassCounts:
+    """Pass 1 per group: A normalised by real positions, S by labelled ones, written by rank 0."""
+    stage, world = runner.stage, runner.world
+    names = [group_file(COVARIANCE, g, len(groups)) for g in range(len(groups))]
+    done = world.broadcast_object([stage.has(name) for name in names] if world.is_main else None)
+    for g, group in enumerate(groups):
+        if not done[g]:
+            started = time.time()
+            _covariance_group(runner, [layers[i] for i in group], g, len(groups), names[g])
+            stage.timings["covariance_seconds"] = round(stage.timings.get("covariance_seconds", 0.0) + time.time() - started, 3)
+    # rank 0 broadcasts after its last write, so no rank reads a covariance file before it exists
+    return world.broadcast_object(_group_counts(stage, names) if world.is_main else None)
+
+
+def _covariance_group(runner: _PassRunner, members: list[TrackedLayer], group: int, groups: int, name: str) -> None:
+    """One group's pass 1 (a function, so that nothing of the group outlives it)."""
+    stage, world = runner.stage, runner.world
+    dtype = getattr(torch, runner.settings.stats_dtype)
+    covariances = [CovarianceSums(l.d_in_folded, l.d_out, dtype, world.device) for l in members]
+    capture = Capture(
+        runner.model, members,
+        lambda j, a: covariances[j].add_activations(a),
+        lambda j, _, grad: covariances[j].add_gradients(grad, runner.label_weight),
+    )
+    sums = {}
+    for layer, covariance in zip(members, covariances):
+        sums[f"{layer.name}.activation_covariance"] = covariance.activation
+        sums[f"{layer.name}.gradient_covariance"] = covariance.gradient
+    counts = runner.run(COVARIANCE, group, groups, sums, capture)
+    if world.is_main:
+        for key, tensor in sums.items():  # in place: no second copy of the group
+            tensor.div_(counts.tokens if key.endswith(".activation_covariance") else counts.labelled)
+        write_tensors(stage.file(name), sums, counts.metadata())
+    runner.discard_checkpoint(COVARIANCE, group)
+
+
+def _eigen_part(layer: TrackedLayer) -> str:
+    return f"{EIGEN_PARTS}/{layer.name}.safetensors"
+
+
+def decompose_layer(covariance_path, layer: TrackedLayer, out_path, device) -> None:
+    """Eigenbases of one layer's A and S (float64 solve, float32 storage), read and written per tensor."""
+    from safetensors import safe_open
+
+    eigen = {}
+    with safe_open(str(covariance_path), framework="pt", device=str(device)) as handle:
+        for side in ("activation", "gradient"):
+            values, vectors = symmetric_eigh(handle.get_tensor(f"{layer.name}.{side}_covariance"))
+            eigen[f"{layer.name}.{side}_eigenvalues"] = values.float()
+            eigen[f"{layer.name}.{side}_eigenvectors"] = vectors.float()
+            del values, vectors
+    write_tensors(out_path, eigen)
+
+
+def eigendecomposition_step(layers: list[TrackedLayer], groups: list[list[int]], stage: StageDir, world: World) -> None:
+    """Layer i is decomposed on rank i mod N into its own file; each group's file is then
+    assembled from them by copying bytes (rank g mod N assembles group g)."""
+    n = len(groups)
+    targets = [group_file(EIGEN, g, n) for g in range(n)]
+    plan = None
+    if world.is_main:
+        missing = [g for g in range(n) if not stage.has(targets[g])]
+        plan = (missing, [i for g in missing for i in groups[g] if not stage.has(_eigen_part(layers[i]))])
+    missing, todo = world.broadcast_object(plan)
+    if not missing:
+        return
+    started = time.time()
+    group_of = {i: g for g, group in enumerate(groups) for i in group}
+    mine = [i for i in todo if i % world.size == world.rank]
+    with progress("eigendecomposition", total=len(mine), unit="layer") as bar:
+        for i in mine:
+            covariance = stage.file(group_file(COVARIANCE, group_of[i], n))
+            decompose_layer(covariance, layers[i], stage.file(_eigen_part(layers[i])), world.device)
+            bar.advance(1)
+    world.barrier()
+    for g in missing:
+        if g % world.size == world.rank:
+            parts = [stage.file(_eigen_part(layers[i])) for i in groups[g]]
+            merge_tensor_files(stage.file(targets[g]), parts)
+            for part in parts:
+                part.unlink()
+    world.barrier()
+    if world.is_main:
+        shutil.rmtree(stage.file(EIGEN_PARTS), ignore_errors=True)
+    stage.timings["eigendecomposition_seconds"] = round(
+        stage.timings.get("eigendecomposition_seconds", 0.0) + time.time() - started, 3
+    )
+
+
+def correction_step(
+    runner: _PassRunner, layers: list[TrackedLayer], groups: list[list[int]], strategy: Strategy,
+    covariance_counts: PassCounts | None,
+) -> PassCounts | None:
+    """Λ per group: pass 2 over the corpus (EK-FAC, diagonal) or the covariance spectra (K-FAC)."""
+    stage, world = runner.stage, runner.world
+    n = len(groups)
+    names = [group_file(LAMBDA, g, n) for g in range(n)]
+    done = world.broadcast_object([stage.has(name) for name in names] if world.is_main else None)
+    for g, group in enumerate(groups):
+        if done[g]:
+            continue
+        started = time.time()
+        members = [layers[i] for i in group]
+        if strategy.corrects:
+            _correction_group(runner, members, strategy, g, n, names[g])
+        elif world.is_main:
+            _kfac_group(stage, members, covariance_counts, stage.file(group_file(EIGEN, g, n)), stage.file(names[g]))
+        stage.timings["correction_seconds"] = round(stage.timings.get("correction_seconds", 0.0) + time.time() - started, 3)
+    if not strategy.corrects:
+        return None
+    return world.broadcast_object(_group_counts(stage, names) if world.is_main else None)
+
+
+def _kfac_group(stage: StageDir, members: list[TrackedLayer], counts: PassCounts, eigen_path, out_path) -> None:
+    """K-FAC's Λ = T λ_S λ_Aᵀ of one group from its eigenvalues, T the labelled tokens per sequence."""
+    from safetensors import safe_open
+
+    lambdas = {}
+    with safe_open(str(eigen_path), framework="pt") as handle:
+        for layer in members:
+            lambdas[f"{layer.name}.lambda"] = kfac_eigenvalues(
+                handle.get_tensor(f"{layer.name}.gradient_eigenvalues").double(),
+                handle.get_tensor(f"{layer.name}.activation_eigenvalues").double(),
+                counts.labelled / counts.sequences,
+            ).float()
+    write_tensors(out_path, lambdas, counts.metadata())
+
+
+def _correction_group(runner: _PassRunner, members: list[TrackedLayer], strategy: Strategy, group: int, groups: int,
+                      name: str) -> None:
+    """One group's pass 2 (a function, so that nothing of the group outlives it)."""
+    from safetensors import safe_open
+
+    stage, world = runner.stage, runner.world
+    dtype = getattr(torch, runner.settings.stats_dtype)
+    corrections = []
+    bases: dict = {}
+    with contextlib.ExitStack() as stack:
+        if strategy.rotates:
+            eigen = stage.file(group_file(EIGEN, group, groups))
+            handle = stack.enter_context(safe_open(str(eigen), framework="pt", device=str(world.device)))
+        for layer in members:
+            if strategy.rotates:
+                bases = {side: handle.get_tensor(f"{layer.name}.{side}_eigenvectors") for side in ("activation", "gradient")}
+            corrections.append(CorrectionSums(
+                bases.get("activation"), bases.get("gradient"), layer.d_in_folded, layer.d_out, dtype, world.device
+            ))
+            bases = {}
+    capture = Capture(
+        runner.model, members,
+        lambda j, a: corrections[j].rotate_activations(a),
+        lambda j, kept, grad: corrections[j].add_gradients(kept, grad, runner.label_weight),
+    )
+    sums = {f"{layer.name}.lambda": correction.squares for layer, correction in zip(members, corrections)}
+    counts = runner.run("correction", group, groups, sums, capture)
+    if world.is_main:
+        for tensor in sums.values():
+            tensor.div_(counts.sequences)
+        write_tensors(stage.file(name), {key: tensor.float() for key, tensor in sums.items()}, counts.metadata())
+    runner.discard_checkpoint("correction", group)
 
 
 def fit_factors(
@@ -152,99 +423,57 @@ def fit_factors(
     stage: StageDir,
     settings: FitSettings,
     world: World,
+    checkpoint_every: float = DEFAULT_CHECKPOINT_EVERY,
 ) -> dict:
-    """Fit the factors of `settings.strategy` into `stage`; returns the final manifest."""
+    """Fit the factors of `settings.strategy` into `stage`; returns the final manifest.
+
+    `checkpoint_every` (seconds; 0 = after every part of the corpus) does not change the result.
+    """
+    with _statistics_precision(settings.tf32):
+        return _fit_factors(model, tokenizer, layers, corpus, stage, settings, world, checkpoint_every)
+
+
+@contextlib.contextmanager
+def _statistics_precision(tf32: bool):
+    """TF32 (10-bit mantissa inputs, float32 accumulation) for CUDA float32 matmuls while fitting.
+
+    With bf16 model compute only the statistics run in float32, so this speeds up exactly them;
+    tests/test_fit.py states how far TF32-rounded and bf16-computed statistics move the factors.
+    """
+    previous = torch.backends.cuda.matmul.fp32_precision
+    if tf32:
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = previous
+
+
+def _fit_factors(model, tokenizer, layers, corpus, stage, settings, world, checkpoint_every) -> dict:
     strategy = STRATEGY[settings.strategy]
-    runner = _PassRunner(stage, model, layers, tokenizer, corpus, settings, world)
-    stats_dtype = getattr(torch, settings.stats_dtype)
+    groups = layer_groups(len(layers), settings.layers_per_pass)
+    runner = _PassRunner(stage, model, tokenizer, corpus, settings, world, checkpoint_every)
     counts: dict = {}
     files: list[str] = []
-
+    covariance_counts = None
     if strategy.covariances:
-        if not stage.has(COVARIANCE_FILE):
-            started = time.time()
-            covariances = [CovarianceSums(l.d_in_folded, l.d_out, stats_dtype, world.device) for l in layers]
-            weight = 1.0 / (1 if settings.fisher == "empirical" else settings.fisher_samples)
-            capture = Capture(
-                model, layers,
-                lambda i, a: covariances[i].add_activations(a),
-                lambda i, _, g: covariances[i].add_gradients(g, weight),
-            )
-            sums = {}
-            for layer, cov in zip(layers, covariances):
-                sums[f"{layer.name}.activation_covariance"] = cov.activation
-                sums[f"{layer.name}.gradient_covariance"] = cov.gradient
-            pass_counts = runner.run("covariance", sums, capture)
-            if world.is_main:
-                tensors = {key: value / pass_counts["tokens"] for key, value in sums.items()}
-                tensors["count.tokens"] = torch.tensor(pass_counts["tokens"])
-                tensors["count.sequences"] = torch.tensor(pass_counts["sequences"])
-                save_tensors(stage.file(COVARIANCE_FILE), tensors)
-            stage.timings["covariance_seconds"] = round(time.time() - started, 3)
-            runner.discard_checkpoints("covariance")
-        files.append(COVARIANCE_FILE)
-        if not stage.has(EIGEN_FILE):
-            started = time.time()
-            covariance = load_tensors(stage.file(COVARIANCE_FILE), device=world.device)
-            if world.is_main:
-                eigen = {}
-                for layer in layers:
-                    for side in ("activation", "gradient"):
-                        values, vectors = symmetric_eigh(covariance[f"{layer.name}.{side}_covariance"])
-                        eigen[f"{layer.name}.{side}_eigenvalues"] = values.float()
-                        eigen[f"{layer.name}.{side}_eigenvectors"] = vectors.float()
-                save_tensors(stage.file(EIGEN_FILE), eigen)
-            stage.timings["eigendecomposition_seconds"] = round(time.time() - started, 3)
-            world.barrier()
-        files.append(EIGEN_FILE)
-        covariance = load_tensors(stage.file(COVARIANCE_FILE))
-        counts["covariance_tokens"] = int(covariance["count.tokens"])
-        counts["covariance_sequences"] = int(covariance["count.sequences"])
-
+        covariance_counts = covariance_step(runner, layers, groups)
+        counts.update(covariance_tokens=covariance_counts.tokens, covariance_labelled_tokens=covariance_counts.labelled,
+                      covariance_sequences=covariance_counts.sequences)
+        files += [group_file(COVARIANCE, g, len(groups)) for g in range(len(groups))]
+        eigendecomposition_step(layers, groups, stage, world)
+        files += [group_file(EIGEN, g, len(groups)) for g in range(len(groups))]
     if strategy.name != "identity":
-        if not stage.has(LAMBDA_FILE):
-            started = time.time()
-            eigen = load_tensors(stage.file(EIGEN_FILE)) if strategy.rotates else {}
-            lambdas = {}
-            if strategy.corrects:
-                corrections = [
-                    CorrectionSums(
-                        eigen.get(f"{l.name}.activation_eigenvectors"),
-                        eigen.get(f"{l.name}.gradient_eigenvectors"),
-                        l.d_in_folded, l.d_out, stats_dtype, world.device,
-                    )
-                    for l in layers
-                ]
-                weight = 1.0 / (1 if settings.fisher == "empirical" else settings.fisher_samples)
-                capture = Capture(
-                    model, layers,
-                    lambda i, a: corrections[i].rotate_activations(a),
-                    lambda i, kept, g: corrections[i].add_gradients(kept, g, weight),
-                )
-                sums = {f"{l.name}.lambda": c.squares for l, c in zip(layers, corrections)}
-                pass_counts = runner.run("correction", sums, capture)
-                lambdas = {key: value / pass_counts["sequences"] for key, value in sums.items()}
-                counts["correction_sequences"] = int(pass_counts["sequences"])
-            else:
-                tokens_per_sequence = counts["covariance_tokens"] / counts["covariance_sequences"]
-                for layer in layers:
-                    lambdas[f"{layer.name}.lambda"] = kfac_eigenvalues(
-                        eigen[f"{layer.name}.gradient_eigenvalues"].double(),
-                        eigen[f"{layer.name}.activation_eigenvalues"].double(),
-                        tokens_per_sequence,
-                    )
-            if world.is_main:
-                lambdas = {key: value.float() for key, value in lambdas.items()}
-                lambdas["count.sequences"] = torch.tensor(float(counts.get("correction_sequences", 0)))
-                save_tensors(stage.file(LAMBDA_FILE), lambdas)
-            stage.timings["correction_seconds"] = round(time.time() - started, 3)
-            runner.discard_checkpoints("correction")
-        files.append(LAMBDA_FILE)
-        lambda_counts = load_tensors(stage.file(LAMBDA_FILE))
-        if strategy.corrects:
-            counts["correction_sequences"] = int(lambda_counts["count.sequences"])
-
+        correction_counts = correction_step(runner, layers, groups, strategy, covariance_counts)
+        if correction_counts is not None:
+            counts["correction_sequences"] = correction_counts.sequences
+        files += [group_file(LAMBDA, g, len(groups)) for g in range(len(groups))]
     counts["rows_skipped"] = runner.row_stats.skipped
-    manifest = stage.complete(counts, files) if world.is_main else {}
+    world.barrier()
+    manifest = {}
+    if world.is_main:
+        shutil.rmtree(stage.file(CHECKPOINTS), ignore_errors=True)
+        layer_names = [[layers[i].name for i in group] for group in groups]
+        manifest = stage.complete(counts, files, layer_groups=layer_names)
     world.barrier()
     return manifest

@@ -279,3 +279,19 @@ def factor_bytes(layer: TrackedLayer, dtype_bytes: int = 4) -> int:
     covariance = d_in * d_in + d_out * d_out
     eigen = covariance + d_in + d_out
     return (covariance + eigen + d_in * d_out) * dtype_bytes
+
+
+def load_meta_model(spec: str, trust_remote_code: bool = False):
+    """The model's modules on the meta device: shapes and names without weights, so a directory
+    holding only config.json (and the tokenizer) is enough and nothing is downloaded but the config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = model_source(spec)
+    with _loading(spec, " config"):
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model.eval()
+    model.requires_grad_(False)
+    return model

@@ -80,12 +80,6 @@ def low_rank(matrices: torch.Tensor, rank: int):
     return u.contiguous(), sigma.contiguous(), v.contiguous()
 
 
-def queries_per_batch(layers: list[TrackedLayer], memory_bytes: int, dtype_bytes: int = 4) -> int:
-    """Queries whose dense gradients of the widest layer (gradient, rotation, result) fit in `memory_bytes`."""
-    widest = max(layer.d_out * layer.d_in_folded for layer in layers)
-    return max(1, memory_bytes // (3 * widest * dtype_bytes))
-
-
 def iter_query_gradient_batches(
     model,
     tokenizer,

@@ -9,7 +9,6 @@ The commands in attrib/commands/query.py only parse arguments and call these.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,27 +46,15 @@ class QuerySettings:
 
 def parse_memory(text: str | None, device: str) -> int:
     """Bytes of `--max-memory` ('24GiB', '500MB', '8G'), or the default for the device."""
-    if text is None:
-        if str(device).startswith("cuda"):
-            import torch
+    from attrib.memory import parse_bytes
 
-            return torch.cuda.get_device_properties(torch.device(device)).total_memory // 4
-        return DEFAULT_MEMORY["cpu"]
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?B?)\s*", text, re.IGNORECASE)
-    if match is None or float(match.group(1)) <= 0:
-        raise InputError(f"--max-memory {text!r} is not a size like 24GiB or 500MB")
-    power = " KMGT".index(match.group(2).upper() or " ")
-    base = 1024 if match.group(3).lower().startswith("i") or not match.group(3) else 1000
-    return int(float(match.group(1)) * base**power)
+    if text is not None:
+        return parse_bytes(text, "--max-memory")
+    if str(device).startswith("cuda"):
+        import torch
 
-
-def query_factor_bytes(layers, rank: int, dtype_bytes: int = 4) -> int:
-    """Bytes of one query's stacked factors over all layers (U, σ, V) at `rank` (0 = full)."""
-    total = 0
-    for layer in layers:
-        r = min(layer.d_out, layer.d_in_folded) if rank == 0 else min(rank, layer.d_out, layer.d_in_folded)
-        total += r * (layer.d_out + layer.d_in_folded + 1)
-    return total * dtype_bytes
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory // 4
+    return DEFAULT_MEMORY["cpu"]
 
 
 def queries_digest(queries) -> str:
@@ -164,8 +151,10 @@ def run_query(out, model_spec: str, lm, tokenizer, layers, request: ScoreRequest
 
 def _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, query_settings, score_settings, world,
            max_memory, record):
+    from attrib.memory import layer_shapes, query_factor_bytes
     from attrib.query_gradients import QueryGradientStore
-    from attrib.scoring import discard_parts, finalize_scores, score_corpus
+    from attrib.score_tables import DOCUMENTS
+    from attrib.scoring import collect_tokens, discard_parts, score_corpus, top_documents, write_documents
     from attrib.storage import open_input
 
     gradients_dir = request.query_gradients or str(Path(out) / "query-gradients")
@@ -182,19 +171,23 @@ def _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, q
 
         candidates = open_candidates(request.candidates, store.query_ids)
     if score_settings.queries_per_pass == 0 and max_memory is not None:
-        per_query = query_factor_bytes(layers, gradients_manifest["settings"]["query_rank"])
+        per_query = query_factor_bytes(layer_shapes(layers), gradients_manifest["settings"]["query_rank"])
         score_settings.queries_per_pass = max(1, min(len(store.query_ids), max_memory // per_query))
     stats = score_corpus(lm, tokenizer, layers, store, request.corpus, stage, score_settings, world, candidates)
     world.barrier()
+    counts = write_documents(stage, store.query_ids, candidates) if world.is_main else {}
+    world.barrier()
+    if score_settings.token_scores_top > 0:
+        top = top_documents(stage, score_settings.token_scores_top, store.query_ids)
+        score_corpus(lm, tokenizer, layers, store, request.corpus, stage, score_settings, world, top, tokens_of_top=True)
+        world.barrier()
     if not world.is_main:
         return None
-    result = finalize_scores(stage, store.query_ids, score_settings, candidates)
-    extra = {}
-    if candidates is not None:
-        extra = _unscored_candidates(stage, candidates)
+    files = [DOCUMENTS] + collect_tokens(stage)
+    extra = _unscored_candidates(stage, candidates) if candidates is not None else {}
     manifest = stage.complete(
-        {**result["counts"], "rows_skipped": stats.skipped, **extra},
-        result["files"],
+        {**counts, "rows_skipped": stats.skipped, **extra},
+        files,
         queries=gradients_manifest["queries"],
         layers=store.layer_names,
         strategy=gradients_manifest["settings"]["strategy"],
@@ -232,53 +225,3 @@ def _run_prefilter(out, spec, gradients_dir: str, top_k: int, store, world):
         run_prefilter(corpus=spec, queries=f"{gradients_dir}/{QUERIES_FILE}", out=str(out), top_k=top_k)
     world.barrier()
     return open_candidates(str(out), store.query_ids)
-
-
-# Python, torch, transformers and pyarrow imported (280 MB measured here) plus what the first
-# forward+backward and the Parquet writer keep as workspace (a further 250 MB measured on one
-# 7B-wide block, independent of the batch), with slack.
-RUNTIME_BYTES = 700 * 2**20
-
-
-def activation_bytes_per_token(config, layers, dtype_bytes: int) -> int:
-    """Bytes a forward+backward keeps per token: autograd's saved tensors and the transients of
-    backward (bounded by 16 hidden-wide and 12 MLP-wide tensors per block), the hooks' kept layer
-    inputs (float32) and the float32 logits gradient."""
-    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
-    blocks = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
-    intermediate = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
-    vocab = getattr(config, "vocab_size", 0)
-    autograd = blocks * (16 * hidden + 12 * intermediate) * dtype_bytes
-    kept = sum(layer.d_in_folded for layer in layers) * 4
-    return autograd + kept + vocab * (dtype_bytes + 4)
-
-
-def predict_peak_bytes(stage: str, config, layers, num_parameters: int, dtype_bytes: int, tokens_per_batch: int,
-                       rank: int, queries_per_batch: int = 1, queries_per_pass: int = 1,
-                       docs_per_part: int = 2000, max_length: int = 512, rotates: bool = True) -> dict[str, int]:
-    """Peak memory of `query-gradients` or `query` by component (bytes); "total" is their sum.
-
-    On a CPU run every component is host memory; on a GPU all but "runtime" are device
-    memory. The components follow the code: one layer's dense gradients and curvature at a
-    time (query-gradients), one pass of query factors on the device plus the token scores of
-    a part (query).
-    """
-    widest = max(layer.d_out * layer.d_in_folded for layer in layers)
-    parts = {
-        "runtime": RUNTIME_BYTES,
-        "model": num_parameters * dtype_bytes,
-        "activations": tokens_per_batch * activation_bytes_per_token(config, layers, dtype_bytes),
-    }
-    if stage == "query-gradients":
-        bases = (lambda l: l.d_out**2 + l.d_in_folded**2) if rotates else (lambda l: 0)
-        largest_curvature = max(l.d_out * l.d_in_folded + bases(l) for l in layers) * 4
-        parts["dense_query_gradients"] = 3 * queries_per_batch * widest * 4
-        parts["layer_curvature"] = largest_curvature
-        parts["batch_factors"] = queries_per_batch * query_factor_bytes(layers, rank)
-    elif stage == "query":
-        parts["query_factors"] = 2 * queries_per_pass * query_factor_bytes(layers, rank)
-        parts["token_scores"] = 2 * tokens_per_batch * queries_per_pass * 4 + docs_per_part * max_length * queries_per_pass * 4
-    else:
-        raise ValueError(stage)
-    parts["total"] = sum(parts.values())
-    return parts

@@ -29,10 +29,18 @@ from attrib.score_tables import DOCUMENTS, TOKENS_DIR, documents_schema, tokens_
 from attrib.storage import StageDir
 
 PARTS_DIR = "parts"
+DENSE_BYTES = 2**28  # per layer: the most device memory the queries' dense P_q may take
 
 
 class Scorer:
-    """Scores batches of training sequences against a set of queries through hooks on the tracked layers."""
+    """Scores batches of training sequences against a set of queries through hooks on the tracked layers.
+
+    Per-token scores need the low-rank contraction Σ_k σ_k (g_tᵀu_k)(v_kᵀa_t), costing
+    T·q·r·(d_in + d_out) per sequence and layer. Document and layer scores alone may instead
+    form the sequence's gradient G = Σ_t g_t a_tᵀ once and take ⟨P_q, G⟩ with the dense P_q,
+    costing (T + q)·d_in·d_out: far cheaper on narrow layers or with many queries. Each layer
+    of each batch takes the cheaper way (DESIGN.md §2).
+    """
 
     def __init__(self, model, layers: list[TrackedLayer], gradients: QueryGradients, device):
         self.model, self.layers = model, layers
@@ -43,6 +51,18 @@ class Scorer:
         self.left = [u.permute(1, 0, 2).reshape(u.shape[1], -1).to(device, self.compute) for u in gradients.left]
         self.right = [v.permute(1, 0, 2).reshape(v.shape[1], -1).to(device, self.compute) for v in gradients.right]
         self.sigma = [s.reshape(-1).to(device, self.compute) for s in gradients.sigma]
+        # Per layer the dense P_q flattened [Q, d_out·d_in], where it fits DENSE_BYTES.
+        self.dense = [
+            (u.to(device, self.compute) * s.to(device, self.compute)[:, None, :] @ v.to(device, self.compute).mT).flatten(1)
+            if u.shape[0] * u.shape[1] * v.shape[1] * self.compute.itemsize <= DENSE_BYTES else None
+            for u, s, v in zip(gradients.left, gradients.sigma, gradients.right)
+        ]
+
+    def _gradient_is_cheaper(self, index: int, seq: int, count: int) -> bool:
+        layer = self.layers[index]
+        d_in, d_out = layer.d_in_folded, layer.d_out
+        low_rank = seq * count * self.rank[index] * (d_in + d_out)
+        return self.dense[index] is not None and (seq + count) * d_in * d_out < low_rank
 
     def _columns(self, queries: torch.Tensor | None):
         """Per layer (left, right, σ) restricted to the columns of `queries` (all when None)."""
@@ -54,36 +74,41 @@ class Scorer:
             out.append((left[:, columns], right[:, columns], sigma[columns]))
         return out
 
-    def score(self, sequences: list[Sequence], pad_id: int, device, queries: list[int] | None = None):
-        """Per-token scores [batch, seq, q] (summed over layers) and per-layer scores [batch, q, L].
-
-        `queries` selects the queries (positions in this scorer's set) to contract with.
-        """
+    def score(self, sequences: list[Sequence], pad_id: int, device, queries: list[int] | None = None, tokens: bool = True):
+        """Per-token scores [batch, seq, q] (summed over layers; None unless `tokens`) and per-layer
+        scores [batch, q, L]. `queries` selects the queries (positions in this scorer's set)."""
         selected = None if queries is None else torch.as_tensor(queries, dtype=torch.long, device=device)
         factors = self._columns(selected)
         count = self.num_queries if queries is None else len(queries)
         input_ids, mask, targets = collate(sequences, pad_id, device)
         batch, seq = input_ids.shape
-        token_scores = torch.zeros(batch, seq, count, dtype=self.compute, device=device)
+        token_scores = torch.zeros(batch, seq, count, dtype=self.compute, device=device) if tokens else None
         layer_scores = torch.zeros(batch, count, len(self.layers), dtype=self.compute, device=device)
+        by_gradient = [not tokens and self._gradient_is_cheaper(i, seq, count) for i in range(len(self.layers))]
+
+        # keep a's projection [batch, seq, q·r] until backward where it is smaller than a
+        project_early = [not by_gradient[i] and factors[i][1].shape[1] <= layer.d_in_folded
+                         for i, layer in enumerate(self.layers)]
 
         def keep(index: int, a: torch.Tensor) -> torch.Tensor:
-            """a's projection [batch, seq, q·r] until backward, or a itself when that is smaller."""
-            right = factors[index][1]
             a = a.to(self.compute)
-            return a @ right if right.shape[1] <= a.shape[-1] else a
+            return a @ factors[index][1] if project_early[index] else a
 
-        def contract(index: int, projected_a: torch.Tensor, g: torch.Tensor) -> None:
+        def contract(index: int, kept: torch.Tensor, g: torch.Tensor) -> None:
+            g = g.to(self.compute)
+            if by_gradient[index]:
+                dense = self.dense[index] if selected is None else self.dense[index][selected]
+                layer_scores[:, :, index] = torch.bmm(g.mT, kept).flatten(1) @ dense.T  # ⟨P_q, G_n⟩
+                return
             left, right, sigma = factors[index]
-            projected_g = g.to(self.compute) @ left  # [batch, seq, q·r]
-            if projected_a.shape[-1] != projected_g.shape[-1]:
-                projected_a = projected_a @ right
-            per_token = (projected_g * projected_a * sigma).view(batch, seq, count, -1).sum(-1)  # [batch, seq, q]
-            token_scores.add_(per_token)
+            projected_a = kept if project_early[index] else kept @ right
+            per_token = ((g @ left) * projected_a * sigma).view(batch, seq, count, -1).sum(-1)  # [batch, seq, q]
+            if tokens:
+                token_scores.add_(per_token)
             layer_scores[:, :, index] = per_token.sum(1)
 
         Capture(self.model, self.layers, keep, contract).run(input_ids, mask, lambda logits: [summed_nll(logits, targets)])
-        return token_scores.detach(), layer_scores.detach()
+        return None if token_scores is None else token_scores.detach(), layer_scores.detach()
 
 
 @dataclass
@@ -116,12 +141,14 @@ class _PartScores:
     """The scores of one (query pass, corpus part): arrays of scored (sequence, query) pairs."""
 
     def __init__(self, query_ids: list[str], num_layers: int, keep_tokens: bool):
+        """Token scores are kept (for every scored pair) when `keep_tokens`."""
         self.query_ids = np.array(query_ids, dtype=object)
         self.num_layers, self.keep_tokens = num_layers, keep_tokens
         self.doc_index: list[np.ndarray] = []
         self.query: list[np.ndarray] = []
         self.layers: list[np.ndarray] = []
         self.sequences: list[Sequence] = []
+        self.pairs: list[list[int]] = []  # per sequence, the queries it was scored for
         self.token_batches: list[tuple[np.ndarray, dict[int, int], int]] = []  # scores [b, s, q], query → column, first row
         self.doc_ids: dict[int, str] = {}
 
@@ -137,6 +164,7 @@ class _PartScores:
         if self.keep_tokens:
             column_of = {int(q): c for c, q in enumerate(queries)}
             self.token_batches.append((per_token.float().cpu().numpy(), column_of, len(self.sequences)))
+        self.pairs += [queries[row].tolist() for row in allowed]
         self.sequences += sequences
 
     def documents(self):
@@ -149,14 +177,14 @@ class _PartScores:
         np.add.at(layers, inverse, np.concatenate(self.layers))
         return keys % len(self.query_ids), keys // len(self.query_ids), layers
 
-    def tables(self, part: Part, token_top: int):
-        """The documents table of this part and its token table (top `token_top` per query)."""
+    def documents_table(self):
+        """This part's (query, document) rows: scores summed over the document's chunks here."""
         import pyarrow as pa
 
         query, doc_index, layers = self.documents()
         scores = layers.sum(1)
         doc_ids = np.array([self.doc_ids[i] for i in doc_index], dtype=object)
-        documents = pa.Table.from_arrays(
+        return pa.Table.from_arrays(
             [
                 pa.array(self.query_ids[query], pa.string()),
                 pa.array(doc_ids, pa.string()),
@@ -167,27 +195,19 @@ class _PartScores:
             ],
             schema=_documents_part_schema(),
         )
-        if token_top == 0:
-            return documents, None
-        # A document in a query's global top k is in the top k of its own part.
-        order = np.lexsort((doc_index, -scores, query))
-        group_start = np.searchsorted(query[order], query[order])
-        keep = order[(np.arange(len(order)) - group_start) < token_top] if token_top > 0 else order
-        return documents, self._token_table(part, set(zip(query[keep].tolist(), doc_index[keep].tolist())))
 
-    def _token_table(self, part: Part, kept: set[tuple[int, int]]):
+    def tokens_table(self, part: Part):
+        """One row per scored (query, chunk): the chunk's tokens, their offsets and per-token scores."""
         import pyarrow as pa
 
         tokens = {field.name: [] for field in tokens_schema()}
         for scores, column_of, first in self.token_batches:
             for row in range(scores.shape[0]):
                 sequence = self.sequences[first + row]
-                for query, column in column_of.items():
-                    if (query, sequence.doc_index) not in kept:
-                        continue
-                    text = part.texts[sequence.doc_index]
-                    begin = min((s for s, e in sequence.offsets if e > s), default=0)
-                    end = max((e for _, e in sequence.offsets), default=0)
+                text = part.texts[sequence.doc_index]
+                begin = min((s for s, e in sequence.offsets if e > s), default=0)
+                end = max((e for _, e in sequence.offsets), default=0)
+                for query in self.pairs[first + row]:
                     tokens["query_id"].append(self.query_ids[query])
                     tokens["doc_id"].append(sequence.doc_id)
                     tokens["chunk"].append(sequence.chunk)
@@ -196,7 +216,7 @@ class _PartScores:
                     tokens["tokens"].append([text[s:e] for s, e in sequence.offsets])
                     tokens["token_start"].append([max(s - begin, 0) for s, _ in sequence.offsets])
                     tokens["token_end"].append([max(e - begin, 0) for _, e in sequence.offsets])
-                    tokens["token_scores"].append(scores[row, : len(sequence), column])
+                    tokens["token_scores"].append(scores[row, : len(sequence), column_of[query]])
         return pa.Table.from_pydict(tokens, schema=tokens_schema())
 
 
@@ -221,34 +241,57 @@ def score_corpus(
     settings: ScoreSettings,
     world: World,
     candidates: CandidateIndex | None = None,
+    tokens_of_top: bool = False,
 ) -> RowStats:
-    """Score this rank's share of the corpus, one pair of part files per (query pass, corpus part)."""
+    """Score this rank's share of the corpus, part files per (query pass, corpus part).
+
+    The first phase writes document and layer scores (and token scores too when every
+    scored document keeps them); with `tokens_of_top`, `candidates` are the top documents
+    per query and only their token scores are written (Grosse et al.'s second pass).
+    """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     query_ids = store.query_ids
     per_pass = settings.queries_per_pass or len(query_ids)
+    keep_tokens = tokens_of_top or settings.token_scores_top < 0
+    kind = "tokens-top" if tokens_of_top else "documents"
     stats = RowStats()
     for first in range(0, len(query_ids), per_pass):
         pass_ids = query_ids[first : first + per_pass]
         pass_number = first // per_pass
-        scorer = Scorer(model, layers, _pass_factors(store, layers, pass_ids), world.device)
         in_pass = lambda q, first=first, count=len(pass_ids): (q >= first) & (q < first + count)  # noqa: E731
 
         def wanted(doc_index: int, doc_id: str) -> bool:
             """This rank's documents that a query of this pass wants (all of them without candidates)."""
             return world.owns(doc_index) and (candidates is None or _wants_any_chunk(candidates, doc_id, in_pass))
 
+        names = lambda index: f"{PARTS_DIR}/{kind}-q{pass_number:04d}-r{world.rank:03d}-p{index:05d}.parquet"  # noqa: E731
         pass_stats = RowStats()
         parts = iter_sequence_parts(corpus, tokenizer, settings.max_length, settings.docs_per_part,
                                     stats=pass_stats, wanted=wanted)
-        with progress(f"scoring (queries {first + 1}–{first + len(pass_ids)})", unit="seq") as bar:
+        scorer = None
+        what = "token scores of the top documents" if tokens_of_top else "scoring"
+        with progress(f"{what} (queries {first + 1}–{first + len(pass_ids)})", unit="seq") as bar:
             for part in parts:
-                name = f"q{pass_number:04d}-r{world.rank:03d}-p{part.index:05d}.parquet"
-                if stage.has(f"{PARTS_DIR}/documents-{name}"):
+                if stage.has(names(part.index)):
                     continue
-                _score_part(scorer, part, first, pass_ids, candidates, in_pass, settings, pad_id, world, stage, name, bar)
+                scorer = scorer or Scorer(model, layers, _pass_factors(store, layers, pass_ids), world.device)
+                results = _score_part(scorer, part, first, pass_ids, candidates, in_pass, settings, pad_id, world,
+                                      keep_tokens, bar)
+                if keep_tokens:
+                    _write(stage.file(names(part.index).replace(kind, f"{kind}-tokens", 1)), results.tokens_table(part))
+                _write(stage.file(names(part.index)), results.documents_table())
         if first == 0:
             stats = pass_stats
     return stats
+
+
+def _write(path, table) -> None:
+    import pyarrow.parquet as pq
+
+    from attrib.storage import atomic_path
+
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _wants_any_chunk(candidates: CandidateIndex, doc_id: str, in_pass) -> bool:
@@ -270,14 +313,10 @@ def _pass_factors(store, layers, pass_ids: list[str]) -> QueryGradients:
                           [f[2] for f in loaded])
 
 
-def _score_part(scorer, part, first, pass_ids, candidates, in_pass, settings, pad_id, world, stage, name, bar):
-    """Score one corpus part for one pass of queries and write its two part files."""
-    import pyarrow.parquet as pq
-
-    from attrib.storage import atomic_path
-
+def _score_part(scorer, part, first, pass_ids, candidates, in_pass, settings, pad_id, world, keep_tokens, bar):
+    """Scores of one corpus part for one pass of queries."""
     mine = [seq for _, seq in part.sequences]
-    results = _PartScores(list(pass_ids), len(scorer.layers), settings.token_scores_top != 0)
+    results = _PartScores(list(pass_ids), len(scorer.layers), keep_tokens)
     if candidates is None:
         everyone = np.arange(len(pass_ids))
         batches = pack_batches(mine, settings.tokens_per_batch)
@@ -295,32 +334,24 @@ def _score_part(scorer, part, first, pass_ids, candidates, in_pass, settings, pa
             queries = np.unique(np.concatenate([wanting[i] for i in batch]))
             allowed = np.stack([np.isin(queries, wanting[i]) for i in batch])
             selection = queries.tolist()
-        per_token, per_layer = scorer.score(sequences, pad_id, world.device, selection)
+        per_token, per_layer = scorer.score(sequences, pad_id, world.device, selection, tokens=keep_tokens)
         results.add(sequences, queries, allowed, per_token, per_layer)
         bar.advance(len(sequences), tokens=sum(len(s) for s in sequences))
-    documents, tokens = results.tables(part, settings.token_scores_top)
-    if tokens is not None:
-        with atomic_path(stage.file(f"{PARTS_DIR}/tokens-{name}")) as tmp:
-            pq.write_table(tokens, tmp)
-    with atomic_path(stage.file(f"{PARTS_DIR}/documents-{name}")) as tmp:
-        pq.write_table(documents, tmp)
+    return results
 
 
-def finalize_scores(stage: StageDir, query_ids: list[str], settings: ScoreSettings, candidates: CandidateIndex | None) -> dict:
-    """Rank documents per query, keep the token rows of the top documents, write the final tables."""
+def write_documents(stage: StageDir, query_ids: list[str], candidates: CandidateIndex | None) -> dict:
+    """documents.parquet from the document parts: ranked per query, with prefilter ranks; returns counts."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
-    import pyarrow.parquet as pq
 
-    from attrib.storage import atomic_path
-
-    document_parts = stage.parts(f"{PARTS_DIR}/documents-*.parquet")
+    document_parts = stage.parts(f"{PARTS_DIR}/documents-q*.parquet")
     table = ds.dataset([str(stage.file(p)) for p in document_parts], schema=_documents_part_schema()).to_table()
     table = table.sort_by([("query_id", "ascending"), ("score", "descending"), ("doc_index", "ascending")])
     query_codes = pc.dictionary_encode(table["query_id"].combine_chunks()).indices.to_numpy(zero_copy_only=False)
     rows = np.arange(len(query_codes))
-    ranks = (rows - np.searchsorted(query_codes, query_codes) + 1).astype(np.int32) if len(rows) else rows.astype(np.int32)
+    ranks = (rows - np.searchsorted(query_codes, query_codes) + 1).astype(np.int32)
     final = pa.table({
         "query_id": table["query_id"],
         "doc_id": table["doc_id"],
@@ -335,23 +366,27 @@ def finalize_scores(stage: StageDir, query_ids: list[str], settings: ScoreSettin
         final = final.append_column("prefilter_rank", joined["prefilter_rank"])
     else:
         final = final.append_column("prefilter_rank", pa.nulls(len(final), pa.int32()))
-    final = final.select(documents_schema().names).cast(documents_schema())
-    with atomic_path(stage.file(DOCUMENTS)) as tmp:
-        pq.write_table(final, tmp)
-    files = [DOCUMENTS]
-    if settings.token_scores_top != 0:
-        top = settings.token_scores_top
-        kept = final if top < 0 else final.filter(pc.less_equal(final["rank"], top))
-        kept_keys = pc.binary_join_element_wise(kept["query_id"], kept["doc_id"], "\x00")
-        for number, part in enumerate(stage.parts(f"{PARTS_DIR}/tokens-*.parquet")):
-            rows_table = pq.read_table(stage.file(part))
-            keys = pc.binary_join_element_wise(rows_table["query_id"], rows_table["doc_id"], "\x00")
-            target = f"{TOKENS_DIR}/part-{part.split('tokens-', 1)[1]}"
-            with atomic_path(stage.file(target)) as tmp:
-                pq.write_table(rows_table.filter(pc.is_in(keys, value_set=kept_keys)).cast(tokens_schema()), tmp)
-            files.append(target)
-    counts = {"rows": len(final), "documents_scored": len(pc.unique(final["doc_id"])), "queries": len(query_ids)}
-    return {"files": files, "counts": counts}
+    _write(stage.file(DOCUMENTS), final.select(documents_schema().names).cast(documents_schema()))
+    return {"rows": len(final), "documents_scored": len(pc.unique(final["doc_id"])), "queries": len(query_ids)}
+
+
+def top_documents(stage: StageDir, top: int, query_ids: list[str]) -> CandidateIndex:
+    """The `top` documents per query of documents.parquet, as candidates for the token-score pass."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(str(stage.file(DOCUMENTS))).to_table(columns=["query_id", "doc_id", "rank"],
+                                                            filter=ds.field("rank") <= top)
+    return CandidateIndex(table.append_column("chunk", pa.nulls(len(table), pa.int32())), query_ids)
+
+
+def collect_tokens(stage: StageDir) -> list[str]:
+    """The token tables of the parts, moved to tokens/part-*.parquet; returns their names."""
+    for part in stage.parts(f"{PARTS_DIR}/*-tokens-*.parquet"):
+        target = stage.file(f"{TOKENS_DIR}/part-{part.split('-tokens-', 1)[1]}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage.file(part).replace(target)
+    return stage.parts(f"{TOKENS_DIR}/part-*.parquet")
 
 
 def discard_parts(stage: StageDir) -> None:

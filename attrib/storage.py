@@ -313,3 +313,117 @@ class StageDir:
         )
         self._write_manifest("complete", counts=counts, files=files, **extra)
         return read_manifest(self.path)
+
+
+# safetensors dtype names of the torch dtypes attrib writes
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "bfloat16": "BF16", "float16": "F16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+}
+_ITEM_SIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_COPY_CHUNK = 64 * 2**20
+
+
+def _write_safetensors(path: str | Path, entries: list[tuple[str, str, list[int], int, Any]], metadata: dict[str, str] | None) -> None:
+    """Write a safetensors file from (name, dtype, shape, nbytes, write(handle)) entries, atomically.
+
+    The header is built from shapes alone, then each entry writes its own bytes, so
+    the caller decides how much is in memory at once (one tensor, or a file chunk).
+    """
+    import json as _json
+    import struct
+
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, dtype, shape, nbytes, _ in entries:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {key: str(value) for key, value in metadata.items()}
+    encoded = _json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for *_, write in entries:
+            write(handle)
+
+
+def write_tensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """safetensors, atomically, without cloning: one tensor at a time is copied to the host
+    (only if it lives on a device or is not contiguous), so writing a group of device-resident
+    sums costs the host one tensor, not the group. Tensors sharing memory are written twice."""
+    names = sorted(tensors, key=lambda name: (-tensors[name].element_size(), name))
+
+    import torch
+
+    def writer(tensor):
+        def write(handle):
+            host = tensor.detach().to("cpu").contiguous().reshape(-1)
+            handle.write(memoryview(host.view(torch.uint8).numpy()))
+
+        return write
+
+    entries = []
+    for name in names:
+        tensor = tensors[name]
+        dtype = _SAFETENSORS_DTYPES[str(tensor.dtype).removeprefix("torch.")]
+        entries.append((name, dtype, list(tensor.shape), tensor.numel() * tensor.element_size(), writer(tensor)))
+    _write_safetensors(path, entries, metadata)
+
+
+def _read_header(path: str | Path) -> tuple[dict, int]:
+    """A safetensors file's header (tensor entries and `__metadata__`) and where its data starts."""
+    import json as _json
+    import struct
+
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        return _json.loads(handle.read(length)), 8 + length
+
+
+def tensor_metadata(path: str | Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, read from its header alone."""
+    return _read_header(path)[0].get("__metadata__", {}) or {}
+
+
+def tensor_names(path: str | Path) -> list[str]:
+    return [name for name in _read_header(path)[0] if name != "__metadata__"]
+
+
+def merge_tensor_files(path: str | Path, sources: list[str | Path], metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file holding every tensor of `sources`, copied byte for byte in
+    chunks (no tensor is loaded); tensors are ordered by name, as `write_tensors` orders them."""
+    found = []
+    for source in sources:
+        header, start = _read_header(source)
+        for name, entry in header.items():
+            if name != "__metadata__":
+                begin, end = entry["data_offsets"]
+                found.append((name, entry["dtype"], entry["shape"], source, start + begin, end - begin))
+
+    def copier(source, begin, nbytes):
+        def write(handle):
+            with open(source, "rb") as reader:
+                reader.seek(begin)
+                left = nbytes
+                while left:
+                    chunk = reader.read(min(left, _COPY_CHUNK))
+                    handle.write(chunk)
+                    left -= len(chunk)
+
+        return write
+
+    entries = [(name, dtype, shape, nbytes, copier(source, begin, nbytes))
+               for name, dtype, shape, source, begin, nbytes in sorted(found, key=lambda e: (-_ITEM_SIZE[e[1]], e[0]))]
+    _write_safetensors(path, entries, metadata)
+
+
+def load_into(path: str | Path, tensors: dict) -> None:
+    """Copy the tensors of a safetensors file into existing tensors of the same names, one at a time."""
+    from safetensors import safe_open
+
+    device = str(next(iter(tensors.values())).device) if tensors else "cpu"
+    with safe_open(str(path), framework="pt", device=device) as handle:
+        for name, tensor in tensors.items():
+            tensor.copy_(handle.get_tensor(name))

@@ -17,6 +17,8 @@ load from other processes). Peak RSS is `ru_maxrss` of the worker (one process p
 
     python scripts/bench_fit.py            # default, a few minutes on 2 cores
     python scripts/bench_fit.py --quick    # seconds
+    python scripts/bench_fit.py --models llama-tiny --layers-per-pass all,3,1   # peak RSS vs layers per pass
+    python scripts/bench_fit.py --eigh 4096,11008   # eigendecomposition time per layer at 7B widths
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def worker(args) -> dict:
     settings = FitSettings(
         strategy="ekfac", fisher="true", fisher_samples=1, max_length=args.seq_len,
         tokens_per_batch=args.tokens_per_batch, max_sequences=args.sequences, seed=0,
+        layers_per_pass=None if args.layers_per_pass in (None, "all") else int(args.layers_per_pass),
     )
     corpus = CorpusSpec(str(corpus_path))
     pad_id = tokenizer.pad_token_id
@@ -160,6 +163,7 @@ def worker(args) -> dict:
         "eigendecomposition_seconds": timings.get("eigendecomposition_seconds"),
         "correction_seconds": timings.get("correction_seconds"),
         "rss_mib": {"start": round(rss_start), "baseline": round(rss_baseline), "fit": round(rss_fit)},
+        "layers_per_pass": args.layers_per_pass or "all",
         "threads": args.threads,
         "dtype": args.dtype,
         "load_average": os.getloadavg()[0],
@@ -191,20 +195,38 @@ def profile_fit(model, tokenizer, layers, corpus, settings, work) -> str:
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| model | seqs × len | tokens | fwd+bwd s | fit s | fit / fwd+bwd | pass 1 / fwd+bwd | eigh s | pass 2 / fwd+bwd | (pass 1 + pass 2) / fwd+bwd | fit tok/s | fwd+bwd tok/s | peak RSS fwd+bwd / fit (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | layers per pass | seqs × len | tokens | fwd+bwd s | fit s | fit / fwd+bwd | pass 1 / fwd+bwd | eigh s | pass 2 / fwd+bwd | (pass 1 + pass 2) / fwd+bwd | fit tok/s | fwd+bwd tok/s | peak RSS fwd+bwd / fit (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         base = sum(r["baseline_seconds"]) / 2
         cov, eig, cor = r["covariance_seconds"], r["eigendecomposition_seconds"], r["correction_seconds"]
         lines.append(
-            f"| {r['model']} | {r['sequences']} × ≤{r['seq_len']} | {r['tokens']} | {base:.2f} "
+            f"| {r['model']} | {r.get('layers_per_pass', 'all')} | {r['sequences']} × ≤{r['seq_len']} | {r['tokens']} | {base:.2f} "
             f"({r['baseline_seconds'][0]:.2f}/{r['baseline_seconds'][1]:.2f}) | {r['fit_seconds']:.2f} | "
             f"**{r['fit_seconds'] / base:.2f}×** | {cov / base:.2f}× | {eig:.2f} | {cor / base:.2f}× | "
             f"{(cov + cor) / base:.2f}× | {r['tokens'] / r['fit_seconds']:.0f} | {r['tokens'] / base:.0f} | "
             f"{r['rss_mib']['baseline']} / {r['rss_mib']['fit']} |"
         )
     return "\n".join(lines)
+
+
+def eigh_times(sizes: list[int]) -> list[dict]:
+    """Seconds and peak RSS of attrib's float64 symmetric eigendecomposition of one n × n covariance."""
+    import torch
+
+    from attrib.factors import symmetric_eigh
+
+    results = []
+    for n in sizes:
+        samples = torch.randn(n, n // 2 + 1)
+        covariance = samples @ samples.T / samples.shape[1]
+        del samples
+        started = time.perf_counter()
+        symmetric_eigh(covariance)
+        results.append({"n": n, "seconds": round(time.perf_counter() - started, 2), "peak_rss_mib": round(peak_rss_mib())})
+        print(f"- eigh {n} × {n} (float64): {results[-1]['seconds']} s, peak RSS {results[-1]['peak_rss_mib']} MiB", flush=True)
+    return results
 
 
 def main() -> None:
@@ -220,8 +242,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models only, 32 sequences of 128 tokens")
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler op table of a second fit")
     parser.add_argument("--json", help="also write the raw results here")
+    parser.add_argument("--layers-per-pass", default=None,
+                        help="comma-separated values (e.g. all,3,1): one worker per value and model (peak RSS vs groups)")
+    parser.add_argument("--eigh", default=None, help="comma-separated sizes: time symmetric_eigh only (one thread)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+
+    if args.eigh:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        eigh_times([int(n) for n in args.eigh.split(",")])
+        return
 
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
@@ -238,10 +270,13 @@ def main() -> None:
     print(f"# bench_fit  torch {torch.__version__}, {os.cpu_count()} CPUs, {args.threads} threads, {args.dtype}, "
           f"seq_len {args.seq_len}, tokens/batch {args.tokens_per_batch}", flush=True)
     results = []
-    for name in models:
+    sweep = args.layers_per_pass.split(",") if args.layers_per_pass else [None]
+    for name, layers_per_pass in [(name, value) for name in models for value in sweep]:
         n = big if MODELS[name][1] >= 768 else small
         command = [sys.executable, __file__, "--worker", name, "--sequences", str(n), "--seq-len", str(args.seq_len),
                    "--tokens-per-batch", str(args.tokens_per_batch), "--threads", str(args.threads), "--dtype", args.dtype]
+        if layers_per_pass is not None:
+            command += ["--layers-per-pass", layers_per_pass]
         if args.profile:
             command.append("--profile")
         started = time.time()

@@ -13,7 +13,7 @@ saved, loaded with attrib's loader), a synthetic corpus in a temp JSONL:
 3. times `Scorer.score` over every candidate batch for Q = 1, 16, 64 at rank 32 and full
    rank, against a plain forward+backward (all parameters requiring grad,
    `loss.backward()`) of the same batches, measured before and after;
-4. `score_corpus` + `finalize_scores` end to end (Parquet output) for Q = 16, rank 32;
+4. `score_corpus` + `write_documents` end to end (Parquet output) for Q = 16, rank 32;
 5. Spearman / Pearson correlation of rank-8/32/128 sequence scores with full rank.
 
 Peak RSS per configuration: VmHWM after resetting it (/proc/self/clear_refs = 5).
@@ -97,8 +97,10 @@ def truncate(gradients, rank: int, queries: int):
     )
 
 
-def time_scoring(model, layers, gradients, sequence_batches, pad_id) -> tuple[float, float, "torch.Tensor"]:
-    """Seconds of Scorer.score over all candidate batches, peak RSS, and per-sequence scores [N, Q]."""
+def time_scoring(model, layers, gradients, sequence_batches, pad_id, tokens=True) -> tuple[float, float, "torch.Tensor"]:
+    """Seconds of Scorer.score over all candidate batches, peak RSS, and per-sequence scores [N, Q].
+
+    `tokens=False` asks for document and layer scores only (each layer takes the cheaper contraction)."""
     import torch
 
     from attrib.scoring import Scorer
@@ -109,8 +111,8 @@ def time_scoring(model, layers, gradients, sequence_batches, pad_id) -> tuple[fl
     totals = []
     started = time.perf_counter()
     for sequences in sequence_batches:
-        per_token, _ = scorer.score(sequences, pad_id, "cpu")
-        totals.append(per_token.sum(1))
+        _, per_layer = scorer.score(sequences, pad_id, "cpu", tokens=tokens)
+        totals.append(per_layer.sum(-1))
     elapsed = time.perf_counter() - started
     return elapsed, peak_rss_mib(), torch.cat(totals)
 
@@ -159,7 +161,7 @@ def main() -> None:
     from attrib.fit import FitSettings, fit_factors
     from attrib.models import find_tracked_layers, load_model, model_record
     from attrib.query_gradients import compute_query_gradients
-    from attrib.scoring import ScoreSettings, finalize_scores, score_corpus
+    from attrib.scoring import ScoreSettings, collect_tokens, score_corpus, top_documents, write_documents
     from attrib.storage import StageDir
 
     torch.set_num_threads(args.threads)
@@ -232,13 +234,16 @@ def main() -> None:
         for q in q_values:
             gradients = truncate(full, rank, q)
             limit = args.full_batch_limit if rank == 0 and q >= 64 else len(sequence_batches)
-            seconds, rss, scores = time_scoring(model, layers, gradients, sequence_batches[:limit], pad_id)
-            effective = gradients.left[0].shape[-1]
-            if limit == len(sequence_batches):
-                scores_by_rank.setdefault(rank, scores)
-            rows.append({"q": q, "rank": rank, "effective_rank": effective, "seconds": seconds, "rss": rss,
-                         "batches": limit, "tokens": sum(len(s) for b in sequence_batches[:limit] for s in b)})
-            print(f"  Q={q:3d} rank={rank or 'full'}: {seconds:.2f} s on {limit} batch(es)", flush=True)
+            for tokens in (True, False):
+                seconds, rss, scores = time_scoring(model, layers, gradients, sequence_batches[:limit], pad_id, tokens)
+                effective = gradients.left[0].shape[-1]
+                if limit == len(sequence_batches):
+                    scores_by_rank.setdefault(rank, scores)
+                rows.append({"q": q, "rank": rank, "effective_rank": effective, "seconds": seconds, "rss": rss,
+                             "batches": limit, "tokens": sum(len(s) for b in sequence_batches[:limit] for s in b),
+                             "path": "per token" if tokens else "documents only"})
+                print(f"  Q={q:3d} rank={rank or 'full'} {rows[-1]['path']}: {seconds:.2f} s on {limit} batch(es)",
+                      flush=True)
     baseline_batches.append(plain_forward_backward(model, collated))
     baseline = [sum(run) for run in baseline_batches]
     base = sum(baseline) / 2
@@ -264,7 +269,7 @@ def main() -> None:
         ])
         correlations.append((rank, spearman.mean(), spearman.min(), pearson.mean(), pearson.min(), overlap))
 
-    # End to end through score_corpus + finalize_scores (Parquet parts, token tables), Q = 16, rank 32.
+    # End to end through score_corpus + write_documents (Parquet parts, token tables), Q = 16, rank 32.
     e2e_q = min(16, max(q_values))
     gradients = truncate(full, 32, e2e_q)
     score_settings = ScoreSettings(max_length=args.seq_len, tokens_per_batch=args.tokens_per_batch)
@@ -272,7 +277,10 @@ def main() -> None:
     reset_peak_rss()
     started = time.perf_counter()
     score_corpus(model, tokenizer, layers, gradients, corpus, stage, score_settings, World())
-    finalize_scores(stage, gradients.query_ids, score_settings, None)
+    write_documents(stage, gradients.query_ids, None)
+    top = top_documents(stage, score_settings.token_scores_top, gradients.query_ids)
+    score_corpus(model, tokenizer, layers, gradients, corpus, stage, score_settings, World(), top, tokens_of_top=True)
+    collect_tokens(stage)
     e2e_seconds = time.perf_counter() - started
     e2e_rss = peak_rss_mib()
 
@@ -280,14 +288,14 @@ def main() -> None:
     print(f"plain forward+backward of the candidates: {base:.2f} s (runs {baseline[0]:.2f} / {baseline[1]:.2f}), "
           f"{tokens / base:.0f} tokens/s, peak RSS {baseline_rss:.0f} MiB; load avg {os.getloadavg()[0]:.1f}")
     print()
-    print("| Q | query rank | candidate tokens | scoring s | fwd+bwd s | scoring / fwd+bwd | tokens/s | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| Q | query rank | scores | candidate tokens | scoring s | fwd+bwd s | scoring / fwd+bwd | tokens/s | peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         rank = f"{row['rank']}" if row["rank"] else f"full ({row['effective_rank']})"
         row_base = base_of(row["batches"])
-        print(f"| {row['q']} | {rank} | {row['tokens']} | {row['seconds']:.2f} | {row_base:.2f} | "
+        print(f"| {row['q']} | {rank} | {row['path']} | {row['tokens']} | {row['seconds']:.2f} | {row_base:.2f} | "
               f"**{row['seconds'] / row_base:.2f}×** | {row['tokens'] / row['seconds']:.0f} | {row['rss']:.0f} |")
-    print(f"| {e2e_q} | 32, `score_corpus` + `finalize_scores` (Parquet out) | {tokens} | {e2e_seconds:.2f} | "
+    print(f"| {e2e_q} | 32 | `attrib query`'s two passes (Parquet out, tokens of the top 100) | {tokens} | {e2e_seconds:.2f} | "
           f"{base:.2f} | **{e2e_seconds / base:.2f}×** | {tokens / e2e_seconds:.0f} | {e2e_rss:.0f} |")
     print()
     print(f"Agreement with full rank over {len(sequences)} candidate sequences, {real} queries "

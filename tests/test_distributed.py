@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,3 +56,40 @@ def test_two_processes_equal_one(tmp_path, model_dirs, corpus_file):
     token_files = sorted(p.name for p in (two_scores / "tokens").glob("part-*.parquet"))
     assert any("-r001-" in name for name in token_files)  # rank 1 wrote its own parts
     assert pq.read_table(two_scores / "tokens").num_rows == pq.read_table(one_scores / "tokens").num_rows
+
+
+@pytest.mark.slow
+def test_two_processes_with_layer_groups_equal_one(tmp_path, model_dirs, corpus_file):
+    """Two groups of layers, checkpoints after every part, eigendecompositions spread over the
+    ranks (layer i on rank i mod 2): the factors equal one process's, and each eigenbasis is
+    bit for bit what one process computes from the same covariance file."""
+    from attrib.fit import decompose_layer
+    from attrib.models import find_tracked_layers, load_model
+
+    outs = {}
+    for processes in (1, 2):
+        out = tmp_path / f"factors{processes}"
+        fit = attrib_command(["fit-factors", "--model", model_dirs["gpt2"], "--corpus", corpus_file, "--out", out,
+                              "--max-length", "24", "--docs-per-part", "3", "--tokens-per-batch", "48",
+                              "--layers-per-pass", "3", "--checkpoint-every", "0"], processes)
+        assert fit.returncode == 0, fit.stderr[-3000:]
+        outs[processes] = out
+    files = ["covariance-g000.safetensors", "covariance-g001.safetensors", "eigen-g000.safetensors",
+             "eigen-g001.safetensors", "lambda-g000.safetensors", "lambda-g001.safetensors"]
+    for out in outs.values():
+        assert sorted(json.loads((out / "manifest.json").read_text())["files"]) == files
+        assert not (out / "checkpoints").exists() and not (out / "eigen-parts").exists()
+    for name in files:
+        one, two = load_tensors(outs[1] / name), load_tensors(outs[2] / name)
+        assert one.keys() == two.keys()
+        for key in one:
+            if key.endswith("eigenvectors"):
+                continue  # bases of nearly equal eigenvalues may rotate; checked below against the same input
+            assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-5 * float(one[key].abs().max())), key
+    model, _ = load_model(str(model_dirs["gpt2"]), "float32", "cpu")
+    layers = find_tracked_layers(model)
+    eigen = {**load_tensors(outs[2] / files[2]), **load_tensors(outs[2] / files[3])}
+    for index, layer in enumerate(layers):
+        decompose_layer(outs[2] / files[index // 3], layer, tmp_path / "again.safetensors", "cpu")
+        for key, value in load_tensors(tmp_path / "again.safetensors").items():
+            assert torch.equal(value, eigen[key]), key

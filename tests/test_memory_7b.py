@@ -6,7 +6,7 @@ directly with the diagonal strategy (Λ per layer, no eigenbases): eigendecompos
 11008-wide matrices takes minutes on this machine, and the query stages' memory does not
 depend on how Λ was fitted — the prediction counts eigenbases for rotating strategies.
 Peak RSS is measured in a subprocess (VmHWM of the child) and must not exceed
-`predict_peak_bytes`, which must not exceed it by more than 60% either (so a prediction
+`attrib.memory`'s prediction (what `attrib inspect` prints), which must not exceed it by more than 60% either (so a prediction
 that ignores the model or the dense gradients would fail).
 """
 
@@ -72,30 +72,32 @@ def _peak_rss_bytes(args) -> int:
 
 @pytest.mark.slow
 def test_query_stages_stay_within_predicted_peak_memory(one_block):
-    from attrib.query_gradients import queries_per_batch
-    from attrib.query_stage import parse_memory, predict_peak_bytes
+    from attrib import memory
 
-    root, layers = one_block["root"], one_block["layers"]
+    root = one_block["root"]
+    shape = memory.ModelShape.from_config(one_block["config"], one_block["parameters"])
+    layers = memory.layer_shapes(one_block["layers"])
     budget = "1200MiB"  # two queries' dense gradients of the widest layer, three copies each
-    per_batch = min(64, queries_per_batch(layers, parse_memory(budget, "cpu")))
+    per_batch = memory.queries_per_batch(layers, memory.parse_bytes(budget, "--max-memory"))
     assert per_batch == 2
     common = ["--model", root / "model", "--factors", root / "factors", "--max-length", MAX_LENGTH,
               "--tokens-per-batch", TOKENS_PER_BATCH, "--max-memory", budget]
-    measured = _peak_rss_bytes(["query-gradients", *common, "--queries", root / "queries.jsonl", "--out", root / "qg"])
-    predicted = predict_peak_bytes(
-        "query-gradients", one_block["config"], layers, one_block["parameters"], 4,
-        min(TOKENS_PER_BATCH, per_batch * MAX_LENGTH), rank=32, queries_per_batch=per_batch, rotates=False,
-    )
-    report = {"query-gradients": (measured, predicted)}
-    measured = _peak_rss_bytes(["query", *common, "--query-gradients", root / "qg", "--corpus", root / "corpus.jsonl",
-                                "--docs-per-part", 4, "--out", root / "scores"])
-    predicted = predict_peak_bytes(
-        "query", one_block["config"], layers, one_block["parameters"], 4, TOKENS_PER_BATCH, rank=32,
-        queries_per_pass=QUERIES, docs_per_part=4, max_length=MAX_LENGTH,
-    )
-    report["query"] = (measured, predicted)
-    print(json.dumps({stage: {"measured_mib": m / 2**20, "predicted_mib": {k: v / 2**20 for k, v in p.items()}}
+    report = {
+        "query-gradients": (
+            _peak_rss_bytes(["query-gradients", *common, "--queries", root / "queries.jsonl", "--out", root / "qg"]),
+            memory.query_gradients(shape, layers, tokens_per_batch=TOKENS_PER_BATCH, dtype="float32", rank=32,
+                                   queries_per_batch=per_batch, max_length=MAX_LENGTH, rotates=False),
+        ),
+        "query": (
+            _peak_rss_bytes(["query", *common, "--query-gradients", root / "qg", "--corpus", root / "corpus.jsonl",
+                             "--docs-per-part", 4, "--out", root / "scores"]),
+            memory.query(shape, layers, tokens_per_batch=TOKENS_PER_BATCH, dtype="float32", rank=32,
+                         queries_per_pass=QUERIES, docs_per_part=4, max_length=MAX_LENGTH),
+        ),
+    }
+    print(json.dumps({stage: {"measured_mib": m / 2**20, "predicted_host_mib": p.host / 2**20,
+                              "terms_mib": {k: v / 2**20 for k, v in p.terms.items()}}
                       for stage, (m, p) in report.items()}, indent=1))
     for stage, (measured, predicted) in report.items():
-        assert measured <= predicted["total"], (stage, measured / 2**20, predicted)
-        assert predicted["total"] <= 1.6 * measured, (stage, measured / 2**20, predicted)
+        assert measured <= predicted.host, (stage, measured / 2**20, predicted)
+        assert predicted.host <= 1.6 * measured, (stage, measured / 2**20, predicted)

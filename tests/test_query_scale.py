@@ -206,3 +206,40 @@ def test_query_gradients_flags_that_conflict_with_given_gradients_are_refused(tm
     assert code == 0, err
     manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert manifest["query_gradients_settings"]["query_rank"] == 4
+
+
+def test_document_scores_by_sequence_gradient_equal_the_low_rank_contraction(tmp_path, model_dirs, corpus_file):
+    """On narrow layers ⟨P_q, Σ_t g_t a_tᵀ⟩ is cheaper than Σ_k σ_k (g_tᵀu_k)(v_kᵀa_t); both give the
+    same layer scores (float64: 1e-10 relative), for all queries and for a selection of them."""
+    from attrib.scoring import Scorer
+    from tests.test_query import training_sequences
+
+    model, tokenizer, layers, factors = fitted(tmp_path, model_dirs["llama"], corpus_file)
+    curvature = load_curvature(str(factors), layers, None)
+    gradients = compute_query_gradients(model, tokenizer, layers, QUERIES, curvature, 0, 24, 4096, "cpu")  # full rank
+    scorer = Scorer(model, layers, gradients, "cpu")
+    sequences = training_sequences(tokenizer, corpus_file)[:6]
+    width = max(len(s) for s in sequences)
+    assert all(scorer._gradient_is_cheaper(i, width, len(QUERIES)) for i in range(len(layers)))
+    for selection in (None, [2, 0]):
+        per_token, by_tokens = scorer.score(sequences, 0, "cpu", selection, tokens=True)
+        none, by_gradient = scorer.score(sequences, 0, "cpu", selection, tokens=False)
+        assert none is None
+        assert torch.allclose(by_gradient, by_tokens, rtol=1e-10, atol=1e-10 * float(by_tokens.abs().max()))
+        assert torch.allclose(per_token.sum(1), by_tokens.sum(-1), rtol=1e-10, atol=1e-12)
+
+
+def test_token_scores_of_the_top_documents_sum_to_their_document_scores(tmp_path, capsys, cli_setup):
+    """The second pass (per-token scores of the top K per query) adds up to the first pass's scores."""
+    code, _, err = run_cli(capsys, *cli_setup["base"], "--out", tmp_path / "scores")
+    assert code == 0, err
+    documents = _scores(tmp_path / "scores")
+    tokens = pq.read_table(tmp_path / "scores" / "tokens").to_pylist()
+    sums: dict = {}
+    for row in tokens:
+        key = (row["query_id"], row["doc_id"])
+        sums[key] = sums.get(key, 0.0) + sum(row["token_scores"])
+    assert set(sums) == {key for key, row in documents.items() if row["rank"] <= 2}
+    scale = max(abs(r["score"]) for r in documents.values())
+    for key, total in sums.items():
+        assert total == pytest.approx(documents[key]["score"], rel=1e-4, abs=1e-5 * scale)  # float32 token scores

@@ -7,9 +7,10 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.commands.options import (
-    Corpus, Device, Dtype, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Model, Modules, Out, Overwrite, Seed,
-    SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, checked_max_length, corpus_spec,
+    Corpus, Device, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Model, Modules, Out, Overwrite, Seed,
+    SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, checked_max_length, corpus_spec, parse_duration,
 )
+from attrib.memory import parse_bytes
 
 
 def fit_factors(
@@ -22,7 +23,19 @@ def fit_factors(
     max_sequences: Annotated[Optional[int], typer.Option(help="Fit on at most this many sequences.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Fit on at most this many tokens.")] = None,
     stats_dtype: Annotated[str, typer.Option(help="Accumulation dtype of the statistics: float32 or float64.")] = "float32",
-    docs_per_part: Annotated[int, typer.Option(help="Documents between checkpoints (resume granularity).")] = 2000,
+    docs_per_part: Annotated[int, typer.Option(help="Documents per part of the corpus (the resume granularity).")] = 2000,
+    layers_per_pass: Annotated[Optional[int], typer.Option(
+        help="Fit this many layers per pass over the corpus (bounds memory by a group; each group costs a pass). "
+             "Default: all in one pass, or what --max-memory allows.")] = None,
+    max_memory: Annotated[Optional[str], typer.Option(
+        help="Memory budget per process (device memory on a GPU, RAM on CPU), e.g. 80GiB: "
+             "--layers-per-pass is chosen to fit it (see `attrib inspect`).")] = None,
+    checkpoint_every: Annotated[str, typer.Option(
+        help="Checkpoint running sums this often (e.g. 10m, 1h; 0 = after every part), and at the end of every pass.")] = "10m",
+    tf32: Annotated[Optional[bool], typer.Option(
+        "--tf32/--no-tf32", help="TF32 matmuls for the float32 statistics (default: on with CUDA).")] = None,
+    collective_timeout: Annotated[str, typer.Option(
+        help="How long a process waits for the others in a collective (several processes).")] = "6h",
     tokens_per_batch: TokensPerBatch = 4096,
     max_length: MaxLength = None,
     long_documents: LongDocuments = "chunk",
@@ -34,7 +47,9 @@ def fit_factors(
     max_docs: MaxDocs = None,
     skip_bad_rows: SkipBadRows = False,
     split: Split = "train",
-    dtype: Dtype = "float32",
+    dtype: Annotated[str, typer.Option(
+        help="Model compute dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16. "
+             "Statistics accumulate in --stats-dtype.")] = "auto",
     device: Device = "auto",
     trust_remote_code: TrustRemoteCode = False,
     overwrite: Overwrite = False,
@@ -63,8 +78,16 @@ def fit_factors(
     spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents)
     model_source(model)  # a mistyped --model path is named before the corpus is read
     check_corpus(spec)  # a missing path, a wrong --text-field or a bad first row fail before any output exists
-    world = detect_world(device)
+    every = parse_duration(checkpoint_every, "--checkpoint-every")
+    timeout = parse_duration(collective_timeout, "--collective-timeout")
+    budget = parse_bytes(max_memory, "--max-memory") if max_memory is not None else None
+    if budget is not None and layers_per_pass is not None:
+        raise InputError("give --layers-per-pass or --max-memory, not both")
+    if timeout <= 0:
+        raise InputError("--collective-timeout must be positive")
+    world = detect_world(device, timeout=timeout)
     try:
+        dtype = default_dtype(dtype, world.device)
         lm, tokenizer = load_model(model, dtype, world.device, trust_remote_code)
         layers = find_tracked_layers(lm, modules)
         settings = FitSettings(
@@ -72,9 +95,12 @@ def fit_factors(
             max_length=max_length or default_max_length(lm.config, tokenizer),
             tokens_per_batch=tokens_per_batch, docs_per_part=docs_per_part,
             max_sequences=max_sequences, max_tokens=max_tokens, stats_dtype=stats_dtype,
-            seed=seed, world_size=world.size,
+            seed=seed, world_size=world.size, layers_per_pass=layers_per_pass,
+            tf32=str(world.device).startswith("cuda") if tf32 is None else tf32,
         )
         settings.validate()
+        if budget is not None:
+            settings.layers_per_pass = layers_for_budget(budget, lm, layers, settings, dtype, world.device)
         reading = {key: value for key, value in asdict(spec).items() if key not in ("source", "long_documents")}
         recorded = {**asdict(settings), "modules": modules, "dtype": dtype, "long_documents": long_documents,
                     "corpus_options": reading}
@@ -87,7 +113,7 @@ def fit_factors(
             message(f"{out} is already complete; use --overwrite to fit again")
             return
         with stage.guard():
-            manifest = run_fit(lm, tokenizer, layers, spec, stage, settings, world)
+            manifest = run_fit(lm, tokenizer, layers, spec, stage, settings, world, checkpoint_every=every)
         if world.is_main:
             counts = manifest["counts"]
             skipped = counts.get("rows_skipped") or {}
@@ -103,3 +129,33 @@ def fit_factors(
             )
     finally:
         world.close()
+
+
+def default_dtype(dtype: str, device: str) -> str:
+    """`auto`: bfloat16 compute on CUDA (statistics stay float32), float32 on CPU."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+def layers_for_budget(budget: int, lm, layers, settings, dtype: str, device: str) -> int | None:
+    """--layers-per-pass from --max-memory through attrib.memory's model of fit-factors."""
+    from attrib import memory
+    from attrib.errors import InputError
+
+    shape, shapes = memory.model_shape(lm), memory.layer_shapes(layers)
+    kind = "cpu" if str(device) == "cpu" else "cuda"
+
+    def predict(layers_per_pass):
+        return memory.fit_factors(
+            shape, shapes, tokens_per_batch=settings.tokens_per_batch, dtype=dtype, device=kind,
+            layers_per_pass=layers_per_pass, strategy=settings.strategy, fisher=settings.fisher,
+            stats_dtype=settings.stats_dtype,
+        )
+
+    try:
+        return memory.choose_layers_per_pass(budget, predict, len(layers), kind)
+    except ValueError as exc:
+        raise InputError(
+            f"--max-memory {budget / memory.GiB:.1f} GiB is too small: {exc}; lower --tokens-per-batch or raise --max-memory"
+        ) from None

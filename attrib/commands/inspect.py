@@ -1,29 +1,54 @@
-"""`attrib inspect`: what attrib would track in a model, and what its factors will cost."""
+"""`attrib inspect`: what attrib would track in a model, and the memory each stage will need."""
 
 from __future__ import annotations
 
-from attrib.commands.options import Device, Dtype, Model, Modules, TrustRemoteCode
+from typing import Annotated, Optional
+
+import typer
+
+from attrib.commands.options import Modules, Model, TokensPerBatch, TrustRemoteCode
+from attrib.memory import parse_bytes
 
 
 def inspect_model(
     model: Model,
     modules: Modules = None,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
+    tokens_per_batch: TokensPerBatch = 4096,
+    layers_per_pass: Annotated[Optional[int], typer.Option(help="Layers per pass of fit-factors (default: all).")] = None,
+    max_memory: Annotated[Optional[str], typer.Option(
+        help="Memory per process (device memory on a GPU, RAM on CPU), e.g. 80GiB: suggest --layers-per-pass.")] = None,
+    strategy: Annotated[str, typer.Option(help="ekfac, kfac, diagonal or identity.")] = "ekfac",
+    queries: Annotated[int, typer.Option(help="Queries of the planned query stages.")] = 16,
+    query_rank: Annotated[int, typer.Option(help="Rank of the query gradients (0 = full).")] = 32,
+    max_length: Annotated[int, typer.Option(help="Tokens per sequence of the planned run.")] = 512,
+    dtype: Annotated[str, typer.Option(help="Model compute dtype of the planned run: auto (bfloat16 on cuda), "
+                                            "float32, bfloat16 or float16.")] = "auto",
+    device: Annotated[str, typer.Option(help="Device of the planned run: cuda or cpu (nothing runs on it here).")] = "cuda",
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
-    """List the tracked layers with shapes, parameters and EK-FAC factor memory.
+    """List the tracked layers and predict each stage's peak memory, loading no weights.
 
-    Example: attrib inspect --model EleutherAI/pythia-410m
+    Works from a directory holding only config.json (and the tokenizer).
+    Example: attrib inspect --model EleutherAI/pythia-410m --max-memory 80GiB
     """
     import sys
 
     from rich.console import Console
     from rich.table import Table
 
-    from attrib.models import factor_bytes, find_tracked_layers, fingerprint, load_model
+    from attrib import memory
+    from attrib.commands.factors import default_dtype
+    from attrib.errors import InputError
+    from attrib.models import DTYPES, factor_bytes, find_tracked_layers, load_meta_model
 
-    lm, _ = load_model(model, dtype, device, trust_remote_code)
+    kind = "cpu" if device == "cpu" else "cuda"
+    dtype = default_dtype(dtype, kind)
+    if dtype not in DTYPES:
+        raise InputError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPES)}")
+    if layers_per_pass is not None and layers_per_pass < 1:
+        raise InputError("--layers-per-pass must be at least 1")
+    budget = parse_bytes(max_memory, "--max-memory") if max_memory is not None else None
+    lm = load_meta_model(model, trust_remote_code)
     layers = find_tracked_layers(lm, modules)
     table = Table(title=f"{model} ({lm.config.model_type}): {len(layers)} tracked layers")
     for column in ("module", "kind", "d_out", "d_in (+bias)", "parameters", "factors (MiB)"):
@@ -44,5 +69,56 @@ def inspect_model(
     table.add_row("total", "", "", "", f"{total_params:,}", f"{total_bytes / 2**20:,.1f}")
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
-    console.print(f"model parameters: {sum(p.numel() for p in lm.parameters()):,}")
-    console.print(f"fingerprint: {fingerprint(lm, layers)}")
+    shape, shapes = memory.model_shape(lm), memory.layer_shapes(layers)
+    console.print(f"model parameters: {shape.parameters:,}")
+    console.print("fingerprint: computed from the weights by fit-factors (inspect loads none)")
+
+    def predict(stage_layers_per_pass):
+        return memory.fit_factors(shape, shapes, tokens_per_batch=tokens_per_batch, dtype=dtype, device=kind,
+                                  layers_per_pass=stage_layers_per_pass, strategy=strategy)
+
+    peaks = Table(title=f"predicted peak memory per process ({kind}, {dtype}, --tokens-per-batch {tokens_per_batch})")
+    for column in ("stage", "layers per pass", "peak step", "device (GiB)", "host (GiB)", "largest terms (GiB)"):
+        peaks.add_column(column, justify="left" if column in ("stage", "peak step", "largest terms (GiB)") else "right")
+    for option in dict.fromkeys([layers_per_pass, None, 1]):
+        peak = predict(option)
+        terms = ", ".join(f"{name} {value / memory.GiB:.1f}" for name, value in
+                          sorted(peak.terms.items(), key=lambda item: -item[1])[:3])
+        peaks.add_row("fit-factors", "all" if option is None else str(option), peak.step,
+                      f"{peak.device / memory.GiB:.1f}" if kind == "cuda" else "-", f"{peak.host / memory.GiB:.1f}", terms)
+    per_batch, per_pass = _query_batching(shapes, queries, query_rank, budget, kind)
+    rotates = strategy in ("ekfac", "kfac")
+    for stage, peak, setting in (
+        ("query-gradients", memory.query_gradients(shape, shapes, tokens_per_batch=tokens_per_batch, dtype=dtype,
+                                                   device=kind, rank=query_rank, queries_per_batch=per_batch,
+                                                   max_length=max_length, rotates=rotates),
+         f"{per_batch} queries per batch"),
+        ("query", memory.query(shape, shapes, tokens_per_batch=tokens_per_batch, dtype=dtype, device=kind,
+                               rank=query_rank, queries_per_pass=per_pass, max_length=max_length),
+         f"{per_pass} of {queries} queries per pass"),
+    ):
+        terms = ", ".join(f"{name} {value / memory.GiB:.1f}" for name, value in
+                          sorted(peak.terms.items(), key=lambda item: -item[1])[:3])
+        peaks.add_row(stage, setting, peak.step, f"{peak.device / memory.GiB:.1f}" if kind == "cuda" else "-",
+                      f"{peak.host / memory.GiB:.1f}", terms)
+    console.print(peaks)
+    if budget is not None:
+        try:
+            chosen = memory.choose_layers_per_pass(budget, predict, len(layers), kind)
+        except ValueError as exc:
+            console.print(f"--max-memory {max_memory}: does not fit ({exc}); lower --tokens-per-batch or track fewer --modules")
+        else:
+            passes = 1 if chosen is None else -(-len(layers) // chosen)
+            console.print(f"--max-memory {max_memory}: fit-factors --layers-per-pass {chosen or len(layers)} "
+                          f"({passes} pass{'es' if passes > 1 else ''} over the corpus per step)")
+
+
+def _query_batching(shapes, queries: int, rank: int, budget: int | None, kind: str) -> tuple[int, int]:
+    """Queries per batch of query-gradients and per pass of query, as those commands choose them."""
+    from attrib import memory
+    from attrib.query_stage import DEFAULT_MEMORY
+
+    budget = budget or DEFAULT_MEMORY["cpu"]
+    per_batch = memory.queries_per_batch(shapes, budget, most=min(64, queries))
+    per_pass = max(1, min(queries, budget // memory.query_factor_bytes(shapes, rank)))
+    return per_batch, per_pass

@@ -65,3 +65,20 @@ def checked_max_length(max_length: int | None) -> int | None:
     if max_length is not None and max_length < 2:
         raise InputError(f"--max-length {max_length} must be at least 2 (a sequence of one token predicts nothing)")
     return max_length
+
+
+def parse_duration(text: str, option: str) -> float:
+    """Seconds from '90', '90s', '10m' or '2h' (0 is allowed)."""
+    from attrib.errors import InputError
+
+    units = {"s": 1, "m": 60, "h": 3600}
+    value = text.strip().lower()
+    scale = units.get(value[-1:], None)
+    number = value[:-1] if scale else value
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        raise InputError(f"{option} {text!r} is not a duration like 90s, 10m or 2h") from None
+    if seconds < 0:
+        raise InputError(f"{option} must not be negative")
+    return seconds

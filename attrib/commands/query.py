@@ -55,7 +55,7 @@ def _checked_queries(queries: str, tokenizer, max_length: int):
 def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, max_memory, layers, world):
     """QuerySettings from flags; the queries per batch follow from the memory budget."""
     from attrib.errors import InputError
-    from attrib.query_gradients import queries_per_batch
+    from attrib.memory import layer_shapes, queries_per_batch
     from attrib.query_stage import QuerySettings, parse_memory
 
     if damping is not None and damping_scale is not None:
@@ -64,7 +64,7 @@ def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_b
                              max_length=max_length, tokens_per_batch=tokens_per_batch, world_size=world.size)
     if damping_scale is not None:
         settings.damping_scale = damping_scale
-    settings.queries_per_batch = min(64, queries_per_batch(layers, parse_memory(max_memory, world.device)))
+    settings.queries_per_batch = queries_per_batch(layer_shapes(layers), parse_memory(max_memory, world.device))
     settings.validate()
     return settings
 

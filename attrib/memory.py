@@ -1,0 +1,315 @@
+"""Predicted peak memory of each stage, from shapes alone (DESIGN.md §3: a stage's peak is
+what `attrib inspect` predicts).
+
+Nothing here loads weights or imports torch: a stage is described by a `ModelShape` (read
+from a config), the tracked layers' `(name, d_in_folded, d_out)` and its settings, and each
+function returns a `StagePeak`: the device and host peaks, and the named terms of the device
+peak so a user sees what dominates. A new stage adds one function that builds its terms with
+the helpers below (`model_terms`, `activation_bytes`, `logit_bytes`) and registers it in STAGES.
+
+The per-token activation coefficients were measured on CPU (torch 2.13, transformers 5,
+sdpa attention) with Llama and GPT-2 blocks of several widths (docs/benchmarks.md,
+"Memory model"), then rounded up; they are upper bounds, not fits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+GiB = 2**30
+
+# Saved-for-backward activations per token and block, in elements of the model dtype:
+# ACT_HIDDEN × hidden + ACT_INTERMEDIATE × intermediate (frozen weights: linear layers keep
+# no inputs for weight gradients). Measured ≈ 11.7 h + 3.6 i; rounded up.
+ACT_HIDDEN = 14
+ACT_INTERMEDIATE = 5
+# A process that has imported torch and transformers and run a first batch (allocator
+# pools, kernels' workspaces): measured 0.55–0.8 GiB on CPU; CUDA adds its host context.
+PROCESS_HOST = {"cpu": int(1.0 * GiB), "cuda": int(3.0 * GiB)}
+# Device workspace beyond the named terms (allocator fragmentation, kernel workspaces).
+DEVICE_SLACK = 0.10
+NLL_CHUNK = 2048  # rows of the float32 log-softmax chunks in capture.label_nll
+SAMPLE_CHUNK = 256  # rows of Gumbel noise in capture.sample_labels
+CORRECTION_STEP_ELEMENTS = 2**24  # factors.STEP_ELEMENTS
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory of a causal LM depends on, read from its config."""
+
+    parameters: int
+    hidden: int
+    intermediate: int
+    blocks: int
+    vocab: int
+
+    @classmethod
+    def from_config(cls, config, parameters: int) -> ModelShape:
+        def first(*names, default=0):
+            for name in names:
+                value = getattr(config, name, None)
+                if value:
+                    return int(value)
+            return default
+
+        hidden = first("hidden_size", "n_embd", "d_model")
+        return cls(
+            parameters=parameters,
+            hidden=hidden,
+            intermediate=first("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
+            blocks=first("num_hidden_layers", "n_layer"),
+            vocab=first("vocab_size"),
+        )
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    d_in: int  # bias folded in
+    d_out: int
+
+
+@dataclass
+class StagePeak:
+    """Predicted peak bytes; `terms` name the parts of the device peak (of `step`, the step that peaks)."""
+
+    device: int
+    host: int
+    step: str
+    terms: dict[str, int] = field(default_factory=dict)
+    steps: dict[str, dict[str, int]] = field(default_factory=dict)  # every step's terms
+
+
+def parse_bytes(text: str, option: str) -> int:
+    """Bytes from '80GiB', '80G', '512MiB', '40GB' (GB = 10⁹, G and GiB = 2³⁰)."""
+    import re
+
+    from attrib.errors import InputError
+
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b?)\s*", text.lower())
+    if not match:
+        raise InputError(f"{option} {text!r} is not a size like 80GiB or 512MiB")
+    number, prefix, suffix = match.groups()
+    power = " kmgt".index(prefix) if prefix else 0
+    base = 1000 if suffix == "b" and prefix else 1024
+    try:
+        return int(float(number) * base**power)
+    except ValueError:
+        raise InputError(f"{option} {text!r} is not a size like 80GiB or 512MiB") from None
+
+
+def layer_shapes(layers) -> list[LayerShape]:
+    """LayerShapes of attrib.models.TrackedLayer objects."""
+    return [LayerShape(layer.name, layer.d_in_folded, layer.d_out) for layer in layers]
+
+
+def model_shape(model) -> ModelShape:
+    """The ModelShape of a loaded (or meta-device) model."""
+    return ModelShape.from_config(model.config, sum(p.numel() for p in model.parameters()))
+
+
+def model_terms(model: ModelShape, dtype: str) -> int:
+    return model.parameters * DTYPE_BYTES[dtype]
+
+
+def activation_bytes(model: ModelShape, tokens: int, dtype: str) -> int:
+    """Activations a forward keeps for the input-only backward of `tokens` padded tokens."""
+    per_token = (ACT_HIDDEN * model.hidden + ACT_INTERMEDIATE * model.intermediate) * model.blocks
+    return tokens * per_token * DTYPE_BYTES[dtype]
+
+
+def logit_bytes(model: ModelShape, tokens: int, dtype: str, sampled: bool) -> int:
+    """Logits and their gradient in the model dtype, plus the float32 chunks of the NLL and sampling."""
+    size = DTYPE_BYTES[dtype]
+    chunks = 3 * min(tokens, NLL_CHUNK) * model.vocab * 4
+    if sampled:
+        chunks = max(chunks, 2 * SAMPLE_CHUNK * model.vocab * 4)
+    return 2 * tokens * model.vocab * size + chunks
+
+
+def layer_groups(count: int, layers_per_pass: int | None) -> list[list[int]]:
+    """The same consecutive groups as attrib.fit.layer_groups."""
+    size = count if layers_per_pass is None else max(1, min(layers_per_pass, count))
+    return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
+
+
+def fit_factors(
+    model: ModelShape,
+    layers: list[LayerShape],
+    *,
+    tokens_per_batch: int,
+    dtype: str,
+    device: str = "cpu",
+    layers_per_pass: int | None = None,
+    strategy: str = "ekfac",
+    fisher: str = "true",
+    stats_dtype: str = "float32",
+) -> StagePeak:
+    """Peak of `attrib fit-factors`: the largest of its steps (covariance pass, one-layer
+    eigendecomposition, correction pass) for the largest layer group."""
+    stats = DTYPE_BYTES[stats_dtype]
+    weights = model_terms(model, dtype)
+    forward = activation_bytes(model, tokens_per_batch, dtype) + logit_bytes(
+        model, tokens_per_batch, dtype, sampled=fisher == "true"
+    )
+    steps: dict[str, dict[str, int]] = {}
+    groups = [[layers[i] for i in group] for group in layer_groups(len(layers), layers_per_pass)]
+    covariances = strategy in ("ekfac", "kfac")
+    if covariances:
+        steps["covariance"] = max(
+            (
+                {
+                    "weights": weights,
+                    "activations": forward,
+                    "covariance sums": sum(l.d_in**2 + l.d_out**2 for l in group) * stats,
+                    # a or g of one layer converted to the statistics dtype
+                    "statistics transient": tokens_per_batch * max(max(l.d_in, l.d_out) for l in group) * stats,
+                }
+                for group in groups
+            ),
+            key=lambda terms: sum(terms.values()),
+        )
+        widest = max(max(l.d_in, l.d_out) for l in layers)
+        smaller = max(min(l.d_in, l.d_out) for l in layers)
+        steps["eigendecomposition"] = {
+            "weights": weights,
+            # float32 covariance + float64 copy, its transpose, eigenvectors and workspace,
+            # beside the other side's float32 result
+            "eigendecomposition": widest**2 * (4 + 4 * 8) + smaller**2 * 4,
+        }
+    if strategy in ("ekfac", "diagonal"):
+        rotates = strategy == "ekfac"
+
+        def correction(group):
+            per_step = max(
+                min(8, max(1, CORRECTION_STEP_ELEMENTS // (l.d_in * l.d_out))) * l.d_in * l.d_out for l in group
+            )
+            return {
+                "weights": weights,
+                "activations": forward,
+                "eigenvectors": sum(l.d_in**2 + l.d_out**2 for l in group) * stats if rotates else 0,
+                "lambda sums": sum(l.d_in * l.d_out for l in group) * stats,
+                # every layer keeps its (rotated) input until backward
+                "kept inputs": sum(l.d_in for l in group) * tokens_per_batch * stats,
+                # per-sequence gradients, their rotations and squares; rotated g
+                "correction transient": 4 * per_step * stats + tokens_per_batch * max(l.d_out for l in group) * stats,
+            }
+
+        steps["correction"] = max((correction(g) for g in groups), key=lambda terms: sum(terms.values()))
+    if not steps:  # identity: nothing is fitted
+        steps["none"] = {"weights": weights}
+    return _peak(steps, device, weights, largest_tensor=max((max(l.d_in, l.d_out) ** 2 for l in layers), default=0) * 4)
+
+
+def step_device_bytes(terms: dict[str, int]) -> int:
+    """A step's device peak: its named terms plus DEVICE_SLACK."""
+    return int(sum(terms.values()) * (1 + DEVICE_SLACK))
+
+
+def _peak(steps: dict[str, dict[str, int]], device: str, weights: int, largest_tensor: int) -> StagePeak:
+    """The stage's peak over its steps. On CPU the host holds everything plus the process; on a
+    GPU the host holds the process, the weights while loading, and one float32 tensor per write."""
+    step, terms = max(steps.items(), key=lambda item: step_device_bytes(item[1]))
+    device_peak = step_device_bytes(terms)
+    if device == "cpu":
+        return StagePeak(device_peak, device_peak + PROCESS_HOST["cpu"], step, terms, steps)
+    return StagePeak(device_peak, PROCESS_HOST["cuda"] + weights + largest_tensor, step, terms, steps)
+
+
+def choose_layers_per_pass(budget: int, predict: Callable[[int | None], StagePeak], layers: int, device: str) -> int | None:
+    """The fewest passes (largest group) whose predicted peak fits `budget` bytes: None when
+    all layers fit in one pass; raises ValueError when not even one layer per pass fits."""
+
+    def peak(n):
+        result = predict(n)
+        return result.host if device == "cpu" else result.device
+
+    if peak(None) <= budget:
+        return None
+    for n in range(layers - 1, 0, -1):
+        if peak(n) <= budget:
+            return n
+    raise ValueError(f"one layer per pass needs {peak(1) / GiB:.1f} GiB")
+
+
+def query_factor_bytes(layers: list[LayerShape], rank: int) -> int:
+    """Bytes of one query's float32 factors over all layers (U, σ, V) at `rank` (0 = full)."""
+    total = 0
+    for l in layers:
+        r = min(l.d_out, l.d_in) if rank == 0 else min(rank, l.d_out, l.d_in)
+        total += r * (l.d_out + l.d_in + 1)
+    return total * 4
+
+
+def queries_per_batch(layers: list[LayerShape], budget: int, most: int = 64) -> int:
+    """Queries per batch of query-gradients: as many (up to `most`) as have the widest layer's dense
+    gradients, their rotation and the preconditioned result in `budget` bytes."""
+    widest = max(l.d_in * l.d_out for l in layers)
+    return max(1, min(most, budget // (3 * widest * 4)))
+
+
+def query_gradients(
+    model: ModelShape,
+    layers: list[LayerShape],
+    *,
+    tokens_per_batch: int,
+    dtype: str,
+    device: str = "cpu",
+    rank: int = 32,
+    queries_per_batch: int = 1,
+    max_length: int = 512,
+    rotates: bool = True,
+) -> StagePeak:
+    """Peak of `attrib query-gradients`: one batch of queries forward and backward, and inside the
+    backward one layer at a time its dense gradients, their preconditioning with that layer's
+    curvature (read just then) and the compression."""
+    tokens = min(tokens_per_batch, queries_per_batch * max_length)
+    weights = model_terms(model, dtype)
+    widest = max(l.d_in * l.d_out for l in layers)
+    terms = {
+        "weights": weights,
+        "activations": activation_bytes(model, tokens, dtype) + logit_bytes(model, tokens, dtype, sampled=False),
+        "kept inputs": sum(l.d_in for l in layers) * tokens * 4,
+        # the batch's dense gradients of one layer, their rotation and the preconditioned result
+        "dense query gradients": 3 * queries_per_batch * widest * 4,
+        "layer curvature": max(l.d_in * l.d_out + (l.d_in**2 + l.d_out**2 if rotates else 0) for l in layers) * 4,
+        "batch factors": queries_per_batch * query_factor_bytes(layers, rank),
+    }
+    return _peak({"query gradients": terms}, device, weights, largest_tensor=widest * 4)
+
+
+def query(
+    model: ModelShape,
+    layers: list[LayerShape],
+    *,
+    tokens_per_batch: int,
+    dtype: str,
+    device: str = "cpu",
+    rank: int = 32,
+    queries_per_pass: int = 1,
+    docs_per_part: int = 2000,
+    max_length: int = 512,
+    token_scores: bool = True,
+) -> StagePeak:
+    """Peak of `attrib query`: one pass of queries' factors on the device, a batch of training
+    sequences forward and backward with the kept projections, and the token scores of a part."""
+    weights = model_terms(model, dtype)
+    width = queries_per_pass * rank if rank else queries_per_pass * max(min(l.d_in, l.d_out) for l in layers)
+    terms = {
+        "weights": weights,
+        "activations": activation_bytes(model, tokens_per_batch, dtype)
+        + logit_bytes(model, tokens_per_batch, dtype, sampled=False),
+        "kept projections": sum(min(l.d_in, width) for l in layers) * tokens_per_batch * 4,
+        # the stacked factors on the device beside the host copy they were read into
+        "query factors": 2 * queries_per_pass * query_factor_bytes(layers, rank),
+        "token scores": 2 * tokens_per_batch * queries_per_pass * 4
+        + (docs_per_part * max_length * queries_per_pass * 4 if token_scores else 0),
+    }
+    return _peak({"scoring": terms}, device, weights, largest_tensor=max(l.d_in * l.d_out for l in layers) * 4)
+
+
+STAGES: dict[str, Callable[..., StagePeak]] = {
+    "fit-factors": fit_factors, "query-gradients": query_gradients, "query": query,
+}

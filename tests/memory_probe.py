@@ -1,0 +1,51 @@
+"""Run one fit-factors step in a fresh process and print its peak RSS beside attrib.memory's
+prediction (used by tests/test_memory.py; a subprocess so ru_maxrss is this step's alone).
+
+    python -m tests.memory_probe MODEL_DIR CORPUS OUT STEP LAYERS_PER_PASS TOKENS_PER_BATCH
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from dataclasses import asdict
+
+
+def main(model_dir: str, corpus: str, out: str, step: str, layers_per_pass: str, tokens_per_batch: str) -> None:
+    import torch
+
+    from attrib import memory
+    from attrib.data import CorpusSpec
+    from attrib.distributed import World
+    from attrib.fit import FitSettings, _PassRunner, correction_step, covariance_step
+    from attrib.factors import STRATEGY
+    from attrib.memory import layer_groups
+    from attrib.models import find_tracked_layers, load_model, model_record
+    from attrib.storage import StageDir
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(model_dir, "float32", "cpu")
+    layers = find_tracked_layers(model)
+    lpp = None if layers_per_pass == "all" else int(layers_per_pass)
+    strategy = "ekfac" if step == "covariance" else "diagonal"
+    settings = FitSettings(strategy=strategy, max_length=int(tokens_per_batch), tokens_per_batch=int(tokens_per_batch),
+                           layers_per_pass=lpp)
+    stage = StageDir(out, "fit-factors", asdict(settings), model_record(model_dir, model, layers), overwrite=True)
+    runner = _PassRunner(stage, model, tokenizer, CorpusSpec(corpus), settings, World(), checkpoint_every=1e9)
+    groups = layer_groups(len(layers), lpp)
+    if step == "covariance":
+        covariance_step(runner, layers, groups)
+    else:  # a whole diagonal fit: the correction pass without eigenbases
+        correction_step(runner, layers, groups, STRATEGY["diagonal"], None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    predicted = memory.fit_factors(
+        memory.model_shape(model), memory.layer_shapes(layers), tokens_per_batch=int(tokens_per_batch),
+        dtype="float32", device="cpu", layers_per_pass=lpp, strategy=strategy,
+    )
+    step_host = memory.step_device_bytes(predicted.steps[step]) + memory.PROCESS_HOST["cpu"]
+    print("RESULT " + json.dumps({"peak_rss": peak, "predicted_host": step_host, "terms": predicted.steps[step]}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
