@@ -590,20 +590,22 @@ def query_sequence(tokenizer, query: Query, max_length: int, prefix: list[int]) 
 # --- batches -----------------------------------------------------------------
 
 
-def pack_batches(sequences: list[Sequence], tokens_per_batch: int) -> list[list[int]]:
+def pack_batches(sequences: list[Sequence], tokens_per_batch: int, order: list[int] | None = None) -> list[list[int]]:
     """Group sequence indices into batches of at most `tokens_per_batch` padded tokens.
 
-    Sorting by length first keeps padding small.
+    Taken longest first by default (keeps padding small), or in the given `order`.
     """
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    if order is None:
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     batches: list[list[int]] = []
     current: list[int] = []
+    width = 0
     for index in order:
-        width = len(sequences[current[0]]) if current else len(sequences[index])
-        if current and (len(current) + 1) * width > tokens_per_batch:
+        if current and (len(current) + 1) * max(width, len(sequences[index])) > tokens_per_batch:
             batches.append(current)
-            current = []
+            current, width = [], 0
         current.append(index)
+        width = max(width, len(sequences[index]))
     if current:
         batches.append(current)
     return batches
@@ -638,8 +640,8 @@ class Part:
 
     index: int
     sequences: list[tuple[int, Sequence]]
-    texts: dict[int, str]  # of the wanted documents
-    documents: int = 0  # read, wanted or not
+    texts: dict[int, str]
+    documents: int = 0
 
 
 def iter_sequence_parts(
@@ -656,8 +658,8 @@ def iter_sequence_parts(
 
     Parts are fixed runs of `docs_per_part` documents, so a resumed run sees the
     same parts and indices as an uninterrupted one. Documents for which
-    `wanted(doc_index, doc_id)` is false are counted in their part but never
-    tokenized (candidates another query or process scores). `long_documents`
+    `wanted(doc_index, doc_id)` is false (candidates of other queries, documents of
+    other processes) are never tokenized and do not count towards a part. `long_documents`
     (default: the spec's) chunks or truncates documents longer than `max_length`.
     """
     require_fast_tokenizer(tokenizer)
@@ -667,11 +669,11 @@ def iter_sequence_parts(
     part = Part(0, [], {})
     sequence_index = tokens = 0
     for doc_index, doc in enumerate(iter_documents(spec, stats)):
-        skip = wanted is not None and not wanted(doc_index, doc.doc_id)
-        if not skip:
-            part.texts[doc_index] = doc.text
+        if wanted is not None and not wanted(doc_index, doc.doc_id):
+            continue
+        part.texts[doc_index] = doc.text
         part.documents += 1
-        for sequence in [] if skip else chunk_document(tokenizer, doc, max_length, prefix, long_documents):
+        for sequence in chunk_document(tokenizer, doc, max_length, prefix, long_documents):
             if caps.max_sequences is not None and sequence_index >= caps.max_sequences:
                 break
             if caps.max_tokens is not None and tokens + len(sequence) > caps.max_tokens:

@@ -243,13 +243,6 @@ def query_factor_bytes(layers: list[LayerShape], rank: int) -> int:
     return total * 4
 
 
-def queries_per_batch(layers: list[LayerShape], budget: int, most: int = 64) -> int:
-    """Queries per batch of query-gradients: as many (up to `most`) as have the widest layer's dense
-    gradients, their rotation and the preconditioned result in `budget` bytes."""
-    widest = max(l.d_in * l.d_out for l in layers)
-    return max(1, min(most, budget // (3 * widest * 4)))
-
-
 def query_gradients(
     model: ModelShape,
     layers: list[LayerShape],
@@ -308,6 +301,48 @@ def query(
         + (docs_per_part * max_length * queries_per_pass * 4 if token_scores else 0),
     }
     return _peak({"scoring": terms}, device, weights, largest_tensor=max(l.d_in * l.d_out for l in layers) * 4)
+
+
+def largest_fitting(predict: Callable[[int], StagePeak], budget: int, device: str, most: int) -> int:
+    """The largest n in [1, most] whose predicted peak (device memory on a GPU, host on CPU) fits
+    `budget`; 1 when none does (the stage then says what it needs)."""
+
+    def fits(n: int) -> bool:
+        peak = predict(n)
+        return (peak.host if device == "cpu" else peak.device) <= budget
+
+    low, high = 1, max(1, most)
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def query_batching(model: ModelShape, layers: list[LayerShape], *, queries: int, budget: int, tokens_per_batch: int,
+                   dtype: str, device: str, rank: int, max_length: int, rotates: bool = True,
+                   docs_per_part: int = 2000, most_per_batch: int = 64) -> tuple[int, int]:
+    """(queries per batch of query-gradients, queries per pass of query) whose predicted peaks fit `budget`."""
+    kind = "cpu" if device == "cpu" else "cuda"
+    per_batch = largest_fitting(
+        lambda n: query_gradients(model, layers, tokens_per_batch=tokens_per_batch, dtype=dtype, device=kind,
+                                  rank=rank, queries_per_batch=n, max_length=max_length, rotates=rotates),
+        budget, kind, min(most_per_batch, queries))
+    per_pass = largest_fitting(
+        lambda n: query(model, layers, tokens_per_batch=tokens_per_batch, dtype=dtype, device=kind, rank=rank,
+                        queries_per_pass=n, docs_per_part=docs_per_part, max_length=max_length),
+        budget, kind, queries)
+    return per_batch, per_pass
+
+
+def default_budget(device: str) -> int:
+    """Memory a query stage plans for without --max-memory: 90% of the GPU, or half of the host's RAM."""
+    import os
+
+    if str(device).startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(torch.device(device)).total_memory * 0.9)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
 STAGES: dict[str, Callable[..., StagePeak]] = {

@@ -18,7 +18,6 @@ from attrib.factors import DEFAULT_DAMPING_SCALE
 from attrib.progress import message
 
 QUERIES_FILE = "queries.jsonl"
-DEFAULT_MEMORY = {"cpu": 8 * 2**30}  # bytes for query factors and dense query gradients; CUDA: a quarter of the device
 
 
 @dataclass
@@ -42,19 +41,6 @@ class QuerySettings:
             raise InputError("--damping-scale must be positive (Λ + λ is divided by)")
         if self.max_length < 2 or self.tokens_per_batch < 1 or self.queries_per_batch < 1:
             raise InputError("--max-length must be at least 2 and --tokens-per-batch positive")
-
-
-def parse_memory(text: str | None, device: str) -> int:
-    """Bytes of `--max-memory` ('24GiB', '500MB', '8G'), or the default for the device."""
-    from attrib.memory import parse_bytes
-
-    if text is not None:
-        return parse_bytes(text, "--max-memory")
-    if str(device).startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_properties(torch.device(device)).total_memory // 4
-    return DEFAULT_MEMORY["cpu"]
 
 
 def queries_digest(queries) -> str:
@@ -125,7 +111,7 @@ class ScoreRequest:
 
 
 def run_query(out, model_spec: str, lm, tokenizer, layers, request: ScoreRequest, query_list, query_settings: QuerySettings,
-              score_settings, world: World, overwrite: bool = False, max_memory: int | None = None) -> dict | None:
+              score_settings, world: World, overwrite: bool = False) -> dict | None:
     """Score the corpus against the queries into `out`; returns the final manifest (None when already complete)."""
     from attrib.models import model_record
     from attrib.storage import StageDir, input_identity
@@ -146,12 +132,11 @@ def run_query(out, model_spec: str, lm, tokenizer, layers, request: ScoreRequest
         return None
     with stage.guard():
         return _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, query_settings, score_settings,
-                      world, max_memory, record)
+                      world, record)
 
 
 def _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, query_settings, score_settings, world,
-           max_memory, record):
-    from attrib.memory import layer_shapes, query_factor_bytes
+           record):
     from attrib.query_gradients import QueryGradientStore
     from attrib.score_tables import DOCUMENTS
     from attrib.scoring import collect_tokens, discard_parts, score_corpus, top_documents, write_documents
@@ -170,9 +155,6 @@ def _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, q
         from attrib.candidates import open_candidates
 
         candidates = open_candidates(request.candidates, store.query_ids)
-    if score_settings.queries_per_pass == 0 and max_memory is not None:
-        per_query = query_factor_bytes(layer_shapes(layers), gradients_manifest["settings"]["query_rank"])
-        score_settings.queries_per_pass = max(1, min(len(store.query_ids), max_memory // per_query))
     stats = score_corpus(lm, tokenizer, layers, store, request.corpus, stage, score_settings, world, candidates)
     world.barrier()
     counts = write_documents(stage, store.query_ids, candidates) if world.is_main else {}

@@ -47,9 +47,10 @@ class Scorer:
         self.num_queries = len(gradients.query_ids)
         self.rank = [s.shape[-1] for s in gradients.sigma]
         self.compute = torch.promote_types(next(model.parameters()).dtype, gradients.left[0].dtype)
-        # Per layer the queries' factors side by side: [d_out, Q·r], [d_in, Q·r], [Q·r].
-        self.left = [u.permute(1, 0, 2).reshape(u.shape[1], -1).to(device, self.compute) for u in gradients.left]
-        self.right = [v.permute(1, 0, 2).reshape(v.shape[1], -1).to(device, self.compute) for v in gradients.right]
+        # Per layer the queries' factors query-major, so selecting queries gathers rows:
+        # U as [Q·r, d_out], V as [Q·r, d_in], σ as [Q·r].
+        self.left = [u.mT.reshape(-1, u.shape[1]).to(device, self.compute) for u in gradients.left]
+        self.right = [v.mT.reshape(-1, v.shape[1]).to(device, self.compute) for v in gradients.right]
         self.sigma = [s.reshape(-1).to(device, self.compute) for s in gradients.sigma]
         # Per layer the dense P_q flattened [Q, d_out·d_in], where it fits DENSE_BYTES.
         self.dense = [
@@ -65,13 +66,13 @@ class Scorer:
         return self.dense[index] is not None and (seq + count) * d_in * d_out < low_rank
 
     def _columns(self, queries: torch.Tensor | None):
-        """Per layer (left, right, σ) restricted to the columns of `queries` (all when None)."""
+        """Per layer (U, V, σ) of `queries` (all when None): [q·r, d_out], [q·r, d_in], [q·r]."""
         if queries is None:
             return list(zip(self.left, self.right, self.sigma))
         out = []
         for left, right, sigma, rank in zip(self.left, self.right, self.sigma, self.rank):
-            columns = (queries[:, None] * rank + torch.arange(rank, device=queries.device)).reshape(-1)
-            out.append((left[:, columns], right[:, columns], sigma[columns]))
+            rows = (queries[:, None] * rank + torch.arange(rank, device=queries.device)).reshape(-1)
+            out.append((left.index_select(0, rows), right.index_select(0, rows), sigma.index_select(0, rows)))
         return out
 
     def score(self, sequences: list[Sequence], pad_id: int, device, queries: list[int] | None = None, tokens: bool = True):
@@ -87,12 +88,12 @@ class Scorer:
         by_gradient = [not tokens and self._gradient_is_cheaper(i, seq, count) for i in range(len(self.layers))]
 
         # keep a's projection [batch, seq, q·r] until backward where it is smaller than a
-        project_early = [not by_gradient[i] and factors[i][1].shape[1] <= layer.d_in_folded
+        project_early = [not by_gradient[i] and factors[i][1].shape[0] <= layer.d_in_folded
                          for i, layer in enumerate(self.layers)]
 
         def keep(index: int, a: torch.Tensor) -> torch.Tensor:
             a = a.to(self.compute)
-            return a @ factors[index][1] if project_early[index] else a
+            return a @ factors[index][1].T if project_early[index] else a
 
         def contract(index: int, kept: torch.Tensor, g: torch.Tensor) -> None:
             g = g.to(self.compute)
@@ -101,8 +102,8 @@ class Scorer:
                 layer_scores[:, :, index] = torch.bmm(g.mT, kept).flatten(1) @ dense.T  # ⟨P_q, G_n⟩
                 return
             left, right, sigma = factors[index]
-            projected_a = kept if project_early[index] else kept @ right
-            per_token = ((g @ left) * projected_a * sigma).view(batch, seq, count, -1).sum(-1)  # [batch, seq, q]
+            projected_a = kept if project_early[index] else kept @ right.T
+            per_token = ((g @ left.T) * projected_a * sigma).view(batch, seq, count, -1).sum(-1)  # [batch, seq, q]
             if tokens:
                 token_scores.add_(per_token)
             layer_scores[:, :, index] = per_token.sum(1)
@@ -221,14 +222,10 @@ class _PartScores:
 
 
 def _batches_sharing_queries(sequences: list[Sequence], wanted: list[np.ndarray], tokens_per_batch: int) -> list[list[int]]:
-    """Batches of sequences grouped by their first wanting query, so a batch selects few query columns."""
-    by_query: dict[int, list[int]] = {}
-    for index, queries in enumerate(wanted):
-        by_query.setdefault(int(queries[0]), []).append(index)
-    batches = []
-    for members in by_query.values():
-        batches += [[members[i] for i in batch] for batch in pack_batches([sequences[i] for i in members], tokens_per_batch)]
-    return batches
+    """Full batches in the order of each sequence's first wanting query (then longest first), so a
+    batch selects few query columns and still fills `tokens_per_batch`."""
+    order = sorted(range(len(sequences)), key=lambda i: (int(wanted[i][0]), -len(sequences[i])))
+    return pack_batches(sequences, tokens_per_batch, order)
 
 
 def score_corpus(

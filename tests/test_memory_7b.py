@@ -77,16 +77,23 @@ def test_query_stages_stay_within_predicted_peak_memory(one_block):
     root = one_block["root"]
     shape = memory.ModelShape.from_config(one_block["config"], one_block["parameters"])
     layers = memory.layer_shapes(one_block["layers"])
-    budget = "1200MiB"  # two queries' dense gradients of the widest layer, three copies each
-    per_batch = memory.queries_per_batch(layers, memory.parse_bytes(budget, "--max-memory"))
-    assert per_batch == 2
+    def predicted_gradients(per_batch):
+        return memory.query_gradients(shape, layers, tokens_per_batch=TOKENS_PER_BATCH, dtype="float32", rank=32,
+                                      queries_per_batch=per_batch, max_length=MAX_LENGTH, rotates=False)
+
+    # a budget that holds two queries per batch but not three: --max-memory picks 2
+    budget = f"{(predicted_gradients(2).host + predicted_gradients(3).host) // 2 // 2**20}MiB"
+    per_batch, per_pass = memory.query_batching(
+        shape, layers, queries=QUERIES, budget=memory.parse_bytes(budget, "--max-memory"),
+        tokens_per_batch=TOKENS_PER_BATCH, dtype="float32", device="cpu", rank=32, max_length=MAX_LENGTH,
+        rotates=False, docs_per_part=4)
+    assert per_batch == 2 and per_pass == QUERIES
     common = ["--model", root / "model", "--factors", root / "factors", "--max-length", MAX_LENGTH,
               "--tokens-per-batch", TOKENS_PER_BATCH, "--max-memory", budget]
     report = {
         "query-gradients": (
             _peak_rss_bytes(["query-gradients", *common, "--queries", root / "queries.jsonl", "--out", root / "qg"]),
-            memory.query_gradients(shape, layers, tokens_per_batch=TOKENS_PER_BATCH, dtype="float32", rank=32,
-                                   queries_per_batch=per_batch, max_length=MAX_LENGTH, rotates=False),
+            predicted_gradients(per_batch),
         ),
         "query": (
             _peak_rss_bytes(["query", *common, "--query-gradients", root / "qg", "--corpus", root / "corpus.jsonl",

@@ -86,8 +86,12 @@ def inspect_model(
                           sorted(peak.terms.items(), key=lambda item: -item[1])[:3])
         peaks.add_row("fit-factors", "all" if option is None else str(option), peak.step,
                       f"{peak.device / memory.GiB:.1f}" if kind == "cuda" else "-", f"{peak.host / memory.GiB:.1f}", terms)
-    per_batch, per_pass = _query_batching(shapes, queries, query_rank, budget, kind)
     rotates = strategy in ("ekfac", "kfac")
+    per_batch, per_pass = min(64, queries), queries  # what the stages do when everything fits
+    if budget is not None:
+        per_batch, per_pass = memory.query_batching(
+            shape, shapes, queries=queries, budget=budget, tokens_per_batch=tokens_per_batch, dtype=dtype, device=kind,
+            rank=query_rank, max_length=max_length, rotates=rotates)
     for stage, peak, setting in (
         ("query-gradients", memory.query_gradients(shape, shapes, tokens_per_batch=tokens_per_batch, dtype=dtype,
                                                    device=kind, rank=query_rank, queries_per_batch=per_batch,
@@ -111,14 +115,3 @@ def inspect_model(
             passes = 1 if chosen is None else -(-len(layers) // chosen)
             console.print(f"--max-memory {max_memory}: fit-factors --layers-per-pass {chosen or len(layers)} "
                           f"({passes} pass{'es' if passes > 1 else ''} over the corpus per step)")
-
-
-def _query_batching(shapes, queries: int, rank: int, budget: int | None, kind: str) -> tuple[int, int]:
-    """Queries per batch of query-gradients and per pass of query, as those commands choose them."""
-    from attrib import memory
-    from attrib.query_stage import DEFAULT_MEMORY
-
-    budget = budget or DEFAULT_MEMORY["cpu"]
-    per_batch = memory.queries_per_batch(shapes, budget, most=min(64, queries))
-    per_pass = max(1, min(queries, budget // memory.query_factor_bytes(shapes, rank)))
-    return per_batch, per_pass

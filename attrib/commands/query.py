@@ -52,11 +52,10 @@ def _checked_queries(queries: str, tokenizer, max_length: int):
     return query_list
 
 
-def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, max_memory, layers, world):
-    """QuerySettings from flags; the queries per batch follow from the memory budget."""
+def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world):
+    """QuerySettings from flags (queries per batch are set from the memory budget by `_batching`)."""
     from attrib.errors import InputError
-    from attrib.memory import layer_shapes, queries_per_batch
-    from attrib.query_stage import QuerySettings, parse_memory
+    from attrib.query_stage import QuerySettings
 
     if damping is not None and damping_scale is not None:
         raise InputError("give either --damping (absolute) or --damping-scale (relative), not both")
@@ -64,12 +63,27 @@ def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_b
                              max_length=max_length, tokens_per_batch=tokens_per_batch, world_size=world.size)
     if damping_scale is not None:
         settings.damping_scale = damping_scale
-    settings.queries_per_batch = queries_per_batch(layer_shapes(layers), parse_memory(max_memory, world.device))
     settings.validate()
     return settings
 
 
-MaxMemory = Annotated[Optional[str], typer.Option(help="Memory for query factors and dense query gradients, e.g. 24GiB (default: 8GiB on CPU, a quarter of the GPU).")]
+def _batching(lm, layers, factors, queries: int, rank: int, max_memory, settings, world, docs_per_part=2000):
+    """(queries per batch, queries per pass) whose predicted peaks fit --max-memory (default: 90% of
+    the GPU, half of the host's RAM on CPU); see attrib.memory and `attrib inspect`."""
+    from attrib import memory
+    from attrib.storage import open_input
+
+    budget = memory.parse_bytes(max_memory, "--max-memory") if max_memory else memory.default_budget(world.device)
+    strategy = open_input(factors, "fit-factors", option="--factors")["settings"]["strategy"]
+    return memory.query_batching(
+        memory.model_shape(lm), memory.layer_shapes(layers), queries=queries, budget=budget,
+        tokens_per_batch=settings.tokens_per_batch, dtype=str(next(lm.parameters()).dtype).removeprefix("torch."),
+        device=str(world.device), rank=rank, max_length=settings.max_length, rotates=strategy in ("ekfac", "kfac"),
+        docs_per_part=docs_per_part,
+    )
+
+
+MaxMemory = Annotated[Optional[str], typer.Option(help="Memory per process the stage may plan for, e.g. 80GiB: sets the queries per batch and per pass (default: 90% of the GPU, half the RAM on CPU).")]
 
 
 def query_gradients(
@@ -100,8 +114,10 @@ def query_gradients(
     world, lm, tokenizer, layers = _load(model, factors, dtype, device, trust_remote_code)
     try:
         max_length = max_length or default_max_length(lm.config, tokenizer)
-        settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, max_memory, layers, world)
+        settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world)
         query_list = _checked_queries(queries, tokenizer, max_length)
+        settings.queries_per_batch, _ = _batching(lm, layers, factors, len(query_list), settings.query_rank, max_memory,
+                                                  settings, world)
         run_query_gradients(out, model, lm, tokenizer, layers, factors, query_list, settings, world, overwrite)
         message(f"query gradients written to {out}")
     finally:
@@ -147,7 +163,7 @@ def query(
     query_rank: Annotated[Optional[int], typer.Option(help="Rank of each preconditioned query gradient (0 = full; default 32).")] = None,
     damping: Damping = None,
     damping_scale: DampingScale = None,
-    queries_per_pass: Annotated[int, typer.Option(help="Queries scored per pass over the corpus (0: as many as --max-memory allows).")] = 0,
+    queries_per_pass: Annotated[int, typer.Option(help="Queries scored per pass over the corpus (0: as many as --max-memory allows; more passes cost more time, not memory).")] = 0,
     max_memory: MaxMemory = None,
     docs_per_part: Annotated[int, typer.Option(help="Documents per output part (resume granularity).")] = 2000,
     tokens_per_batch: TokensPerBatch = 4096,
@@ -171,7 +187,7 @@ def query(
     from attrib.data import check_corpus, default_max_length
     from attrib.errors import InputError
     from attrib.prefilter import check_candidates_chunking
-    from attrib.query_stage import ScoreRequest, parse_memory, run_query
+    from attrib.query_stage import ScoreRequest, run_query
     from attrib.scoring import ScoreSettings
     from attrib.storage import open_input
 
@@ -195,13 +211,21 @@ def query(
         max_length = max_length or default_max_length(lm.config, tokenizer)
         if candidates_manifest is not None:
             check_candidates_chunking(candidates_manifest, tokenizer, max_length, long_documents)
-        query_settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, max_memory,
-                                         layers, world)
-        query_list = _checked_queries(queries, tokenizer, max_length) if query_gradients_dir is None else None
-        score_settings = ScoreSettings(max_length, tokens_per_batch, docs_per_part, top, queries_per_pass, world.size)
+        query_settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world)
+        if query_gradients_dir is None:
+            query_list = _checked_queries(queries, tokenizer, max_length)
+            count, rank = len(query_list), query_settings.query_rank
+        else:
+            query_list = None
+            recorded = open_input(query_gradients_dir, "query-gradients", option="--query-gradients")
+            count, rank = len(recorded["queries"]), recorded["settings"]["query_rank"]
+        per_batch, per_pass = _batching(lm, layers, factors, count, rank, max_memory, query_settings, world, docs_per_part)
+        query_settings.queries_per_batch = per_batch
+        score_settings = ScoreSettings(max_length, tokens_per_batch, docs_per_part, top, queries_per_pass or per_pass,
+                                       world.size)
         request = ScoreRequest(factors, spec, queries, query_gradients_dir, candidates, prefilter)
         manifest = run_query(out, model, lm, tokenizer, layers, request, query_list, query_settings, score_settings,
-                             world, overwrite, parse_memory(max_memory, world.device))
+                             world, overwrite)
         if manifest is not None:
             _print_top(out)
     finally:
