@@ -138,7 +138,7 @@ def run_query(out, model_spec: str, lm, tokenizer, layers, request: ScoreRequest
 def _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, query_settings, score_settings, world,
            record):
     from attrib.query_gradients import QueryGradientStore
-    from attrib.score_tables import DOCUMENTS
+    from attrib.score_tables import DOCUMENTS, SUMMARY
     from attrib.scoring import collect_tokens, discard_parts, score_corpus, top_documents, write_documents
     from attrib.storage import open_input
 
@@ -157,7 +157,7 @@ def _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, q
         candidates = open_candidates(request.candidates, store.query_ids)
     stats = score_corpus(lm, tokenizer, layers, store, request.corpus, stage, score_settings, world, candidates)
     world.barrier()
-    counts = write_documents(stage, store.query_ids, candidates) if world.is_main else {}
+    counts = write_documents(stage, store.query_ids, candidates, score_settings.documents_top) if world.is_main else {}
     world.barrier()
     if score_settings.token_scores_top > 0:
         top = top_documents(stage, score_settings.token_scores_top, store.query_ids)
@@ -165,7 +165,7 @@ def _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, q
         world.barrier()
     if not world.is_main:
         return None
-    files = [DOCUMENTS] + collect_tokens(stage)
+    files = [DOCUMENTS, SUMMARY] + collect_tokens(stage)
     extra = _unscored_candidates(stage, candidates) if candidates is not None else {}
     manifest = stage.complete(
         {**counts, "rows_skipped": stats.skipped, **extra},

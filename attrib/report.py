@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attrib.errors import InputError
-from attrib.score_tables import DOCUMENTS
+from attrib.score_tables import DOCUMENTS, SUMMARY
 
 LEVELS = 10  # colour steps per sign; more would not be told apart by eye
 RANK_PLOT_POINTS = 160  # points per curve in the rank plot, whatever the corpus size
@@ -158,7 +158,11 @@ def chunk_segments(text: str, starts: list[int], ends: list[int], scores: list[f
 
 
 def score_distribution(run: ScoresRun, query_id: str, points: int = RANK_PLOT_POINTS) -> ScoreDistribution:
-    """All document scores of one query, reduced to log-spaced ranks (only the score column is read)."""
+    """One query's document scores, reduced to log-spaced ranks (only the score column is read).
+
+    documents.parquet may keep only the most positive and most negative documents of a query;
+    the count and the positive mass of all of them then come from summary.parquet.
+    """
     import numpy as np
     import pyarrow.dataset as ds
 
@@ -167,11 +171,16 @@ def score_distribution(run: ScoresRun, query_id: str, points: int = RANK_PLOT_PO
     scores = np.sort(column.to_numpy(zero_copy_only=False).astype(np.float64))[::-1]
     positive = scores[scores > 0]
     negative = -scores[scores < 0][::-1]
+    count, positive_mass = scores.size, positive.sum()
+    if (run.path / SUMMARY).is_file():
+        summary = ds.dataset(str(run.path / SUMMARY)).to_table(filter=ds.field("query_id") == query_id).to_pylist()
+        if summary:
+            count, positive_mass = summary[0]["documents"], summary[0]["positive_sum"]
     share = None
-    if positive.size:
-        top = max(1, math.ceil(0.01 * scores.size))
-        share = float(positive[:top].sum() / positive.sum())
-    return ScoreDistribution(int(scores.size), _log_thinned(positive, points), _log_thinned(negative, points), share)
+    if positive.size and positive_mass > 0:
+        top = max(1, math.ceil(0.01 * count))
+        share = float(positive[:top].sum() / positive_mass)
+    return ScoreDistribution(int(count), _log_thinned(positive, points), _log_thinned(negative, points), share)
 
 
 def _log_thinned(values, points: int) -> list[tuple[int, float]]:

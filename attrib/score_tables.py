@@ -9,6 +9,9 @@ tokens/part-NNNNN.parquet — one row per (query, document, chunk) whose tokens 
     token_ids list<int32>, tokens list<str> (each token's text, text[start:end]),
     token_start / token_end list<int32> (character offsets into `text`),
     token_scores list<float32> (per-token influence; they sum to the chunk's score).
+summary.parquet — one row per query, over every scored document (also those documents.parquet
+    leaves out when it keeps only each query's most positive and most negative documents):
+    query_id str, documents int64, mean float64, std float64, positive_sum float64.
 The manifest also lists the queries ({"id", "prompt", "completion"}) and layer names.
 Scores are positive when training on the document makes the completion more likely.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 DOCUMENTS = "documents.parquet"
+SUMMARY = "summary.parquet"
 TOKENS_DIR = "tokens"
 
 

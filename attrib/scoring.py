@@ -25,7 +25,7 @@ from attrib.distributed import World
 from attrib.models import TrackedLayer
 from attrib.progress import progress
 from attrib.query_gradients import QueryGradients, QueryGradientStore
-from attrib.score_tables import DOCUMENTS, TOKENS_DIR, documents_schema, tokens_schema
+from attrib.score_tables import DOCUMENTS, SUMMARY, TOKENS_DIR, documents_schema, tokens_schema
 from attrib.storage import StageDir
 
 PARTS_DIR = "parts"
@@ -121,6 +121,7 @@ class ScoreSettings:
     docs_per_part: int = 2000
     token_scores_top: int = 100  # -1: every scored document; 0: none
     queries_per_pass: int = 0  # 0: all queries in one pass
+    documents_top: int = 0  # per query, keep the K most positive and K most negative documents; 0: all
     world_size: int = 1
 
 
@@ -178,12 +179,17 @@ class _PartScores:
         np.add.at(layers, inverse, np.concatenate(self.layers))
         return keys % len(self.query_ids), keys // len(self.query_ids), layers
 
-    def documents_table(self):
-        """This part's (query, document) rows: scores summed over the document's chunks here."""
+    def documents_table(self, top: int = 0):
+        """This part's (query, document) rows, scores summed over the document's chunks; with `top`,
+        only each query's `top` most positive and `top` most negative documents (the global ones
+        are among them, as every chunk of a document is in its part)."""
         import pyarrow as pa
 
         query, doc_index, layers = self.documents()
         scores = layers.sum(1)
+        if top > 0:
+            keep = _tails(query, doc_index, scores, top)
+            query, doc_index, layers, scores = query[keep], doc_index[keep], layers[keep], scores[keep]
         doc_ids = np.array([self.doc_ids[i] for i in doc_index], dtype=object)
         return pa.Table.from_arrays(
             [
@@ -196,6 +202,21 @@ class _PartScores:
             ],
             schema=_documents_part_schema(),
         )
+
+    def summary_table(self):
+        """Per query of this part: documents scored, Σ score, Σ score², Σ of the positive scores."""
+        import pyarrow as pa
+
+        query, _, layers = self.documents()
+        scores = layers.sum(1)
+        size = len(self.query_ids)
+        return pa.table({
+            "query_id": pa.array(self.query_ids, pa.string()),
+            "documents": pa.array(np.bincount(query, minlength=size), pa.int64()),
+            "sum": pa.array(np.bincount(query, scores, minlength=size), pa.float64()),
+            "sum_squares": pa.array(np.bincount(query, scores**2, minlength=size), pa.float64()),
+            "positive_sum": pa.array(np.bincount(query, np.maximum(scores, 0), minlength=size), pa.float64()),
+        })
 
     def tokens_table(self, part: Part):
         """One row per scored (query, chunk): the chunk's tokens, their offsets and per-token scores."""
@@ -219,6 +240,15 @@ class _PartScores:
                     tokens["token_end"].append([max(e - begin, 0) for _, e in sequence.offsets])
                     tokens["token_scores"].append(scores[row, : len(sequence), column_of[query]])
         return pa.Table.from_pydict(tokens, schema=tokens_schema())
+
+
+def _tails(query: np.ndarray, doc_index: np.ndarray, scores: np.ndarray, top: int) -> np.ndarray:
+    """Row indices of each query's `top` highest and `top` lowest scores (ties by document order)."""
+    order = np.lexsort((doc_index, -scores, query))
+    grouped = query[order]
+    position = np.arange(len(order)) - np.searchsorted(grouped, grouped)
+    size = np.bincount(grouped)[grouped] if len(grouped) else grouped
+    return order[(position < top) | (position >= size - top)]
 
 
 def _batches_sharing_queries(sequences: list[Sequence], wanted: list[np.ndarray], tokens_per_batch: int) -> list[list[int]]:
@@ -276,7 +306,9 @@ def score_corpus(
                                       keep_tokens, bar)
                 if keep_tokens:
                     _write(stage.file(names(part.index).replace(kind, f"{kind}-tokens", 1)), results.tokens_table(part))
-                _write(stage.file(names(part.index)), results.documents_table())
+                if not tokens_of_top:
+                    _write(stage.file(names(part.index).replace(kind, "summary", 1)), results.summary_table())
+                _write(stage.file(names(part.index)), results.documents_table(settings.documents_top))
         if first == 0:
             stats = pass_stats
     return stats
@@ -337,23 +369,46 @@ def _score_part(scorer, part, first, pass_ids, candidates, in_pass, settings, pa
     return results
 
 
-def write_documents(stage: StageDir, query_ids: list[str], candidates: CandidateIndex | None) -> dict:
-    """documents.parquet from the document parts: ranked per query, with prefilter ranks; returns counts."""
+def write_documents(stage: StageDir, query_ids: list[str], candidates: CandidateIndex | None,
+                    documents_top: int = 0) -> dict:
+    """documents.parquet and summary.parquet from the parts: documents ranked per query (1 = most
+    positive; with `documents_top`, only the K most positive and K most negative, at their ranks
+    among all scored documents), with prefilter ranks; per query the count, mean, standard
+    deviation and positive mass of all scores. Returns counts."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as ds
 
+    summary = ds.dataset([str(stage.file(p)) for p in stage.parts(f"{PARTS_DIR}/summary-*.parquet")]).to_table()
+    summary = summary.group_by("query_id").aggregate(
+        [("documents", "sum"), ("sum", "sum"), ("sum_squares", "sum"), ("positive_sum", "sum")])
+    count = summary["documents_sum"].to_numpy().astype(np.float64)
+    mean = summary["sum_sum"].to_numpy() / np.maximum(count, 1)
+    variance = np.maximum(summary["sum_squares_sum"].to_numpy() / np.maximum(count, 1) - mean**2, 0)
+    summary = pa.table({"query_id": summary["query_id"], "documents": summary["documents_sum"], "mean": mean,
+                        "std": np.sqrt(variance), "positive_sum": summary["positive_sum_sum"]}).sort_by("query_id")
+    _write(stage.file(SUMMARY), summary)
+
     document_parts = stage.parts(f"{PARTS_DIR}/documents-q*.parquet")
     table = ds.dataset([str(stage.file(p)) for p in document_parts], schema=_documents_part_schema()).to_table()
+    if documents_top > 0:
+        codes = pc.dictionary_encode(table["query_id"].combine_chunks()).indices.to_numpy(zero_copy_only=False)
+        keep = _tails(codes.astype(np.int64), table["doc_index"].to_numpy(), table["score"].to_numpy(), documents_top)
+        table = table.take(pa.array(np.sort(keep)))
     table = table.sort_by([("query_id", "ascending"), ("score", "descending"), ("doc_index", "ascending")])
     query_codes = pc.dictionary_encode(table["query_id"].combine_chunks()).indices.to_numpy(zero_copy_only=False)
     rows = np.arange(len(query_codes))
-    ranks = (rows - np.searchsorted(query_codes, query_codes) + 1).astype(np.int32)
+    position = rows - np.searchsorted(query_codes, query_codes)
+    kept = np.bincount(query_codes)[query_codes] if len(rows) else rows
+    scored = dict(zip(summary["query_id"].to_pylist(), summary["documents"].to_pylist()))
+    total = np.array([scored[q] for q in table["query_id"].to_pylist()], dtype=np.int64) if len(rows) else rows
+    upper = position < documents_top if documents_top else np.ones(len(rows), bool)
+    ranks = np.where(upper, position + 1, total - (kept - position) + 1)  # the lower tail: ranks among all scored
     final = pa.table({
         "query_id": table["query_id"],
         "doc_id": table["doc_id"],
         "score": table["score"],
-        "rank": pa.array(ranks, pa.int32()),
+        "rank": pa.array(ranks.astype(np.int32), pa.int32()),
         "order": pa.array(rows, pa.int64()),
         "layer_scores": table["layer_scores"],
     })
@@ -364,7 +419,8 @@ def write_documents(stage: StageDir, query_ids: list[str], candidates: Candidate
     else:
         final = final.append_column("prefilter_rank", pa.nulls(len(final), pa.int32()))
     _write(stage.file(DOCUMENTS), final.select(documents_schema().names).cast(documents_schema()))
-    return {"rows": len(final), "documents_scored": len(pc.unique(final["doc_id"])), "queries": len(query_ids)}
+    scored_documents = len(pc.unique(final["doc_id"])) if candidates is not None else max(scored.values(), default=0)
+    return {"rows": len(final), "documents_scored": scored_documents, "queries": len(query_ids)}
 
 
 def top_documents(stage: StageDir, top: int, query_ids: list[str]) -> CandidateIndex:

@@ -9,7 +9,7 @@ Rows (each optional, `--rows 1,2,3,4`):
 2. narrow model, many queries: a Llama of hidden 96 / MLP 256 with 40 queries; `Scorer.score` over
    every candidate batch at full rank and at rank 32 / a plain forward+backward of the same batches;
 3. many queries: 1,000 queries × 10 candidate documents each (10,000 pairs) on the bench model
-   (hidden 512, MLP 2048, 4 layers); `score_corpus` + `finalize_scores` time per scored candidate
+   (hidden 512, MLP 2048, 4 layers); `attrib query`'s scoring passes: time per scored candidate
    token / a plain forward+backward of those tokens, and peak RSS;
 4. peak RSS of `attrib query-gradients` and `attrib query` (CLI, subprocess, rusage of the child)
    on one block of real 7B widths (hidden 4096, MLP 11008, vocab 1024, random init).
@@ -144,17 +144,24 @@ def worker_narrow(spec: dict) -> dict:
     plain_forward_backward(model, collated[:1])
     base = [plain_forward_backward(model, collated)]
     out = {"tokens": sum(len(s) for s in sequences), "sequences": len(sequences), "batches": len(batches), "rows": []}
+    import inspect
+
+    # since the cheaper contraction: document and layer scores alone (what `attrib query`'s first pass
+    # computes) beside per-token scores; before it, only per-token scores existed
+    paths = [True, False] if "tokens" in inspect.signature(Scorer.score).parameters else [True]
     for rank in spec["ranks"]:
         gradients = load_gradients(spec["gradients"], query_ids, rank)
         scorer = Scorer(model, layers, gradients, "cpu")
-        scorer.score(batches[0][:2], pad_id, "cpu")  # warm-up
-        reset_peak_rss()
-        started = time.perf_counter()
-        for batch in batches:
-            scorer.score(batch, pad_id, "cpu")
-        seconds = time.perf_counter() - started
-        out["rows"].append({"rank": rank, "effective": gradients.left[0].shape[-1], "seconds": seconds,
-                            "rss": peak_rss_mib()})
+        for tokens in paths:
+            options = {} if len(paths) == 1 else {"tokens": tokens}
+            scorer.score(batches[0][:2], pad_id, "cpu", **options)  # warm-up
+            reset_peak_rss()
+            started = time.perf_counter()
+            for batch in batches:
+                scorer.score(batch, pad_id, "cpu", **options)
+            seconds = time.perf_counter() - started
+            out["rows"].append({"rank": rank, "effective": gradients.left[0].shape[-1], "seconds": seconds,
+                                "rss": peak_rss_mib(), "scores": "per token" if tokens else "documents and layers"})
     base.append(plain_forward_backward(model, collated))
     out["fwd_bwd"] = base
     return out
@@ -185,7 +192,8 @@ def worker_many(spec: dict) -> dict:
     from attrib.data import CorpusSpec, collate, iter_sequence_parts, pack_batches
     from attrib.distributed import World
     from attrib.models import find_tracked_layers, load_model, model_record
-    from attrib.scoring import ScoreSettings, finalize_scores, score_corpus
+    import attrib.scoring as scoring
+    from attrib.scoring import ScoreSettings, score_corpus
     from attrib.storage import StageDir
 
     model, tokenizer = load_model(spec["model"], dtype="float32", device="cpu")
@@ -215,9 +223,15 @@ def worker_many(spec: dict) -> dict:
     reset_peak_rss()
     started = time.perf_counter()
     source = _ViewStore(gradients) if new else gradients  # after: read per pass as from a query-gradients store
-    score_corpus(model, tokenizer, layers, source, CorpusSpec(spec["corpus"], id_field="id"), stage, settings,
-                 World(), candidates)
-    result = finalize_scores(stage, query_ids, settings, candidates)
+    corpus = CorpusSpec(spec["corpus"], id_field="id")
+    score_corpus(model, tokenizer, layers, source, corpus, stage, settings, World(), candidates)
+    if hasattr(scoring, "write_documents"):  # since the two passes: documents, then tokens of the top ones
+        result = {"counts": scoring.write_documents(stage, query_ids, candidates)}
+        top = scoring.top_documents(stage, settings.token_scores_top, query_ids)
+        score_corpus(model, tokenizer, layers, source, corpus, stage, settings, World(), top, tokens_of_top=True)
+        scoring.collect_tokens(stage)
+    else:
+        result = scoring.finalize_scores(stage, query_ids, settings, candidates)
     seconds = time.perf_counter() - started
     rss = peak_rss_mib()
     rows = pq.read_table(stage.file("documents.parquet")).num_rows
@@ -493,19 +507,19 @@ def row_narrow(args, work: Path, trees: dict[str, str]) -> list[str]:
         f"Llama hidden 96, MLP 256, 2 layers, 6 heads, vocab 512 (the demo's width); identity-basis EK-FAC; "
         f"{args.narrow_docs} synthetic documents of 60 words; {args.threads} thread(s); date {DATE}.",
         "",
-        "| code | query rank | candidate tokens | scoring s | fwd+bwd s | scoring / fwd+bwd | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| code | query rank | scores | candidate tokens | scoring s | fwd+bwd s | scoring / fwd+bwd | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, tree in trees.items():
         result = run_worker(tree, "narrow", spec, args.threads)
         if "error" in result:
-            lines.append(f"| {name} | – | – | – | – | failed: {result['error']} | – |")
+            lines.append(f"| {name} | – | – | – | – | – | failed: {result['error']} | – |")
             continue
         base = sum(result["fwd_bwd"]) / 2
         for row in result["rows"]:
             rank = f"full ({row['effective']})" if row["rank"] == 0 else str(row["rank"])
-            lines.append(f"| {name} | {rank} | {result['tokens']} | {row['seconds']:.2f} | {base:.2f} | "
-                         f"**{row['seconds'] / base:.2f}×** | {row['rss']:.0f} |")
+            lines.append(f"| {name} | {rank} | {row.get('scores', 'per token')} | {result['tokens']} | "
+                         f"{row['seconds']:.2f} | {base:.2f} | **{row['seconds'] / base:.2f}×** | {row['rss']:.0f} |")
         print("  " + lines[-1], flush=True)
     lines.append("")
     lines.append("kronfluence beside it: not measured in this run.")

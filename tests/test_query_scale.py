@@ -243,3 +243,37 @@ def test_token_scores_of_the_top_documents_sum_to_their_document_scores(tmp_path
     scale = max(abs(r["score"]) for r in documents.values())
     for key, total in sums.items():
         assert total == pytest.approx(documents[key]["score"], rel=1e-4, abs=1e-5 * scale)  # float32 token scores
+
+
+def test_without_candidates_documents_keep_both_tails_at_their_ranks_and_a_summary(tmp_path, model_dirs, corpus_file):
+    """Keeping each query's K most positive and K most negative documents (the default without
+    candidates, K = 1,000) keeps exactly those rows of the full table, at the same ranks, and
+    summary.parquet has the count, mean, std and positive mass of all scores."""
+    from attrib.scoring import ScoreSettings, score_corpus, write_documents
+
+    model, tokenizer, layers, factors = fitted(tmp_path, model_dirs["gpt2"], corpus_file)
+    gradients = compute_query_gradients(model, tokenizer, layers, QUERIES, load_curvature(str(factors), layers, None),
+                                        4, 24, 4096, "cpu")
+    tables = {}
+    for top in (0, 3):
+        settings = ScoreSettings(max_length=24, docs_per_part=5, token_scores_top=0, documents_top=top)
+        stage = StageDir(tmp_path / f"scores-{top}", "query", asdict(settings), model_record("m", model, layers))
+        score_corpus(model, tokenizer, layers, gradients, CorpusSpec(str(corpus_file)), stage, settings, World())
+        write_documents(stage, gradients.query_ids, None, top)
+        tables[top] = (pq.read_table(stage.path / "documents.parquet").to_pylist(),
+                       pq.read_table(stage.path / "summary.parquet").to_pylist())
+    (every, every_summary), (tails, tails_summary) = tables[0], tables[3]
+    for a, b in zip(every_summary, tails_summary):  # Arrow sums parts in any order: equal to rounding
+        assert a["query_id"] == b["query_id"] and a["documents"] == b["documents"]
+        assert all(a[k] == pytest.approx(b[k], rel=1e-12) for k in ("mean", "std", "positive_sum"))
+    for query in QUERIES:
+        full = [r for r in every if r["query_id"] == query.query_id]
+        kept = [r for r in tails if r["query_id"] == query.query_id]
+        expected = [r for r in full if r["rank"] <= 3 or r["rank"] > len(full) - 3]
+        assert [(r["doc_id"], r["rank"]) for r in kept] == [(r["doc_id"], r["rank"]) for r in expected]
+        scores = torch.tensor([r["score"] for r in full], dtype=torch.float64)
+        summary = next(s for s in tails_summary if s["query_id"] == query.query_id)
+        assert summary["documents"] == len(full) == 12
+        assert summary["mean"] == pytest.approx(float(scores.mean()), rel=1e-9)
+        assert summary["std"] == pytest.approx(float(scores.std(unbiased=False)), rel=1e-6)
+        assert summary["positive_sum"] == pytest.approx(float(scores.clamp(min=0).sum()), rel=1e-9)

@@ -12,6 +12,7 @@ from attrib.commands.options import (
 )
 
 Factors = Annotated[str, typer.Option(help="Output directory of `attrib fit-factors`.")]
+DOCUMENTS_TOP = 1000  # without candidates: each query's most positive and most negative documents kept
 QueryRank = Annotated[int, typer.Option(help="Rank of each preconditioned query gradient (0 = full).")]
 Damping = Annotated[Optional[float], typer.Option(help="Damping λ, the same for every layer (default: --damping-scale × mean(Λ) per layer).")]
 DampingScale = Annotated[Optional[float], typer.Option(help="Damping as a multiple of each layer's mean eigenvalue (default 0.1; see docs/benchmarks.md).")]
@@ -163,6 +164,7 @@ def query(
     query_rank: Annotated[Optional[int], typer.Option(help="Rank of each preconditioned query gradient (0 = full; default 32).")] = None,
     damping: Damping = None,
     damping_scale: DampingScale = None,
+    keep_all_scores: Annotated[bool, typer.Option(help="Without candidates, keep every (query, document) score in documents.parquet (default: each query's 1,000 most positive and 1,000 most negative, plus summary.parquet).")] = False,
     queries_per_pass: Annotated[int, typer.Option(help="Queries scored per pass over the corpus (0: as many as --max-memory allows; more passes cost more time, not memory).")] = 0,
     max_memory: MaxMemory = None,
     docs_per_part: Annotated[int, typer.Option(help="Documents per output part (resume granularity).")] = 2000,
@@ -221,8 +223,9 @@ def query(
             count, rank = len(recorded["queries"]), recorded["settings"]["query_rank"]
         per_batch, per_pass = _batching(lm, layers, factors, count, rank, max_memory, query_settings, world, docs_per_part)
         query_settings.queries_per_batch = per_batch
+        every = keep_all_scores or candidates is not None or prefilter is not None
         score_settings = ScoreSettings(max_length, tokens_per_batch, docs_per_part, top, queries_per_pass or per_pass,
-                                       world.size)
+                                       0 if every else DOCUMENTS_TOP, world.size)
         request = ScoreRequest(factors, spec, queries, query_gradients_dir, candidates, prefilter)
         manifest = run_query(out, model, lm, tokenizer, layers, request, query_list, query_settings, score_settings,
                              world, overwrite)
