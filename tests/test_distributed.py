@@ -39,10 +39,15 @@ def test_two_processes_equal_one(tmp_path, model_dirs, corpus_file):
                               "--max-length", "24", "--docs-per-part", "5", "--tokens-per-batch", "48"], processes)
         assert fit.returncode == 0, fit.stderr[-3000:]
         query = attrib_command(["query", "--model", model, "--factors", factors, "--queries", queries, "--corpus", corpus_file,
-                                "--out", scores, "--max-length", "24", "--docs-per-part", "5", "--token-scores-top", "all"], processes)
+                                "--out", scores, "--max-length", "24", "--docs-per-part", "5", "--token-scores-top", "all",
+                                # a budget that fits nothing: one query per batch (the ranks split them) and per pass
+                                "--max-memory", "1MiB"], processes)
         assert query.returncode == 0, query.stderr[-3000:]
         results[processes] = (factors, scores)
     (one_factors, one_scores), (two_factors, two_scores) = results[1], results[2]
+    # one query per batch: two parts, computed by rank 0 and rank 1
+    assert sorted(p.name for p in (two_scores / "query-gradients").glob("query_gradients-*.safetensors")) == [
+        "query_gradients-00000.safetensors", "query_gradients-00001.safetensors"]
     for name in ("covariance", "lambda"):
         one, two = load_tensors(one_factors / f"{name}.safetensors"), load_tensors(two_factors / f"{name}.safetensors")
         assert one.keys() == two.keys()
