@@ -48,6 +48,11 @@ class CandidateIndex:
         chunks = self.pair_chunk[start:stop]
         return np.unique(self.pair_query[start:stop][(chunks < 0) | (chunks == chunk)])
 
+    def most_per_query(self) -> int:
+        """The most candidate documents any one query has."""
+        counts = self.table.group_by("query_id").aggregate([("doc_id", "count_distinct")])
+        return max(counts["doc_id_count_distinct"].to_pylist(), default=0)
+
     def document_ranks(self):
         """(query_id, doc_id, prefilter_rank) with the best rank over a document's chunks, as Arrow."""
         return self.table.group_by(["query_id", "doc_id"]).aggregate([("rank", "min")]).rename_columns(

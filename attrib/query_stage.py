@@ -138,8 +138,7 @@ def run_query(out, model_spec: str, lm, tokenizer, layers, request: ScoreRequest
 def _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, query_settings, score_settings, world,
            record):
     from attrib.query_gradients import QueryGradientStore
-    from attrib.score_tables import DOCUMENTS, SUMMARY
-    from attrib.scoring import collect_tokens, discard_parts, score_corpus, top_documents, write_documents
+    from attrib.scoring import discard_parts, score_documents_and_tokens
     from attrib.storage import open_input
 
     gradients_dir = request.query_gradients or str(Path(out) / "query-gradients")
@@ -155,17 +154,10 @@ def _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, q
         from attrib.candidates import open_candidates
 
         candidates = open_candidates(request.candidates, store.query_ids)
-    stats = score_corpus(lm, tokenizer, layers, store, request.corpus, stage, score_settings, world, candidates)
-    world.barrier()
-    counts = write_documents(stage, store.query_ids, candidates, score_settings.documents_top) if world.is_main else {}
-    world.barrier()
-    if score_settings.token_scores_top > 0:
-        top = top_documents(stage, score_settings.token_scores_top, store.query_ids)
-        score_corpus(lm, tokenizer, layers, store, request.corpus, stage, score_settings, world, top, tokens_of_top=True)
-        world.barrier()
+    stats, counts, files = score_documents_and_tokens(lm, tokenizer, layers, store, request.corpus, stage,
+                                                      score_settings, world, candidates)
     if not world.is_main:
         return None
-    files = [DOCUMENTS, SUMMARY] + collect_tokens(stage)
     extra = _unscored_candidates(stage, candidates) if candidates is not None else {}
     manifest = stage.complete(
         {**counts, "rows_skipped": stats.skipped, **extra},

@@ -150,8 +150,8 @@ class _PartScores:
         self.query: list[np.ndarray] = []
         self.layers: list[np.ndarray] = []
         self.sequences: list[Sequence] = []
-        self.pairs: list[list[int]] = []  # per sequence, the queries it was scored for
-        self.token_batches: list[tuple[np.ndarray, dict[int, int], int]] = []  # scores [b, s, q], query → column, first row
+        # per batch: token scores [b, s, q], its query positions [q], the scored pairs [b, q], its first sequence
+        self.token_batches: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
         self.doc_ids: dict[int, str] = {}
 
     def add(self, sequences, queries: np.ndarray, allowed: np.ndarray, per_token, per_layer) -> None:
@@ -164,9 +164,7 @@ class _PartScores:
         for sequence in sequences:
             self.doc_ids[sequence.doc_index] = sequence.doc_id
         if self.keep_tokens:
-            column_of = {int(q): c for c, q in enumerate(queries)}
-            self.token_batches.append((per_token.float().cpu().numpy(), column_of, len(self.sequences)))
-        self.pairs += [queries[row].tolist() for row in allowed]
+            self.token_batches.append((per_token.float().cpu().numpy(), queries, allowed, len(self.sequences)))
         self.sequences += sequences
 
     def documents(self):
@@ -179,19 +177,28 @@ class _PartScores:
         np.add.at(layers, inverse, np.concatenate(self.layers))
         return keys % len(self.query_ids), keys // len(self.query_ids), layers
 
-    def documents_table(self, top: int = 0):
-        """This part's (query, document) rows, scores summed over the document's chunks; with `top`,
-        only each query's `top` most positive and `top` most negative documents (the global ones
-        are among them, as every chunk of a document is in its part)."""
+    def tables(self, top: int = 0):
+        """This part's documents table — (query, document) rows, scores summed over the document's
+        chunks; with `top`, only each query's `top` most positive and `top` most negative documents
+        (the global ones are among them, as every chunk of a document is in its part) — and its
+        summary table: per query, documents scored, Σ score, Σ score², Σ of the positive scores."""
         import pyarrow as pa
 
         query, doc_index, layers = self.documents()
         scores = layers.sum(1)
+        size = len(self.query_ids)
+        summary = pa.table({
+            "query_id": pa.array(self.query_ids, pa.string()),
+            "documents": pa.array(np.bincount(query, minlength=size), pa.int64()),
+            "sum": pa.array(np.bincount(query, scores, minlength=size), pa.float64()),
+            "sum_squares": pa.array(np.bincount(query, scores**2, minlength=size), pa.float64()),
+            "positive_sum": pa.array(np.bincount(query, np.maximum(scores, 0), minlength=size), pa.float64()),
+        })
         if top > 0:
             keep = _tails(query, doc_index, scores, top)
             query, doc_index, layers, scores = query[keep], doc_index[keep], layers[keep], scores[keep]
         doc_ids = np.array([self.doc_ids[i] for i in doc_index], dtype=object)
-        return pa.Table.from_arrays(
+        documents = pa.Table.from_arrays(
             [
                 pa.array(self.query_ids[query], pa.string()),
                 pa.array(doc_ids, pa.string()),
@@ -202,35 +209,21 @@ class _PartScores:
             ],
             schema=_documents_part_schema(),
         )
-
-    def summary_table(self):
-        """Per query of this part: documents scored, Σ score, Σ score², Σ of the positive scores."""
-        import pyarrow as pa
-
-        query, _, layers = self.documents()
-        scores = layers.sum(1)
-        size = len(self.query_ids)
-        return pa.table({
-            "query_id": pa.array(self.query_ids, pa.string()),
-            "documents": pa.array(np.bincount(query, minlength=size), pa.int64()),
-            "sum": pa.array(np.bincount(query, scores, minlength=size), pa.float64()),
-            "sum_squares": pa.array(np.bincount(query, scores**2, minlength=size), pa.float64()),
-            "positive_sum": pa.array(np.bincount(query, np.maximum(scores, 0), minlength=size), pa.float64()),
-        })
+        return documents, summary
 
     def tokens_table(self, part: Part):
         """One row per scored (query, chunk): the chunk's tokens, their offsets and per-token scores."""
         import pyarrow as pa
 
         tokens = {field.name: [] for field in tokens_schema()}
-        for scores, column_of, first in self.token_batches:
+        for scores, queries, allowed, first in self.token_batches:
             for row in range(scores.shape[0]):
                 sequence = self.sequences[first + row]
                 text = part.texts[sequence.doc_index]
                 begin = min((s for s, e in sequence.offsets if e > s), default=0)
                 end = max((e for _, e in sequence.offsets), default=0)
-                for query in self.pairs[first + row]:
-                    tokens["query_id"].append(self.query_ids[query])
+                for column in np.flatnonzero(allowed[row]):
+                    tokens["query_id"].append(self.query_ids[queries[column]])
                     tokens["doc_id"].append(sequence.doc_id)
                     tokens["chunk"].append(sequence.chunk)
                     tokens["text"].append(text[begin:end])
@@ -238,7 +231,7 @@ class _PartScores:
                     tokens["tokens"].append([text[s:e] for s, e in sequence.offsets])
                     tokens["token_start"].append([max(s - begin, 0) for s, _ in sequence.offsets])
                     tokens["token_end"].append([max(e - begin, 0) for _, e in sequence.offsets])
-                    tokens["token_scores"].append(scores[row, : len(sequence), column_of[query]])
+                    tokens["token_scores"].append(scores[row, : len(sequence), column])
         return pa.Table.from_pydict(tokens, schema=tokens_schema())
 
 
@@ -268,18 +261,20 @@ def score_corpus(
     settings: ScoreSettings,
     world: World,
     candidates: CandidateIndex | None = None,
+    keep_tokens: bool = False,
     tokens_of_top: bool = False,
 ) -> RowStats:
     """Score this rank's share of the corpus, part files per (query pass, corpus part).
 
-    The first phase writes document and layer scores (and token scores too when every
-    scored document keeps them); with `tokens_of_top`, `candidates` are the top documents
-    per query and only their token scores are written (Grosse et al.'s second pass).
+    The first phase writes document and layer scores, and token scores too with `keep_tokens`
+    (worth it when every scored document keeps them); with `tokens_of_top`, `candidates` are
+    the top documents per query and only their token scores are written (Grosse et al.'s
+    second pass).
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     query_ids = store.query_ids
     per_pass = settings.queries_per_pass or len(query_ids)
-    keep_tokens = tokens_of_top or settings.token_scores_top < 0
+    keep_tokens = keep_tokens or tokens_of_top
     kind = "tokens-top" if tokens_of_top else "documents"
     stats = RowStats()
     for first in range(0, len(query_ids), per_pass):
@@ -306,9 +301,10 @@ def score_corpus(
                                       keep_tokens, bar)
                 if keep_tokens:
                     _write(stage.file(names(part.index).replace(kind, f"{kind}-tokens", 1)), results.tokens_table(part))
+                documents, summary = results.tables(settings.documents_top)
                 if not tokens_of_top:
-                    _write(stage.file(names(part.index).replace(kind, "summary", 1)), results.summary_table())
-                _write(stage.file(names(part.index)), results.documents_table(settings.documents_top))
+                    _write(stage.file(names(part.index).replace(kind, "summary", 1)), summary)
+                _write(stage.file(names(part.index)), documents)
         if first == 0:
             stats = pass_stats
     return stats
@@ -440,6 +436,29 @@ def collect_tokens(stage: StageDir) -> list[str]:
         target.parent.mkdir(parents=True, exist_ok=True)
         stage.file(part).replace(target)
     return stage.parts(f"{TOKENS_DIR}/part-*.parquet")
+
+
+def score_documents_and_tokens(model, tokenizer, layers, store, corpus, stage: StageDir, settings: ScoreSettings,
+                               world: World, candidates: CandidateIndex | None = None):
+    """The scoring stage's passes on every rank: document scores, documents.parquet (rank 0), then
+    per-token scores of the top documents. Returns (row stats, counts, files written) on rank 0.
+
+    Per-token scores come with the first pass when every scored document keeps them (all of them,
+    or no more candidates per query than `token_scores_top`); otherwise from a second pass over
+    the top documents alone.
+    """
+    top = settings.token_scores_top
+    all_kept = top < 0 or (top > 0 and candidates is not None and candidates.most_per_query() <= top)
+    stats = score_corpus(model, tokenizer, layers, store, corpus, stage, settings, world, candidates, keep_tokens=all_kept)
+    world.barrier()
+    counts = write_documents(stage, store.query_ids, candidates, settings.documents_top) if world.is_main else {}
+    world.barrier()
+    if top > 0 and not all_kept:
+        score_corpus(model, tokenizer, layers, store, corpus, stage, settings, world,
+                     top_documents(stage, top, store.query_ids), tokens_of_top=True)
+        world.barrier()
+    files = [DOCUMENTS, SUMMARY] + collect_tokens(stage) if world.is_main else []
+    return stats, counts, files
 
 
 def discard_parts(stage: StageDir) -> None:

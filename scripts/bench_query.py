@@ -13,7 +13,7 @@ saved, loaded with attrib's loader), a synthetic corpus in a temp JSONL:
 3. times `Scorer.score` over every candidate batch for Q = 1, 16, 64 at rank 32 and full
    rank, against a plain forward+backward (all parameters requiring grad,
    `loss.backward()`) of the same batches, measured before and after;
-4. `score_corpus` + `write_documents` end to end (Parquet output) for Q = 16, rank 32;
+4. `score_documents_and_tokens` (what `attrib query` runs) end to end (Parquet output) for Q = 16, rank 32;
 5. Spearman / Pearson correlation of rank-8/32/128 sequence scores with full rank.
 
 Peak RSS per configuration: VmHWM after resetting it (/proc/self/clear_refs = 5).
@@ -161,7 +161,7 @@ def main() -> None:
     from attrib.fit import FitSettings, fit_factors
     from attrib.models import find_tracked_layers, load_model, model_record
     from attrib.query_gradients import compute_query_gradients
-    from attrib.scoring import ScoreSettings, collect_tokens, score_corpus, top_documents, write_documents
+    from attrib.scoring import ScoreSettings, score_documents_and_tokens
     from attrib.storage import StageDir
 
     torch.set_num_threads(args.threads)
@@ -269,18 +269,14 @@ def main() -> None:
         ])
         correlations.append((rank, spearman.mean(), spearman.min(), pearson.mean(), pearson.min(), overlap))
 
-    # End to end through score_corpus + write_documents (Parquet parts, token tables), Q = 16, rank 32.
+    # End to end through score_documents_and_tokens (Parquet parts, token tables), Q = 16, rank 32.
     e2e_q = min(16, max(q_values))
     gradients = truncate(full, 32, e2e_q)
     score_settings = ScoreSettings(max_length=args.seq_len, tokens_per_batch=args.tokens_per_batch)
     stage = StageDir(work / "scores", "query", vars(score_settings), record, overwrite=True)
     reset_peak_rss()
     started = time.perf_counter()
-    score_corpus(model, tokenizer, layers, gradients, corpus, stage, score_settings, World())
-    write_documents(stage, gradients.query_ids, None)
-    top = top_documents(stage, score_settings.token_scores_top, gradients.query_ids)
-    score_corpus(model, tokenizer, layers, gradients, corpus, stage, score_settings, World(), top, tokens_of_top=True)
-    collect_tokens(stage)
+    score_documents_and_tokens(model, tokenizer, layers, gradients, corpus, stage, score_settings, World())
     e2e_seconds = time.perf_counter() - started
     e2e_rss = peak_rss_mib()
 

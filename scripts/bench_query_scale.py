@@ -193,7 +193,7 @@ def worker_many(spec: dict) -> dict:
     from attrib.distributed import World
     from attrib.models import find_tracked_layers, load_model, model_record
     import attrib.scoring as scoring
-    from attrib.scoring import ScoreSettings, score_corpus
+    from attrib.scoring import ScoreSettings
     from attrib.storage import StageDir
 
     model, tokenizer = load_model(spec["model"], dtype="float32", device="cpu")
@@ -224,13 +224,12 @@ def worker_many(spec: dict) -> dict:
     started = time.perf_counter()
     source = _ViewStore(gradients) if new else gradients  # after: read per pass as from a query-gradients store
     corpus = CorpusSpec(spec["corpus"], id_field="id")
-    score_corpus(model, tokenizer, layers, source, corpus, stage, settings, World(), candidates)
-    if hasattr(scoring, "write_documents"):  # since the two passes: documents, then tokens of the top ones
-        result = {"counts": scoring.write_documents(stage, query_ids, candidates)}
-        top = scoring.top_documents(stage, settings.token_scores_top, query_ids)
-        score_corpus(model, tokenizer, layers, source, corpus, stage, settings, World(), top, tokens_of_top=True)
-        scoring.collect_tokens(stage)
+    if hasattr(scoring, "score_documents_and_tokens"):  # what `attrib query` runs since its two passes
+        _, counts, _ = scoring.score_documents_and_tokens(model, tokenizer, layers, source, corpus, stage, settings,
+                                                          World(), candidates)
+        result = {"counts": counts}
     else:
+        scoring.score_corpus(model, tokenizer, layers, source, corpus, stage, settings, World(), candidates)
         result = scoring.finalize_scores(stage, query_ids, settings, candidates)
     seconds = time.perf_counter() - started
     rss = peak_rss_mib()

@@ -15,7 +15,7 @@ from attrib.curvature import load_curvature
 from attrib.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.query_gradients import compute_query_gradients
-from attrib.scoring import ScoreSettings, collect_tokens, score_corpus, write_documents
+from attrib.scoring import ScoreSettings, score_documents_and_tokens
 from attrib.storage import StageDir
 from tests.conftest import run_cli, write_jsonl
 from tests.oracle import sequence_gradient
@@ -40,9 +40,9 @@ def pipeline(tmp_path, model_dir, corpus_file, strategy="ekfac", rank=0, tokens_
     gradients = compute_query_gradients(model, tokenizer, layers, QUERIES, curvature, rank, 24, 4096, "cpu")
     settings = ScoreSettings(max_length=24, tokens_per_batch=tokens_per_batch, docs_per_part=5, token_scores_top=-1)
     scores = StageDir(tmp_path / f"{name}-scores", "query", asdict(settings), record)
-    score_corpus(model, tokenizer, layers, gradients, CorpusSpec(str(corpus_file)), scores, settings, World())
-    counts = write_documents(scores, gradients.query_ids, None)
-    scores.complete(counts, ["documents.parquet", *collect_tokens(scores)], layers=[l.name for l in layers])
+    _, counts, files = score_documents_and_tokens(model, tokenizer, layers, gradients, CorpusSpec(str(corpus_file)),
+                                                  scores, settings, World())
+    scores.complete(counts, files, layers=[l.name for l in layers])
     documents = pq.read_table(scores.path / "documents.parquet").to_pylist()
     tokens = pq.read_table(scores.path / "tokens").to_pylist()
     return model, tokenizer, layers, curvature, documents, tokens

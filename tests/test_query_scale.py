@@ -172,6 +172,15 @@ def test_candidates_score_only_their_pairs_with_the_full_scores(tmp_path, capsys
         assert ranks == list(range(1, len(ranks) + 1))
     manifest = json.loads((tmp_path / "picked" / "manifest.json").read_text())
     assert manifest["counts"]["unscored_candidate_documents"] == 0
+    # no more candidates per query than --token-scores-top: token scores come with the one pass, for every pair
+    code, _, err = run_cli(capsys, *cli_setup["base"], "--candidates", candidates, "--token-scores-top", "4",
+                           "--out", tmp_path / "one-pass")
+    assert code == 0, err
+    tokens = pq.read_table(tmp_path / "one-pass" / "tokens").to_pandas()
+    assert set(map(tuple, tokens[["query_id", "doc_id"]].drop_duplicates().values)) == set(picked)
+    for (query_id, doc_id), rows in tokens.groupby(["query_id", "doc_id"]):
+        total = sum(float(sum(scores)) for scores in rows["token_scores"])
+        assert total == pytest.approx(picked[(query_id, doc_id)]["score"], rel=1e-4, abs=1e-5 * scale)
 
 
 def test_candidates_of_another_corpus_are_reported(tmp_path, capsys, cli_setup):
