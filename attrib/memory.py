@@ -33,6 +33,7 @@ DEVICE_SLACK = 0.10
 NLL_CHUNK = 2048  # rows of the float32 log-softmax chunks in capture.label_nll
 SAMPLE_CHUNK = 256  # rows of Gumbel noise in capture.sample_labels
 CORRECTION_STEP_ELEMENTS = 2**24  # factors.STEP_ELEMENTS
+DENSE_BYTES = 2**28  # the most memory scoring gives the queries' dense P_q, all layers together
 
 
 @dataclass(frozen=True)
@@ -299,6 +300,8 @@ def query(
         "query factors": 2 * queries_per_pass * query_factor_bytes(layers, rank),
         "token scores": 2 * tokens_per_batch * queries_per_pass * 4
         + (docs_per_part * max_length * queries_per_pass * 4 if token_scores else 0),
+        # dense P_q of the narrow layers, for ⟨P_q, G_n⟩ (DENSE_BYTES at most)
+        "dense query gradients": min(DENSE_BYTES, queries_per_pass * max(l.d_in * l.d_out for l in layers) * 4),
     }
     return _peak({"scoring": terms}, device, weights, largest_tensor=max(l.d_in * l.d_out for l in layers) * 4)
 

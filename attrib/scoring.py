@@ -22,6 +22,7 @@ from attrib.candidates import CandidateIndex
 from attrib.capture import Capture, summed_nll
 from attrib.data import CorpusSpec, Part, RowStats, Sequence, collate, iter_sequence_parts, pack_batches
 from attrib.distributed import World
+from attrib.memory import DENSE_BYTES
 from attrib.models import TrackedLayer
 from attrib.progress import progress
 from attrib.query_gradients import QueryGradients, QueryGradientStore
@@ -29,7 +30,6 @@ from attrib.score_tables import DOCUMENTS, SUMMARY, TOKENS_DIR, documents_schema
 from attrib.storage import StageDir
 
 PARTS_DIR = "parts"
-DENSE_BYTES = 2**28  # per layer: the most device memory the queries' dense P_q may take
 
 
 class Scorer:
@@ -52,12 +52,16 @@ class Scorer:
         self.left = [u.mT.reshape(-1, u.shape[1]).to(device, self.compute) for u in gradients.left]
         self.right = [v.mT.reshape(-1, v.shape[1]).to(device, self.compute) for v in gradients.right]
         self.sigma = [s.reshape(-1).to(device, self.compute) for s in gradients.sigma]
-        # Per layer the dense P_q flattened [Q, d_out·d_in], where it fits DENSE_BYTES.
-        self.dense = [
-            (u.to(device, self.compute) * s.to(device, self.compute)[:, None, :] @ v.to(device, self.compute).mT).flatten(1)
-            if u.shape[0] * u.shape[1] * v.shape[1] * self.compute.itemsize <= DENSE_BYTES else None
-            for u, s, v in zip(gradients.left, gradients.sigma, gradients.right)
-        ]
+        # Per layer the dense P_q flattened [Q, d_out·d_in], while all of them fit DENSE_BYTES.
+        self.dense: list[torch.Tensor | None] = []
+        room = DENSE_BYTES
+        for u, s, v in zip(gradients.left, gradients.sigma, gradients.right):
+            size = u.shape[0] * u.shape[1] * v.shape[1] * self.compute.itemsize
+            room -= size
+            self.dense.append(
+                (u.to(device, self.compute) * s.to(device, self.compute)[:, None, :] @ v.to(device, self.compute).mT).flatten(1)
+                if room >= 0 else None
+            )
 
     def _gradient_is_cheaper(self, index: int, seq: int, count: int) -> bool:
         layer = self.layers[index]

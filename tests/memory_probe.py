@@ -1,5 +1,6 @@
 """Run one fit-factors step in a fresh process and print its peak RSS beside attrib.memory's
-prediction (used by tests/test_memory.py; a subprocess so ru_maxrss is this step's alone).
+prediction (used by tests/test_memory.py). The peak is VmHWM, this address space's own high-water mark:
+ru_maxrss would also count the parent's RSS, which Linux carries into a child across fork and exec.
 
     python -m tests.memory_probe MODEL_DIR CORPUS OUT STEP LAYERS_PER_PASS TOKENS_PER_BATCH
 """
@@ -7,9 +8,10 @@ prediction (used by tests/test_memory.py; a subprocess so ru_maxrss is this step
 from __future__ import annotations
 
 import json
-import resource
+import re
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 
 def main(model_dir: str, corpus: str, out: str, step: str, layers_per_pass: str, tokens_per_batch: str) -> None:
@@ -38,7 +40,7 @@ def main(model_dir: str, corpus: str, out: str, step: str, layers_per_pass: str,
         covariance_step(runner, layers, groups)
     else:  # a whole diagonal fit: the correction pass without eigenbases
         correction_step(runner, layers, groups, STRATEGY["diagonal"], None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
     predicted = memory.fit_factors(
         memory.model_shape(model), memory.layer_shapes(layers), tokens_per_batch=int(tokens_per_batch),
         dtype="float32", device="cpu", layers_per_pass=lpp, strategy=strategy,

@@ -78,7 +78,7 @@ def probe(model_dir, corpus, out, step, layers_per_pass, tokens) -> dict:
 def test_seven_billion_wide_block_stays_within_the_predicted_peak(tmp_path, tokenizer):
     """One Llama block of real 7B widths (hidden 4096, MLP 11008; vocabulary 320, random init,
     float32, CPU): the covariance pass of fit-factors, and a whole diagonal fit, each in a fresh
-    process, peak (ru_maxrss) below what attrib.memory predicts for that step, and
+    process, peak (VmHWM) below what attrib.memory predicts for that step, and
     `--layers-per-pass 1` peaks ≥ 0.8 GiB below one pass over all three layers.
 
     Why not the whole EK-FAC fit: its eigendecomposition step solves three 11008 × 11008 float64
