@@ -590,13 +590,12 @@ def query_sequence(tokenizer, query: Query, max_length: int, prefix: list[int]) 
 # --- batches -----------------------------------------------------------------
 
 
-def pack_batches(sequences: list[Sequence], tokens_per_batch: int, order: list[int] | None = None) -> list[list[int]]:
+def pack_batches(sequences: list[Sequence], tokens_per_batch: int) -> list[list[int]]:
     """Group sequence indices into batches of at most `tokens_per_batch` padded tokens.
 
-    Taken longest first by default (keeps padding small), or in the given `order`.
+    Sorting by length first keeps padding small.
     """
-    if order is None:
-        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     batches: list[list[int]] = []
     current: list[int] = []
     width = 0

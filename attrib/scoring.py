@@ -63,51 +63,54 @@ class Scorer:
                 if room >= 0 else None
             )
 
-    def _gradient_is_cheaper(self, index: int, seq: int, count: int) -> bool:
+    def _gradient_is_cheaper(self, index: int, seq: int, low_rank_queries: int) -> bool:
+        """Whether ⟨P_q, G_n⟩ over the pass's queries costs less than the low-rank contraction."""
         layer = self.layers[index]
         d_in, d_out = layer.d_in_folded, layer.d_out
-        low_rank = seq * count * self.rank[index] * (d_in + d_out)
-        return self.dense[index] is not None and (seq + count) * d_in * d_out < low_rank
+        low_rank = seq * low_rank_queries * self.rank[index] * (d_in + d_out)
+        return self.dense[index] is not None and (seq + self.num_queries) * d_in * d_out < low_rank
 
-    def _columns(self, queries: torch.Tensor | None):
-        """Per layer (U, V, σ) of `queries` (all when None): [q·r, d_out], [q·r, d_in], [q·r]."""
+    def _factors(self, index: int, queries: torch.Tensor | None):
+        """Layer `index`'s (U, V, σ) for every row: shared [Q·r, d_out], [Q·r, d_in], [Q·r] when
+        `queries` is None, else each row's own queries [batch, k] gathered: [batch, k·r, d_out],
+        [batch, k·r, d_in], [batch, 1, k·r]. Either way `g @ U.mT`, `a @ V.mT` and `* σ` apply."""
+        left, right, sigma = self.left[index], self.right[index], self.sigma[index]
         if queries is None:
-            return list(zip(self.left, self.right, self.sigma))
-        out = []
-        for left, right, sigma, rank in zip(self.left, self.right, self.sigma, self.rank):
-            rows = (queries[:, None] * rank + torch.arange(rank, device=queries.device)).reshape(-1)
-            out.append((left.index_select(0, rows), right.index_select(0, rows), sigma.index_select(0, rows)))
-        return out
+            return left, right, sigma
+        rank, (batch, k) = self.rank[index], queries.shape
+        return (left.view(-1, rank, left.shape[-1])[queries].reshape(batch, k * rank, -1),
+                right.view(-1, rank, right.shape[-1])[queries].reshape(batch, k * rank, -1),
+                sigma.view(-1, rank)[queries].reshape(batch, 1, k * rank))
 
-    def score(self, sequences: list[Sequence], pad_id: int, device, queries: list[int] | None = None, tokens: bool = True):
-        """Per-token scores [batch, seq, q] (summed over layers; None unless `tokens`) and per-layer
-        scores [batch, q, L]. `queries` selects the queries (positions in this scorer's set)."""
-        selected = None if queries is None else torch.as_tensor(queries, dtype=torch.long, device=device)
-        factors = self._columns(selected)
-        count = self.num_queries if queries is None else len(queries)
+    def score(self, sequences: list[Sequence], pad_id: int, device, queries=None, tokens: bool = True):
+        """Per-token scores [batch, seq, k] (summed over layers; None unless `tokens`) and per-layer
+        scores [batch, k, L], for every query (k = Q) or, with `queries` [batch, k], for each
+        sequence's own queries (positions in this scorer's set; a sequence is contracted with its
+        k queries only, so a batch of sequences wanted by different queries costs no more)."""
+        chosen = None if queries is None else torch.as_tensor(queries, dtype=torch.long, device=device)
+        count = self.num_queries if chosen is None else chosen.shape[1]
         input_ids, mask, targets = collate(sequences, pad_id, device)
         batch, seq = input_ids.shape
         token_scores = torch.zeros(batch, seq, count, dtype=self.compute, device=device) if tokens else None
         layer_scores = torch.zeros(batch, count, len(self.layers), dtype=self.compute, device=device)
         by_gradient = [not tokens and self._gradient_is_cheaper(i, seq, count) for i in range(len(self.layers))]
-
-        # keep a's projection [batch, seq, q·r] until backward where it is smaller than a
-        project_early = [not by_gradient[i] and factors[i][1].shape[0] <= layer.d_in_folded
-                         for i, layer in enumerate(self.layers)]
+        factors = [None if by_gradient[i] else self._factors(i, chosen) for i in range(len(self.layers))]
+        # keep a's projection [batch, seq, k·r] until backward where it is smaller than a
+        project_early = [f is not None and f[1].shape[-2] <= layer.d_in_folded for f, layer in zip(factors, self.layers)]
 
         def keep(index: int, a: torch.Tensor) -> torch.Tensor:
             a = a.to(self.compute)
-            return a @ factors[index][1].T if project_early[index] else a
+            return a @ factors[index][1].mT if project_early[index] else a
 
         def contract(index: int, kept: torch.Tensor, g: torch.Tensor) -> None:
             g = g.to(self.compute)
             if by_gradient[index]:
-                dense = self.dense[index] if selected is None else self.dense[index][selected]
-                layer_scores[:, :, index] = torch.bmm(g.mT, kept).flatten(1) @ dense.T  # ⟨P_q, G_n⟩
+                every = torch.bmm(g.mT, kept).flatten(1) @ self.dense[index].T  # ⟨P_q, G_n⟩ [batch, Q]
+                layer_scores[:, :, index] = every if chosen is None else every.gather(1, chosen)
                 return
             left, right, sigma = factors[index]
-            projected_a = kept if project_early[index] else kept @ right.T
-            per_token = ((g @ left.T) * projected_a * sigma).view(batch, seq, count, -1).sum(-1)  # [batch, seq, q]
+            projected_a = kept if project_early[index] else kept @ right.mT
+            per_token = ((g @ left.mT) * projected_a * sigma).view(batch, seq, count, -1).sum(-1)  # [batch, seq, k]
             if tokens:
                 token_scores.add_(per_token)
             layer_scores[:, :, index] = per_token.sum(1)
@@ -154,16 +157,16 @@ class _PartScores:
         self.query: list[np.ndarray] = []
         self.layers: list[np.ndarray] = []
         self.sequences: list[Sequence] = []
-        # per batch: token scores [b, s, q], its query positions [q], the scored pairs [b, q], its first sequence
+        # per batch: token scores [b, s, k], each row's query positions [b, k], the scored pairs [b, k], its first sequence
         self.token_batches: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
         self.doc_ids: dict[int, str] = {}
 
     def add(self, sequences, queries: np.ndarray, allowed: np.ndarray, per_token, per_layer) -> None:
-        """A scored batch: `queries` [q] its query positions, `allowed` [b, q] the pairs to keep."""
+        """A scored batch: `queries` [b, k] each row's query positions, `allowed` [b, k] the pairs to keep."""
         rows, columns = np.nonzero(allowed)
         doc_index = np.array([s.doc_index for s in sequences], dtype=np.int64)
         self.doc_index.append(doc_index[rows])
-        self.query.append(queries[columns])
+        self.query.append(queries[rows, columns])
         self.layers.append(per_layer.double().cpu().numpy()[rows, columns])
         for sequence in sequences:
             self.doc_ids[sequence.doc_index] = sequence.doc_id
@@ -227,7 +230,7 @@ class _PartScores:
                 begin = min((s for s, e in sequence.offsets if e > s), default=0)
                 end = max((e for _, e in sequence.offsets), default=0)
                 for column in np.flatnonzero(allowed[row]):
-                    tokens["query_id"].append(self.query_ids[queries[column]])
+                    tokens["query_id"].append(self.query_ids[queries[row, column]])
                     tokens["doc_id"].append(sequence.doc_id)
                     tokens["chunk"].append(sequence.chunk)
                     tokens["text"].append(text[begin:end])
@@ -246,13 +249,6 @@ def _tails(query: np.ndarray, doc_index: np.ndarray, scores: np.ndarray, top: in
     position = np.arange(len(order)) - np.searchsorted(grouped, grouped)
     size = np.bincount(grouped)[grouped] if len(grouped) else grouped
     return order[(position < top) | (position >= size - top)]
-
-
-def _batches_sharing_queries(sequences: list[Sequence], wanted: list[np.ndarray], tokens_per_batch: int) -> list[list[int]]:
-    """Full batches in the order of each sequence's first wanting query (then longest first), so a
-    batch selects few query columns and still fills `tokens_per_batch`."""
-    order = sorted(range(len(sequences)), key=lambda i: (int(wanted[i][0]), -len(sequences[i])))
-    return pack_batches(sequences, tokens_per_batch, order)
 
 
 def score_corpus(
@@ -346,23 +342,24 @@ def _score_part(scorer, part, first, pass_ids, candidates, in_pass, settings, pa
     """Scores of one corpus part for one pass of queries."""
     mine = [seq for _, seq in part.sequences]
     results = _PartScores(list(pass_ids), len(scorer.layers), keep_tokens)
-    if candidates is None:
-        everyone = np.arange(len(pass_ids))
-        batches = pack_batches(mine, settings.tokens_per_batch)
-    else:
+    if candidates is not None:
         wanting = [candidates.queries_for(seq.doc_id, seq.chunk) for seq in mine]
         wanting = [w[in_pass(w)] - first for w in wanting]
         keep = [i for i, w in enumerate(wanting) if len(w)]
         mine, wanting = [mine[i] for i in keep], [wanting[i] for i in keep]
-        batches = _batches_sharing_queries(mine, wanting, settings.tokens_per_batch)
-    for batch in batches:
+    for batch in pack_batches(mine, settings.tokens_per_batch):
         sequences = [mine[i] for i in batch]
         if candidates is None:
-            queries, allowed, selection = everyone, np.ones((len(batch), len(pass_ids)), bool), None
-        else:
-            queries = np.unique(np.concatenate([wanting[i] for i in batch]))
-            allowed = np.stack([np.isin(queries, wanting[i]) for i in batch])
-            selection = queries.tolist()
+            selection = None
+            queries = np.broadcast_to(np.arange(len(pass_ids)), (len(batch), len(pass_ids)))
+            allowed = np.ones(queries.shape, bool)
+        else:  # each sequence with its own queries, padded to the batch's most
+            width = max(len(wanting[i]) for i in batch)
+            queries = np.zeros((len(batch), width), np.int64)
+            allowed = np.zeros((len(batch), width), bool)
+            for row, i in enumerate(batch):
+                queries[row, : len(wanting[i])], allowed[row, : len(wanting[i])] = wanting[i], True
+            selection = queries
         per_token, per_layer = scorer.score(sequences, pad_id, world.device, selection, tokens=keep_tokens)
         results.add(sequences, queries, allowed, per_token, per_layer)
         bar.advance(len(sequences), tokens=sum(len(s) for s in sequences))

@@ -219,7 +219,8 @@ def test_query_gradients_flags_that_conflict_with_given_gradients_are_refused(tm
 
 def test_document_scores_by_sequence_gradient_equal_the_low_rank_contraction(tmp_path, model_dirs, corpus_file):
     """On narrow layers ⟨P_q, Σ_t g_t a_tᵀ⟩ is cheaper than Σ_k σ_k (g_tᵀu_k)(v_kᵀa_t); both give the
-    same layer scores (float64: 1e-10 relative), for all queries and for a selection of them."""
+    same layer scores (float64: 1e-10 relative), for all queries and for each sequence's own queries,
+    which equal the matching columns of the all-queries scores."""
     from attrib.scoring import Scorer
     from tests.test_query import training_sequences
 
@@ -230,12 +231,17 @@ def test_document_scores_by_sequence_gradient_equal_the_low_rank_contraction(tmp
     sequences = training_sequences(tokenizer, corpus_file)[:6]
     width = max(len(s) for s in sequences)
     assert all(scorer._gradient_is_cheaper(i, width, len(QUERIES)) for i in range(len(layers)))
-    for selection in (None, [2, 0]):
+    rows = len(sequences)
+    for selection in (None, [[2, 0]] * rows, [[i % 3] for i in range(rows)]):  # all, the same two, one each
         per_token, by_tokens = scorer.score(sequences, 0, "cpu", selection, tokens=True)
         none, by_gradient = scorer.score(sequences, 0, "cpu", selection, tokens=False)
         assert none is None
         assert torch.allclose(by_gradient, by_tokens, rtol=1e-10, atol=1e-10 * float(by_tokens.abs().max()))
         assert torch.allclose(per_token.sum(1), by_tokens.sum(-1), rtol=1e-10, atol=1e-12)
+        if selection is not None:  # each row's columns are its own queries' scores
+            _, every = scorer.score(sequences, 0, "cpu", None, tokens=True)
+            expected = every.gather(1, torch.tensor(selection)[:, :, None].expand(-1, -1, every.shape[-1]))
+            assert torch.allclose(by_tokens, expected, rtol=1e-10, atol=1e-10 * float(every.abs().max()))
 
 
 def test_token_scores_of_the_top_documents_sum_to_their_document_scores(tmp_path, capsys, cli_setup):
