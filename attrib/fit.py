@@ -72,6 +72,7 @@ class FitSettings:
     world_size: int = 1
     layers_per_pass: int | None = None  # None: every tracked layer in one pass
     tf32: bool = False  # TF32 matmuls for the float32 statistics (CUDA only; a no-op on CPU)
+    covariance_max_tokens: int | None = None  # A and S from the first this many tokens; Λ still from all
 
     def validate(self) -> None:
         if self.strategy not in STRATEGY:
@@ -91,6 +92,8 @@ class FitSettings:
             raise InputError("--tokens-per-batch must be at least --max-length")
         if self.layers_per_pass is not None and self.layers_per_pass < 1:
             raise InputError("--layers-per-pass must be at least 1")
+        if self.covariance_max_tokens is not None and self.covariance_max_tokens < self.max_length:
+            raise InputError("--covariance-max-tokens must be at least --max-length")
 
 
 @dataclass
@@ -162,9 +165,12 @@ class _PassRunner:
                 local = [counts.sequences, counts.tokens, counts.labelled]
             message(f"{name}: resuming after {parts_done} finished part(s)")
         self.row_stats = RowStats()
+        max_tokens = settings.max_tokens
+        if name == "covariance" and settings.covariance_max_tokens is not None:  # a sample of the tokens for A and S
+            max_tokens = min(max_tokens or settings.covariance_max_tokens, settings.covariance_max_tokens)
         parts = iter_sequence_parts(
             self.corpus, self.tokenizer, settings.max_length, settings.docs_per_part,
-            SequenceCaps(settings.max_sequences, settings.max_tokens), self.row_stats,
+            SequenceCaps(settings.max_sequences, max_tokens), self.row_stats,
         )
         pass_seed = PASS_SEED[name]
         last_checkpoint = time.monotonic()

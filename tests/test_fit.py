@@ -355,3 +355,36 @@ def test_reduced_precision_statistics_agree_with_float32(tmp_path, model_dirs, c
         if key.endswith(("_covariance", ".lambda")):
             assert relative_error(bf16[key], expected) < 5e-2, (key, relative_error(bf16[key], expected))
             assert relative_error(tf32[key], expected) < 5e-3, (key, relative_error(tf32[key], expected))
+
+
+def test_covariances_from_a_token_sample_and_the_correction_from_all(tmp_path, model_dirs, corpus_file):
+    """--covariance-max-tokens: A and S are the oracle's over the first sequences within the cap
+    (whole sequences, in corpus order); Λ still averages over every sequence in those bases."""
+    cap = 60
+    model, tokenizer, layers, out = fit(tmp_path, model_dirs["llama"], corpus_file, fisher="empirical",
+                                        covariance_max_tokens=cap)
+    sequences = corpus_sequences(tokenizer, corpus_file)
+    sample, used = [], 0
+    for seq in sequences:
+        if used + len(seq) > cap:
+            break
+        sample.append(seq)
+        used += len(seq)
+    assert 0 < len(sample) < len(sequences)
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["covariance_tokens"] == used and counts["correction_sequences"] == len(sequences)
+    covariance = load_tensors(out / "covariance.safetensors")
+    eigen = load_tensors(out / "eigen.safetensors")
+    lambdas = load_tensors(out / "lambda.safetensors")
+    stats = [token_statistics(model, layers, seq) for seq in sample]
+    grads = [sequence_gradient(model, layers, seq) for seq in sequences]
+    labelled = sum(seq.num_loss_tokens for seq in sample)
+    for layer in layers:
+        a_sum = sum(s[layer.name][0].T @ s[layer.name][0] for s in stats) / used
+        g_sum = sum(s[layer.name][1].T @ s[layer.name][1] for s in stats) / labelled
+        assert_close(covariance[f"{layer.name}.activation_covariance"], a_sum, 1e-6)
+        assert_close(covariance[f"{layer.name}.gradient_covariance"], g_sum, 1e-6)
+        q_a = eigen[f"{layer.name}.activation_eigenvectors"].double()
+        q_s = eigen[f"{layer.name}.gradient_eigenvectors"].double()
+        expected = torch.stack([(q_s.T @ g[layer.name] @ q_a) ** 2 for g in grads]).mean(0)
+        assert_close(lambdas[f"{layer.name}.lambda"], expected, 1e-5)

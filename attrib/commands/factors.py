@@ -22,6 +22,9 @@ def fit_factors(
     fisher_samples: Annotated[int, typer.Option(help="Sampled labels per position (true Fisher); more = less noise.")] = 1,
     max_sequences: Annotated[Optional[int], typer.Option(help="Fit on at most this many sequences.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Fit on at most this many tokens.")] = None,
+    covariance_max_tokens: Annotated[Optional[int], typer.Option(
+        help="Fit A and S (pass 1) on the first this many tokens only; the eigenvalue correction (pass 2) "
+             "still sees every token. Saves most of pass 1 on large corpora (see docs/benchmarks.md).")] = None,
     stats_dtype: Annotated[str, typer.Option(help="Accumulation dtype of the statistics: float32 or float64.")] = "float32",
     docs_per_part: Annotated[int, typer.Option(help="Documents per part of the corpus (the resume granularity).")] = 2000,
     layers_per_pass: Annotated[Optional[int], typer.Option(
@@ -95,6 +98,7 @@ def fit_factors(
             max_length=max_length or default_max_length(lm.config, tokenizer),
             tokens_per_batch=tokens_per_batch, docs_per_part=docs_per_part,
             max_sequences=max_sequences, max_tokens=max_tokens, stats_dtype=stats_dtype,
+            covariance_max_tokens=covariance_max_tokens,
             seed=seed, world_size=world.size, layers_per_pass=layers_per_pass,
             tf32=str(world.device).startswith("cuda") if tf32 is None else tf32,
         )

@@ -116,11 +116,13 @@ class Attributor:
                 "documents": len(self.doc_ids), "sequences": len(self.sequences), "queries": len(self.queries),
                 "tokens": sum(len(s) for s in self.sequences)}
 
-    def fit(self, strategy: str, fisher: str = "true", samples: int = 1, seed: int = 0) -> Path:
+    def fit(self, strategy: str, fisher: str = "true", samples: int = 1, seed: int = 0,
+            covariance_max_tokens: int | None = None) -> Path:
         settings = FitSettings(strategy=strategy, fisher=fisher, fisher_samples=samples, max_length=MAX_LENGTH,
-                               stats_dtype="float64", seed=seed)
+                               stats_dtype="float64", seed=seed, covariance_max_tokens=covariance_max_tokens)
         tag = self.record["fingerprint"][:12]
-        path = self.work / f"factors-{tag}-{strategy}-{fisher}{samples}-seed{seed}"
+        sample = f"-cov{covariance_max_tokens}" if covariance_max_tokens else ""
+        path = self.work / f"factors-{tag}-{strategy}-{fisher}{samples}-seed{seed}{sample}"
         stage = StageDir(path, "fit-factors", asdict(settings), self.record)
         if not stage.already_complete:
             fit_factors(self.model, self.tokenizer, self.layers, self.corpus, stage, settings, World())

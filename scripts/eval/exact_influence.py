@@ -24,12 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 from common import (Attributor, Setup, build_setup, correlations, default_work, exact_influence, log,  # noqa: E402
                     markdown_table, write_json)
 
 
 def evaluate(setup: Setup, work: Path, ranks, dampings, fisher_samples, fisher_seeds, exact_samples,
-             strategies=("ekfac", "kfac", "diagonal", "identity")) -> dict:
+             strategies=("ekfac", "kfac", "diagonal", "identity"), covariance_fractions=()) -> dict:
     started = time.perf_counter()
     att = Attributor(build_setup(setup, work), work)
     slices = att.layer_slices()
@@ -51,6 +52,12 @@ def evaluate(setup: Setup, work: Path, ranks, dampings, fisher_samples, fisher_s
         scores = att.scores(factors)
         add("strategy", strategy, "empirical", 1, 0, 0.1, "full", "full F", scores, exact[0.1])
         add("strategy", strategy, "empirical", 1, 0, 0.1, "full", "block-diag F", scores, exact_block)
+    total_tokens = att.shapes()["tokens"]
+    for fraction in covariance_fractions:  # A and S from a sample of the tokens, Λ from all (fit-factors --covariance-max-tokens)
+        cap = max(common.MAX_LENGTH, int(fraction * total_tokens))
+        scores = att.scores(att.fit("ekfac", "empirical", covariance_max_tokens=cap))
+        add("covariance sample", f"ekfac, A and S from {fraction:.0%} of tokens", "empirical", 1, 0, 0.1, "full",
+            "full F", scores, exact[0.1])
     factors = att.fit("ekfac", "empirical")
     for rank in ranks:
         add("rank", "ekfac", "empirical", 1, 0, 0.1, rank or "full", "full F", att.scores(factors, rank=rank),
@@ -111,6 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="JSON output path")
     parser.add_argument("--fisher-seeds", default=None, help="seeds of attrib's true-Fisher fits (default 0,1,2)")
     parser.add_argument("--exact-samples", type=int, default=None, help="label draws per sequence for the true-Fisher reference")
+    parser.add_argument("--covariance-fractions", default="",
+                        help="fit A and S on these fractions of the tokens too, e.g. 0.25,0.5 (fit-factors --covariance-max-tokens)")
     args = parser.parse_args(argv)
     if args.quick:
         base = dict(n_facts=8, n_filler=24, steps=120)
@@ -127,8 +136,9 @@ def main(argv=None) -> int:
             log(f"exact influence: {setup.name()}")
             if args.fisher_seeds:
                 fisher_seeds = [int(x) for x in args.fisher_seeds.split(",")]
+            fractions = [float(x) for x in args.covariance_fractions.split(",") if x]
             results.append(evaluate(setup, Path(args.work), ranks, dampings, fisher_samples, fisher_seeds,
-                                    exact_samples))
+                                    exact_samples, covariance_fractions=fractions))
             write_json(args.out, {"evaluation": "exact_influence", "quick": args.quick, "partial": True,
                                   "results": results})
     table = [row for result in results for row in summary_rows(result)]
