@@ -107,7 +107,26 @@ def _click_exceptions():
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app and turn every failure into `error: …` and an exit code."""
+    """Console entry point: run the app and turn every failure into `error: …` and an exit code.
+
+    Under torchrun / accelerate (WORLD_SIZE > 1) the process ends with `os._exit` once the
+    command has finished, its files are written and the process group is destroyed: gloo's
+    worker threads can otherwise abort the interpreter's finalization (SIGABRT, "terminate
+    called without an active exception"; pytorch/pytorch#179291), failing a complete run.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _main(argv)
+    try:
+        _main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: list[str] | None) -> None:
     click_exceptions = _click_exceptions()
     no_args_is_help = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click >= 8.2 (typer's vendored click)
 

@@ -22,6 +22,7 @@ from attrib.candidates import CandidateIndex
 from attrib.capture import Capture, summed_nll
 from attrib.data import CorpusSpec, Part, RowStats, Sequence, collate, iter_sequence_parts, pack_batches
 from attrib.distributed import World
+from attrib.errors import InputError
 from attrib.memory import DENSE_BYTES
 from attrib.models import TrackedLayer
 from attrib.progress import progress
@@ -452,6 +453,12 @@ def score_documents_and_tokens(model, tokenizer, layers, store, corpus, stage: S
     all_kept = top < 0 or (top > 0 and candidates is not None and candidates.most_per_query() <= top)
     stats = score_corpus(model, tokenizer, layers, store, corpus, stage, settings, world, candidates, keep_tokens=all_kept)
     world.barrier()
+    if not stage.parts(f"{PARTS_DIR}/documents-q*.parquet"):  # every rank sees the same directory
+        raise InputError(
+            f"nothing was scored: none of the {len(candidates.doc_number)} candidate documents is in --corpus "
+            f"{corpus.source} (check --corpus and --id-field)" if candidates is not None else
+            f"nothing was scored: --corpus {corpus.source} yields no sequence of at least 2 tokens"
+        )
     counts = write_documents(stage, store.query_ids, candidates, settings.documents_top) if world.is_main else {}
     world.barrier()
     if top > 0 and not all_kept:

@@ -292,3 +292,21 @@ def test_without_candidates_documents_keep_both_tails_at_their_ranks_and_a_summa
         assert summary["mean"] == pytest.approx(float(scores.mean()), rel=1e-9)
         assert summary["std"] == pytest.approx(float(scores.std(unbiased=False)), rel=1e-6)
         assert summary["positive_sum"] == pytest.approx(float(scores.clamp(min=0).sum()), rel=1e-9)
+
+
+def test_candidates_of_which_none_is_in_the_corpus_are_one_line_and_leave_nothing(tmp_path, capsys, model_dirs):
+    """A candidate set from another corpus (or a wrong --id-field) scores nothing: an input error, not an
+    empty table or a crash, and the run's directory is removed."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": f"doc{i}", "text": TEXTS[i % 5]} for i in range(6)])
+    other = write_jsonl(tmp_path / "o.jsonl", [{"id": f"x{i}", "text": TEXTS[i % 5]} for i in range(6)])
+    q = write_jsonl(tmp_path / "q.jsonl", [{"id": "q1", "prompt": "The capital of", "completion": " Vorlia"}])
+    assert run_cli(capsys, "--quiet", "fit-factors", "--model", model_dirs["llama"], "--corpus", corpus,
+                   "--out", tmp_path / "f", "--max-length", "24")[0] == 0
+    assert run_cli(capsys, "--quiet", "prefilter", "--corpus", other, "--queries", q, "--top-k", "3",
+                   "--out", tmp_path / "cand")[0] == 0
+    code, out, err = run_cli(capsys, "--quiet", "query", "--model", model_dirs["llama"], "--factors", tmp_path / "f",
+                             "--queries", q, "--corpus", corpus, "--candidates", tmp_path / "cand",
+                             "--max-length", "24", "--out", tmp_path / "s")
+    assert code == 2 and err.startswith("error: nothing was scored: none of the 3 candidate documents"), err
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "s").exists()  # the failed run removed what it created
