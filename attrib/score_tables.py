@@ -1,6 +1,8 @@
 """The tables `attrib query` writes and `attrib report`/`attrib top` read (DESIGN.md §3).
 
-documents.parquet — one row per (query, document):
+documents.parquet — one row per scored (query, document); without candidates only each query's
+    1,000 most positive and 1,000 most negative documents, at their ranks among all (unless
+    `--keep-all-scores`):
     query_id str, doc_id str, score float64, rank int32 (1 = most positive influence),
     prefilter_rank int32 (null when the candidates did not come from the prefilter),
     layer_scores list<float64> (in the order of the manifest's "layers").

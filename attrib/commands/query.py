@@ -137,18 +137,20 @@ def _parse_token_scores_top(value: str) -> int:
     raise InputError(f"--token-scores-top {value} must be a positive number, 'all' or 'none'")
 
 
-def _refuse_conflicts(query_gradients_dir: str, given: dict) -> None:
-    """With --query-gradients DIR, flags that would change DIR's gradients must agree with it."""
+def _checked_query_gradients(query_gradients_dir: str, given: dict) -> dict:
+    """DIR's manifest; flags that would change DIR's gradients must agree with it."""
     from attrib.errors import InputError
     from attrib.storage import open_input
 
-    recorded = open_input(query_gradients_dir, "query-gradients", option="--query-gradients")["settings"]
+    manifest = open_input(query_gradients_dir, "query-gradients", option="--query-gradients")
+    recorded = manifest["settings"]
     for name, value in given.items():
         if value is not None and recorded.get(name) != value:
             raise InputError(
                 f"--{name.replace('_', '-')} {value} conflicts with --query-gradients {query_gradients_dir}, computed "
                 f"with {recorded.get(name)}; drop the flag or recompute the query gradients"
             )
+    return manifest
 
 
 def query(
@@ -205,7 +207,8 @@ def query(
         raise InputError("--docs-per-part and --tokens-per-batch must be positive, --queries-per-pass at least 0")
     candidates_manifest = open_input(candidates, "prefilter", option="--candidates") if candidates is not None else None
     if query_gradients_dir is not None:
-        _refuse_conflicts(query_gradients_dir, {"query_rank": query_rank, "damping": damping, "damping_scale": damping_scale})
+        gradients_manifest = _checked_query_gradients(
+            query_gradients_dir, {"query_rank": query_rank, "damping": damping, "damping_scale": damping_scale})
     spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents)
     check_corpus(spec)  # a missing path, a wrong --text-field or a bad first row fail before any output exists
     world, lm, tokenizer, layers = _load(model, factors, dtype, device, trust_remote_code)
@@ -219,8 +222,7 @@ def query(
             count, rank = len(query_list), query_settings.query_rank
         else:
             query_list = None
-            recorded = open_input(query_gradients_dir, "query-gradients", option="--query-gradients")
-            count, rank = len(recorded["queries"]), recorded["settings"]["query_rank"]
+            count, rank = len(gradients_manifest["queries"]), gradients_manifest["settings"]["query_rank"]
         per_batch, per_pass = _batching(lm, layers, factors, count, rank, max_memory, query_settings, world, docs_per_part)
         query_settings.queries_per_batch = per_batch
         every = keep_all_scores or candidates is not None or prefilter is not None
