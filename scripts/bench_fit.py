@@ -13,12 +13,14 @@ measures, in this order:
 3. the plain forward+backward again.
 
 The baseline is the mean of the two baseline runs (they bracket the fit, which evens out
-load from other processes). Peak RSS is `ru_maxrss` of the worker (one process per model).
+load from other processes). Each is timed in wall-clock and in CPU time of the process: with one
+torch thread the CPU-time ratio barely moves when other jobs load the machine, the wall ratio does. Peak RSS is `ru_maxrss` of the worker (one process per model).
 
     python scripts/bench_fit.py            # default, a few minutes on 2 cores
     python scripts/bench_fit.py --quick    # seconds
     python scripts/bench_fit.py --models llama-tiny --layers-per-pass all,3,1   # peak RSS vs layers per pass
     python scripts/bench_fit.py --eigh 4096,11008   # eigendecomposition time per layer at 7B widths
+    python scripts/bench_fit.py --models llama-tiny --covariance-fractions 1,0.25   # A and S from a token sample
 """
 
 from __future__ import annotations
@@ -61,18 +63,18 @@ def model_config(name: str, vocab: int, context: int):
                        tie_word_embeddings=False, **special)
 
 
-def plain_forward_backward(model, batches) -> float:
-    """Seconds for forward + loss.backward() with every parameter requiring grad."""
+def plain_forward_backward(model, batches) -> tuple[float, float]:
+    """(wall, CPU) seconds for forward + loss.backward() with every parameter requiring grad."""
     import torch
 
     from attrib.capture import summed_nll
 
     model.requires_grad_(True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for input_ids, mask, targets in batches:
         model.zero_grad(set_to_none=True)
         summed_nll(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits, targets).backward()
-    elapsed = time.perf_counter() - started
+    elapsed = time.perf_counter() - started, time.process_time() - cpu_started
     model.zero_grad(set_to_none=True)
     model.requires_grad_(False)
     torch.set_grad_enabled(True)
@@ -129,6 +131,8 @@ def worker(args) -> dict:
     ]
     batches = [collate([sequences[i] for i in rows], pad_id) for rows in pack_batches(sequences, settings.tokens_per_batch)]
     tokens = sum(len(s) for s in sequences)
+    if args.covariance_fraction < 1:
+        settings.covariance_max_tokens = int(args.covariance_fraction * tokens)
     padded = sum(b[0].numel() for b in batches)
     params = sum(p.numel() for p in model.parameters())
     tracked = sum(layer.num_params for layer in layers)
@@ -139,9 +143,9 @@ def worker(args) -> dict:
     rss_baseline = peak_rss_mib()
 
     stage = StageDir(work / "factors", "fit-factors", vars(settings), record, overwrite=True)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     manifest = fit_factors(model, tokenizer, layers, corpus, stage, settings, World())
-    fit_seconds = time.perf_counter() - started
+    fit_seconds, fit_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     rss_fit = peak_rss_mib()
     baseline_2 = plain_forward_backward(model, batches)
 
@@ -157,8 +161,11 @@ def worker(args) -> dict:
         "tokens": tokens,
         "padded_tokens": padded,
         "batches": len(batches),
-        "baseline_seconds": [round(baseline_1, 3), round(baseline_2, 3)],
+        "baseline_seconds": [round(baseline_1[0], 3), round(baseline_2[0], 3)],
+        "baseline_cpu_seconds": [round(baseline_1[1], 3), round(baseline_2[1], 3)],
         "fit_seconds": round(fit_seconds, 3),
+        "fit_cpu_seconds": round(fit_cpu_seconds, 3),
+        "covariance_fraction": args.covariance_fraction,
         "covariance_seconds": timings.get("covariance_seconds"),
         "eigendecomposition_seconds": timings.get("eigendecomposition_seconds"),
         "correction_seconds": timings.get("correction_seconds"),
@@ -195,16 +202,17 @@ def profile_fit(model, tokenizer, layers, corpus, settings, work) -> str:
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| model | layers per pass | seqs × len | tokens | fwd+bwd s | fit s | fit / fwd+bwd | pass 1 / fwd+bwd | eigh s | pass 2 / fwd+bwd | (pass 1 + pass 2) / fwd+bwd | fit tok/s | fwd+bwd tok/s | peak RSS fwd+bwd / fit (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | layers per pass | A, S from | seqs × len | tokens | fwd+bwd s | fit s | fit / fwd+bwd | same, CPU time | pass 1 / fwd+bwd | eigh s | pass 2 / fwd+bwd | (pass 1 + pass 2) / fwd+bwd | fit tok/s | fwd+bwd tok/s | peak RSS fwd+bwd / fit (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         base = sum(r["baseline_seconds"]) / 2
+        cpu_base = sum(r["baseline_cpu_seconds"]) / 2
         cov, eig, cor = r["covariance_seconds"], r["eigendecomposition_seconds"], r["correction_seconds"]
         lines.append(
-            f"| {r['model']} | {r.get('layers_per_pass', 'all')} | {r['sequences']} × ≤{r['seq_len']} | {r['tokens']} | {base:.2f} "
-            f"({r['baseline_seconds'][0]:.2f}/{r['baseline_seconds'][1]:.2f}) | {r['fit_seconds']:.2f} | "
-            f"**{r['fit_seconds'] / base:.2f}×** | {cov / base:.2f}× | {eig:.2f} | {cor / base:.2f}× | "
+            f"| {r['model']} | {r.get('layers_per_pass', 'all')} | {r['covariance_fraction']:.0%} | {r['sequences']} × ≤{r['seq_len']} "
+            f"| {r['tokens']} | {base:.2f} ({r['baseline_seconds'][0]:.2f}/{r['baseline_seconds'][1]:.2f}) | {r['fit_seconds']:.2f} | "
+            f"**{r['fit_seconds'] / base:.2f}×** | {r['fit_cpu_seconds'] / cpu_base:.2f}× | {cov / base:.2f}× | {eig:.2f} | {cor / base:.2f}× | "
             f"{(cov + cor) / base:.2f}× | {r['tokens'] / r['fit_seconds']:.0f} | {r['tokens'] / base:.0f} | "
             f"{r['rss_mib']['baseline']} / {r['rss_mib']['fit']} |"
         )
@@ -244,6 +252,9 @@ def main() -> None:
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--layers-per-pass", default=None,
                         help="comma-separated values (e.g. all,3,1): one worker per value and model (peak RSS vs groups)")
+    parser.add_argument("--covariance-fractions", default="1",
+                        help="comma-separated fractions of the tokens A and S are fitted on (--covariance-max-tokens)")
+    parser.add_argument("--covariance-fraction", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--eigh", default=None, help="comma-separated sizes: time symmetric_eigh only (one thread)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -271,10 +282,12 @@ def main() -> None:
           f"seq_len {args.seq_len}, tokens/batch {args.tokens_per_batch}", flush=True)
     results = []
     sweep = args.layers_per_pass.split(",") if args.layers_per_pass else [None]
-    for name, layers_per_pass in [(name, value) for name in models for value in sweep]:
+    fractions = args.covariance_fractions.split(",")
+    for name, layers_per_pass, fraction in [(n, v, f) for n in models for v in sweep for f in fractions]:
         n = big if MODELS[name][1] >= 768 else small
         command = [sys.executable, __file__, "--worker", name, "--sequences", str(n), "--seq-len", str(args.seq_len),
-                   "--tokens-per-batch", str(args.tokens_per_batch), "--threads", str(args.threads), "--dtype", args.dtype]
+                   "--tokens-per-batch", str(args.tokens_per_batch), "--threads", str(args.threads), "--dtype", args.dtype,
+                   "--covariance-fraction", fraction]
         if layers_per_pass is not None:
             command += ["--layers-per-pass", layers_per_pass]
         if args.profile:
@@ -291,7 +304,9 @@ def main() -> None:
         base = sum(result["baseline_seconds"]) / 2
         print(f"- {name}: {result['shape']}; {result['sequences']} sequences, {result['tokens']} tokens "
               f"({result['padded_tokens']} padded) in {result['batches']} batches; load avg {result['load_average']:.1f}; "
-              f"fit/fwd+bwd {result['fit_seconds'] / base:.2f}× ({time.time() - started:.0f} s wall)", flush=True)
+              f"fit/fwd+bwd {result['fit_seconds'] / base:.2f}× (CPU time "
+              f"{result['fit_cpu_seconds'] / (sum(result['baseline_cpu_seconds']) / 2):.2f}×; {time.time() - started:.0f} s wall)",
+              flush=True)
         if result["profile"]:
             print(result["profile"])
     print()
