@@ -36,6 +36,7 @@ class QueryGradients:
     left: list[torch.Tensor]
     sigma: list[torch.Tensor]
     right: list[torch.Tensor]
+    residuals: torch.Tensor | None = None  # --solver cg: ‖r_k‖/‖b‖ [iterations + 1, queries], float64
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -92,11 +93,16 @@ def iter_query_gradient_batches(
     max_queries_per_batch: int,
     device,
     owns=lambda batch_number: True,
+    solver=None,
 ) -> Iterator[tuple[int, list[int], QueryGradients | None]]:
     """(batch number, query indices, factors of those queries on the host) per batch of queries.
 
     Batches are fixed by the queries and the settings, so a resumed run sees the same
     batches; `owns(batch_number)` selects this process's share (factors None otherwise).
+    Without `solver` each layer is preconditioned with its own curvature and compressed
+    inside its backward hook; with an attrib.solve.CGSolver the dense gradients of every
+    layer are collected first, solved together, then compressed the same way (the batch's
+    relative CG residuals [iterations + 1, queries] are then in `QueryGradients.residuals`).
     """
     prefix = special_prefix(tokenizer)
     sequences = [query_sequence(tokenizer, query, max_length, prefix) for query in queries]
@@ -107,28 +113,43 @@ def iter_query_gradient_batches(
         for packed in pack_batches(sequences, tokens_per_batch)
         for start in range(0, len(packed), max_queries_per_batch)
     ]
+
+    def compress(preconditioned: torch.Tensor) -> tuple:
+        return tuple(t.cpu() for t in low_rank(preconditioned, rank))
+
     with progress("query gradients", total=len(queries), unit="query") as bar:
         for number, batch in enumerate(batches):
             if not owns(number):
                 yield number, batch, None
                 continue
             factors: list[tuple | None] = [None] * len(layers)
+            dense: list[torch.Tensor | None] = [None] * len(layers)
 
-            def precondition_and_compress(index, a, g):
+            def on_backward(index, a, g):
                 per_query = torch.bmm(g.to(compute).mT, a)  # [batch, d_out, d_in]
+                if solver is not None:
+                    dense[index] = per_query
+                    return
                 preconditioned = curvature.layer(index, device, compute).inverse_times(per_query)
                 del per_query
-                factors[index] = tuple(t.cpu() for t in low_rank(preconditioned, rank))
+                factors[index] = compress(preconditioned)
 
             input_ids, mask, targets = collate([sequences[i] for i in batch], pad_id, device)
-            capture = Capture(model, layers, lambda index, a: a.to(compute), precondition_and_compress)
+            capture = Capture(model, layers, lambda index, a: a.to(compute), on_backward)
             capture.run(input_ids, mask, lambda logits: [summed_nll(logits, targets)])
+            residuals = None
+            if solver is not None:
+                preconditioned, residuals = solver.solve(dense)
+                del dense
+                factors = [compress(p) for p in preconditioned]
+                del preconditioned
             yield number, batch, QueryGradients(
                 [queries[i].query_id for i in batch],
                 [layer.name for layer in layers],
                 [f[0] for f in factors],
                 [f[1] for f in factors],
                 [f[2] for f in factors],
+                residuals,
             )
             bar.advance(len(batch), tokens=sum(len(sequences[i]) for i in batch))
 
@@ -144,11 +165,13 @@ def compute_query_gradients(
     tokens_per_batch: int,
     device,
     max_queries_per_batch: int = 64,
+    solver=None,
 ) -> QueryGradients:
     """Every query's factors in memory, in query order (for small models, tests and evaluations)."""
     order, parts = [], []
     for _, batch, factors in iter_query_gradient_batches(
-        model, tokenizer, layers, queries, curvature, rank, max_length, tokens_per_batch, max_queries_per_batch, device
+        model, tokenizer, layers, queries, curvature, rank, max_length, tokens_per_batch, max_queries_per_batch, device,
+        solver=solver,
     ):
         order += batch
         parts.append(factors)
@@ -157,8 +180,9 @@ def compute_query_gradients(
     def stacked(field: str) -> list[torch.Tensor]:
         return [torch.cat([getattr(p, field)[i] for p in parts])[position] for i in range(len(layers))]
 
+    residuals = torch.cat([p.residuals for p in parts], dim=1)[:, position] if solver is not None else None
     return QueryGradients([q.query_id for q in queries], [l.name for l in layers],
-                          stacked("left"), stacked("sigma"), stacked("right"))
+                          stacked("left"), stacked("sigma"), stacked("right"), residuals)
 
 
 def part_name(batch_number: int) -> str:
