@@ -37,6 +37,7 @@ class QueryGradients:
     sigma: list[torch.Tensor]
     right: list[torch.Tensor]
     residuals: torch.Tensor | None = None  # --solver cg: ‖r_k‖/‖b‖ [iterations + 1, queries], float64
+    sample: dict | None = None  # --solver cg: the solve sample's sequences and tokens (none at 0 iterations)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -137,12 +138,13 @@ def iter_query_gradient_batches(
             input_ids, mask, targets = collate([sequences[i] for i in batch], pad_id, device)
             capture = Capture(model, layers, lambda index, a: a.to(compute), on_backward)
             capture.run(input_ids, mask, lambda logits: [summed_nll(logits, targets)])
-            residuals = None
+            residuals = sample = None
             if solver is not None:
                 preconditioned, residuals = solver.solve(dense)
                 del dense
                 factors = [compress(p) for p in preconditioned]
                 del preconditioned
+                sample = solver.sample_counts()
             yield number, batch, QueryGradients(
                 [queries[i].query_id for i in batch],
                 [layer.name for layer in layers],
@@ -150,6 +152,7 @@ def iter_query_gradient_batches(
                 [f[1] for f in factors],
                 [f[2] for f in factors],
                 residuals,
+                sample,
             )
             bar.advance(len(batch), tokens=sum(len(sequences[i]) for i in batch))
 
@@ -190,10 +193,28 @@ def part_name(batch_number: int) -> str:
 
 
 def save_part(path: Path, factors: QueryGradients) -> None:
-    """One batch's factors, with its query ids in the safetensors metadata."""
+    """One batch's factors, with its query ids (and --solver cg's residuals) in the safetensors metadata."""
     from attrib.storage import save_tensors
 
-    save_tensors(path, factors.tensors(), metadata={"query_ids": json.dumps(factors.query_ids)})
+    metadata = {"query_ids": json.dumps(factors.query_ids)}
+    if factors.residuals is not None:
+        metadata["solve"] = json.dumps({"relative_residuals": factors.residuals.T.tolist(), **(factors.sample or {})})
+    save_tensors(path, factors.tensors(), metadata=metadata)
+
+
+def solve_records(paths: list[Path]) -> dict:
+    """The manifest's record of a cg solve, gathered from its parts: the sample's size and, per query,
+    ‖r_k‖/‖b‖ for k = 0 … iterations (empty lists at 0 iterations)."""
+    from attrib.storage import tensor_metadata
+
+    record: dict = {"relative_residuals": {}}
+    for path in paths:
+        metadata = tensor_metadata(path)
+        solve = json.loads(metadata["solve"])
+        for query_id, residuals in zip(json.loads(metadata["query_ids"]), solve.pop("relative_residuals")):
+            record["relative_residuals"][query_id] = residuals
+        record.update(solve)
+    return record
 
 
 class QueryGradientStore:

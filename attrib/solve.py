@@ -215,6 +215,13 @@ class CGSolver:
         products = self.gauss_newton.times(vectors)
         return [gv + self.curvature.damping_of(i) * v for i, (gv, v) in enumerate(zip(products, vectors))]
 
+    def sample_counts(self) -> dict:
+        """The solve sample's size, for the manifest (nothing when no iteration runs)."""
+        if self.gauss_newton is None:
+            return {}
+        sample = self.gauss_newton.sample
+        return {"sample_sequences": sample.sequences, "sample_tokens": sample.tokens}
+
     def solve(self, gradients: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(preconditioned gradients per layer, relative residuals [iterations + 1, Q])."""
         return preconditioned_cg(self._system, self._precondition, gradients, self.iterations)

@@ -14,7 +14,7 @@ from attrib.data import CorpusSpec, Query, Sequence, query_sequence
 from attrib.distributed import World
 from attrib.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
-from attrib.query_gradients import compute_query_gradients, iter_query_gradient_batches
+from attrib.query_gradients import compute_query_gradients
 from attrib.solve import CGSolver, GaussNewton, SolveSample, preconditioned_cg
 from attrib.storage import StageDir
 from tests.conftest import TEXTS, build_model, run_cli, write_jsonl
@@ -233,3 +233,35 @@ def test_sign_and_scale_with_dense_gn_inverse_and_cg(setup):
             assert errors[0] < 0.01, errors
         else:
             assert errors[1] < 0.01 and errors[1] < errors[0], errors
+
+
+def test_cli_cg_writes_parts_and_records_residuals(tmp_path, capsys, model_dirs, corpus_file):
+    """`query-gradients --solver cg --solve-iterations 3` end to end: parts written, each query's four
+    relative residuals (k = 0 … 3) and the sample (the fit's corpus by default) in the manifest."""
+    factors = tmp_path / "factors"
+    code, _, err = run_cli(capsys, "--quiet", "fit-factors", "--model", model_dirs["gpt2"], "--corpus", corpus_file,
+                           "--max-length", "24", "--out", factors)
+    assert code == 0, err
+    queries = write_jsonl(tmp_path / "queries.jsonl", [q.as_row() for q in QUERIES])
+    base = ["--quiet", "query-gradients", "--model", model_dirs["gpt2"], "--factors", factors, "--queries", queries,
+            "--max-length", "24", "--query-rank", "4"]
+    code, _, err = run_cli(capsys, *base, "--solver", "cg", "--solve-iterations", "3", "--solve-tokens", "100",
+                           "--out", tmp_path / "qg")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "qg" / "manifest.json").read_text())
+    assert manifest["settings"]["solver"] == "cg" and manifest["settings"]["solve_iterations"] == 3
+    solve = manifest["solve"]
+    assert solve["corpus"] == str(corpus_file.resolve()) and 0 < solve["sample_tokens"] <= 100
+    assert sorted(solve["relative_residuals"]) == ["q1", "q2"]
+    for residuals in solve["relative_residuals"].values():
+        assert len(residuals) == 4 and all(0 < r < float("inf") for r in residuals)
+    assert any(name.startswith("query_gradients-") for name in manifest["files"])
+    for flags, fragment in (
+        (["--solve-iterations", "3"], "--solver cg only"),
+        (["--solver", "cg", "--solve-iterations", "-1"], "--solve-iterations must be 0 or more"),
+        (["--solver", "cg", "--solve-tokens", "0"], "--solve-tokens"),
+        (["--solver", "newton"], "--solver newton is not one of"),
+    ):
+        code, _, err = run_cli(capsys, *base, *flags, "--out", tmp_path / "bad")
+        assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and fragment in err, err
+        assert not (tmp_path / "bad").exists()
