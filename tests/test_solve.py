@@ -265,3 +265,15 @@ def test_cli_cg_writes_parts_and_records_residuals(tmp_path, capsys, model_dirs,
         code, _, err = run_cli(capsys, *base, *flags, "--out", tmp_path / "bad")
         assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and fragment in err, err
         assert not (tmp_path / "bad").exists()
+    # `attrib query` computes cg query gradients itself; given ones are checked against its flags
+    scored = ["--quiet", "query", "--model", model_dirs["gpt2"], "--factors", factors, "--corpus", corpus_file,
+              "--max-length", "24", "--query-rank", "4"]
+    code, _, err = run_cli(capsys, *scored, "--queries", queries, "--solver", "cg", "--solve-iterations", "1",
+                           "--solve-tokens", "100", "--out", tmp_path / "scores")
+    assert code == 0, err
+    inner = json.loads((tmp_path / "scores" / "query-gradients" / "manifest.json").read_text())
+    assert inner["settings"]["solver"] == "cg" and all(len(r) == 2 for r in inner["solve"]["relative_residuals"].values())
+    code, _, err = run_cli(capsys, *scored, "--query-gradients", tmp_path / "qg", "--solver", "ekfac",
+                           "--out", tmp_path / "bad")
+    assert code == 2 and "--solver ekfac conflicts with --query-gradients" in err, err
+    assert not (tmp_path / "bad").exists()
