@@ -112,6 +112,19 @@ def test_gauss_newton_product_equals_dense_matrix(setup):
         assert torch.allclose(single[0], batched[row], rtol=1e-10, atol=1e-12 * float(expected.abs().max()))
 
 
+def test_gauss_newton_has_the_scale_of_the_fitted_curvature(setup):
+    """tr(G_l) ≈ Σ Λ_l per layer: G is averaged over sequences like Λ (fit.py divides it by the number of
+    sequences), so λ means the same in both. Λ is a Monte Carlo estimate (32 sampled labels per
+    position on the same sample): 10% tolerance; normalising G by labelled positions instead would be
+    off by the ~10 labelled tokens per sequence."""
+    layers = setup["layers"]
+    curvature = load_curvature(setup["factors"], layers, None)
+    for index, layer in enumerate(layers):
+        positions = _positions(layers, [layer])
+        trace = float(setup["dense"][positions, positions].sum())
+        assert float(curvature[index].eigenvalues.sum()) == pytest.approx(trace, rel=0.1), layer.name
+
+
 def _iterations_to(residuals: torch.Tensor, tolerance: float) -> int:
     """The first k with every query's ‖r_k‖/‖b‖ below `tolerance` (len(residuals) if none)."""
     below = (residuals < tolerance).all(dim=1).nonzero()
