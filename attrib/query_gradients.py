@@ -6,6 +6,8 @@ happens inside the backward hook of one layer at a time: that layer's dense grad
 for the queries of the batch are formed, preconditioned with that layer's curvature
 (read from disk just then), compressed and freed, so at most one layer's dense
 `[queries, d_out, d_in]` block exists at once. One set serves many scoring runs.
+`--solver cg` (attrib/solve.py) is the exception: it solves all layers together, so it
+keeps the batch's dense gradients of every layer, then compresses them the same way.
 """
 
 from __future__ import annotations
