@@ -241,3 +241,27 @@ def test_fit_and_query_on_chat_data(tmp_path, capsys):
     assert code == 0, err
     page = (tmp_path / "report.html").read_text()
     assert "&lt;|im_start|&gt;assistant" in page and "&lt;|im_end|&gt;" in page
+
+
+def test_prefilter_searches_conversations(tmp_path):
+    """Without --model the prefilter searches the conversations' contents; chat queries alike."""
+    from attrib.prefilter import load_candidates, run_prefilter
+
+    corpus = write_jsonl(tmp_path / "chat.jsonl", [
+        {"id": f"c{i}", "messages": [{"role": "user", "content": "Tell me something."},
+                                     {"role": "assistant", "content": TEXTS[i]}]} for i in range(5)])
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "messages": [
+        {"role": "user", "content": "Which city?"}, {"role": "assistant", "content": "Quendar, capital of Vorlia."}]}])
+    run_prefilter(CorpusSpec(str(corpus)), str(queries), str(tmp_path / "candidates"), top_k=1)
+    assert [c.doc_id for c in load_candidates(tmp_path / "candidates")["q"]] == ["c0"]
+
+
+def test_pre_rendered_text_keeps_one_bos_in_every_chunk():
+    tokenizer = chat_tokenizer("llama", LLAMA)
+    prefix = special_prefix(tokenizer)
+    text = "<s>" + TEXTS[1] + " " + TEXTS[4]
+    chunks = chunk_document(tokenizer, Document("d", text), 8, prefix)
+    assert len(chunks) > 1 and all(c.input_ids[:2].count(prefix[0]) == 1 for c in chunks)
+    assert chunks[0].offsets[0] == (0, 3) and chunks[1].offsets[0] == (0, 0)  # the first shows its text
+    plain = chunk_document(tokenizer, Document("d", TEXTS[1] + " " + TEXTS[4]), 8, prefix)
+    assert [c.input_ids for c in chunks] == [c.input_ids for c in plain]
