@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.commands.options import (
-    ChatTemplate, Corpus, LossOn, Device, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Model, Modules, Out, Overwrite, Seed,
-    SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, checked_max_length, corpus_spec, parse_duration,
+    ChatTemplate, Corpus, Device, IdField, Lines, LongDocuments, LossOn, MaxDocs, MaxLength, Model, Modules, Out,
+    Overwrite, Seed, SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, checked_max_length, corpus_spec,
+    parse_duration,
 )
 from attrib.memory import parse_bytes
 

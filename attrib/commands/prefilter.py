@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.commands.options import (
-    ChatTemplate, Corpus, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Out, Overwrite, Queries, SkipBadRows, Split,
-    TextField, TrustRemoteCode, checked_max_length, corpus_spec,
+    ChatTemplate, Corpus, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Out, Overwrite, Queries, SkipBadRows,
+    Split, TextField, TrustRemoteCode, checked_max_length, corpus_spec,
 )
 
 TopK = Annotated[int, typer.Option(help="Candidates kept per query.")]

@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.commands.options import (
-    ChatTemplate, Corpus, LossOn, Device, Dtype, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Model, Out, Overwrite, Queries,
-    SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, checked_max_length, corpus_spec,
+    ChatTemplate, Corpus, Device, Dtype, IdField, Lines, LongDocuments, LossOn, MaxDocs, MaxLength, Model, Out,
+    Overwrite, Queries, SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, checked_max_length,
+    corpus_spec,
 )
 
 Factors = Annotated[str, typer.Option(help="Output directory of `attrib fit-factors`.")]
