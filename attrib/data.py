@@ -6,6 +6,11 @@ Every token keeps its character offsets, so any score maps back to the text. Emp
 or whitespace-only documents are skipped and counted; other bad rows are errors
 naming file and line, or are skipped and counted with `skip_bad_rows`.
 
+Conversations: a row with a `messages` field (a list of {"role", "content"}; the usual
+supervised fine-tuning layout) and no text field is a conversation. `ChatFormat` renders
+it with a chat template (`--chat-template`), and with `--loss-on assistant` only the
+assistant turns carry loss (see README, "Chat data").
+
 Document ids (`CorpusSpec.id_field`): None (the default) uses each row's `id` field
 when it has one and the row number otherwise, decided row by row so that the ids do
 not depend on `max_docs`; a corpus mixing rows with and without `id` is refused.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import glob as globlib
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,12 +38,22 @@ JSON_ARRAY_CHUNK = 1 << 20
 JSON_ARRAY_MAX_ELEMENT = 256 << 20  # an array element this large without a valid parse is reported malformed
 JSON_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 CORPUS_SUFFIXES = TEXT_SUFFIXES | JSON_SUFFIXES | {".parquet", ".csv"}
+MESSAGES_FIELD = "messages"  # a row holding a conversation instead of a text
+CHAT_TEMPLATES = ("auto", "none")  # --chat-template: these, or the path of a Jinja template file
+LOSS_ON = ("all", "assistant")  # --loss-on: which tokens of a corpus sequence carry loss
+GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")  # templates that mark assistant text themselves
 
 
 @dataclass
 class Document:
+    """A corpus document. A conversation keeps its `messages`; until `ChatFormat.prepare` renders
+    it, `text` is its contents alone. `assistant_spans` (character spans of the rendered text)
+    are set with --loss-on assistant: only tokens overlapping them carry loss."""
+
     doc_id: str
     text: str
+    messages: list | None = None
+    assistant_spans: list[tuple[int, int]] | None = None
 
 
 @dataclass
@@ -52,6 +68,8 @@ class CorpusSpec:
     skip_bad_rows: bool = False
     split: str = "train"
     long_documents: str = "chunk"  # documents longer than max_length: "chunk" or "truncate" (DESIGN.md §2)
+    chat_template: str = "auto"  # how conversations are rendered: "auto", "none" or a template file
+    loss_on: str = "all"  # "all" tokens of a sequence carry loss, or only "assistant" tokens of conversations
 
 
 @dataclass
@@ -117,11 +135,25 @@ class _RowChecker:
         if not isinstance(row, dict):
             self.bad(where, "row is not a JSON object", "not an object")
             return None
-        if spec.text_field not in row:
+        messages = None
+        if spec.text_field == MESSAGES_FIELD or (spec.text_field not in row and MESSAGES_FIELD in row):
+            messages = row.get(MESSAGES_FIELD)
+            problem = messages_problem(messages)
+            if problem is not None:
+                self.bad(where, problem, "bad messages")
+                return None
+            if spec.chat_template == "none":
+                raise InputError(
+                    f"{where} is a conversation ('{MESSAGES_FIELD}') but --chat-template is none; pass --chat-template "
+                    "auto (the tokenizer's template) or the path of a template file"
+                )
+            text = conversation_contents(messages)
+        elif spec.text_field not in row:
             fields = ", ".join(sorted(map(str, row))) or "none"
             self.bad(where, f"no field '{spec.text_field}' (fields: {fields}; choose one with --text-field)", "missing field")
             return None
-        text = row[spec.text_field]
+        else:
+            text = row[spec.text_field]
         if not isinstance(text, str):
             self.bad(where, f"field '{spec.text_field}' is {type(text).__name__}, not a string", "not a string")
             return None
@@ -137,7 +169,7 @@ class _RowChecker:
             return None
         else:
             doc_id = str(row[spec.id_field])
-        return Document(doc_id, text)  # type: ignore[arg-type]
+        return Document(doc_id, text, messages)  # type: ignore[arg-type]
 
     def default_id(self, row: dict, where: str) -> str | None:
         """The row's `id`, or None for a row number; decided per row, so --max-docs cannot change an id."""
@@ -299,7 +331,10 @@ def _parquet_file(path: Path, checker: _RowChecker) -> Iterator[Document | None]
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise InputError(f"{path} is not a readable Parquet file: {exc}") from exc
     names = table.schema_arrow.names
-    if checker.spec.text_field not in names:
+    text_field = checker.spec.text_field
+    if text_field not in names and MESSAGES_FIELD in names:
+        text_field = MESSAGES_FIELD  # conversations
+    if text_field not in names:
         raise InputError(
             f"{path} has no column '{checker.spec.text_field}' (columns: {', '.join(names)}); choose one with --text-field"
         )
@@ -308,7 +343,7 @@ def _parquet_file(path: Path, checker: _RowChecker) -> Iterator[Document | None]
         id_field = DEFAULT_ID_FIELD
     elif id_field != ROW_NUMBERS and id_field not in names:
         raise InputError(f"{path} has no column '{id_field}' (given by --id-field; columns: {', '.join(names)})")
-    columns = [checker.spec.text_field] + ([id_field] if id_field in names and id_field != checker.spec.text_field else [])
+    columns = [text_field] + ([id_field] if id_field in names and id_field != text_field else [])
     row_number = 0
     for batch in table.iter_batches(batch_size=4096, columns=columns):
         for row in batch.to_pylist():
@@ -390,7 +425,172 @@ def check_corpus(spec: CorpusSpec) -> None:
         raise InputError(f"--long-documents {spec.long_documents} is not one of {', '.join(LONG_DOCUMENTS)}")
     if spec.max_docs is not None and spec.max_docs < 1:
         raise InputError("--max-docs must be at least 1")
+    check_chat_options(spec.chat_template, spec.loss_on)
     next(iter_documents(replace(spec, max_docs=1)))
+
+
+# --- conversations -------------------------------------------------------------
+
+
+def messages_problem(messages) -> str | None:
+    """Why `messages` is not a conversation attrib can render, or None."""
+    if not isinstance(messages, list) or not messages:
+        return f"field '{MESSAGES_FIELD}' is not a non-empty list of messages"
+    for number, item in enumerate(messages):
+        if not isinstance(item, dict) or not isinstance(item.get("role"), str):
+            return f"message {number} of '{MESSAGES_FIELD}' is not an object with a string 'role'"
+        if not isinstance(item.get("content"), str):
+            return f"message {number} of '{MESSAGES_FIELD}' has no string 'content'"
+    return None
+
+
+def conversation_contents(messages: list[dict]) -> str:
+    """A conversation's contents alone, one message per paragraph: the text of a conversation
+    that is not rendered (the prefilter without --model searches it)."""
+    return "\n\n".join(item["content"] for item in messages)
+
+
+def check_chat_options(chat_template: str, loss_on: str) -> None:
+    if loss_on not in LOSS_ON:
+        raise InputError(f"--loss-on {loss_on} is not one of {', '.join(LOSS_ON)}")
+    if chat_template not in CHAT_TEMPLATES and not Path(chat_template).expanduser().is_file():
+        raise InputError(f"--chat-template {chat_template}: not auto, none or a template file")
+
+
+@dataclass
+class ChatFormat:
+    """How conversations become text and loss masks: a Jinja chat template and the tokenizer
+    whose special tokens it uses.
+
+    `template` None: conversations are refused with `missing` as the reason. `tokenizer` None
+    (the prefilter without --model): conversations are read as their contents alone.
+    """
+
+    option: str  # --chat-template as given: auto, none or a file
+    template: str | None
+    tokenizer: object = None
+    missing: str = ""
+
+    def identity(self) -> dict:
+        """What a manifest records: the option and a hash of the template it resolved to."""
+        digest = hashlib.sha256(self.template.encode()).hexdigest() if self.template is not None else None
+        return {"chat_template": self.option, "template_sha256": digest}
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if self.tokenizer is None:
+            return conversation_contents(messages) + ("\n\n" if add_generation_prompt else "")
+        if self.template is None:
+            raise InputError(self.missing)
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+        except Exception as exc:  # jinja raises TemplateError subclasses, templates raise their own
+            raise InputError(f"the chat template ({self.option}) failed on a conversation: {exc}") from exc
+
+    def prepare(self, doc: Document, loss_on: str = "all") -> Document:
+        """The document as the model sees it: a conversation rendered (with its assistant spans
+        under --loss-on assistant); a text unchanged."""
+        if doc.messages is None:
+            if loss_on == "assistant":
+                raise InputError(
+                    f"document {doc.doc_id} is plain text, but --loss-on assistant needs conversations "
+                    f"('{MESSAGES_FIELD}'); use --loss-on all"
+                )
+            return doc
+        text = self.render(doc.messages)
+        spans = self.assistant_spans(doc.messages, text, doc.doc_id) if loss_on == "assistant" else None
+        return Document(doc.doc_id, text, doc.messages, spans)
+
+    def assistant_spans(self, messages: list[dict], text: str, doc_id: str) -> list[tuple[int, int]]:
+        """Character spans of `text` (the rendered conversation) written by the assistant.
+
+        A template with `{% generation %}` blocks marks them itself: the tokens of
+        `apply_chat_template(..., return_assistant_tokens_mask=True)`, as spans. Otherwise each
+        assistant turn i spans from the end of messages[:i] rendered with the generation prompt
+        to the end of messages[:i+1] rendered: its content and what the template writes up to
+        the next message (its end-of-turn marker, typically).
+        """
+        if self.tokenizer is None or self.template is None:
+            return []
+        if GENERATION_BLOCK.search(self.template):
+            marked = self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=True,
+                                                        return_dict=True, return_assistant_tokens_mask=True)
+            encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            spans: list[tuple[int, int]] = []
+            for flag, (start, end) in zip(marked["assistant_masks"], encoding["offset_mapping"]):
+                if not flag:
+                    continue
+                if spans and start <= spans[-1][1]:
+                    spans[-1] = (spans[-1][0], max(end, spans[-1][1]))
+                else:
+                    spans.append((start, end))
+            return spans
+        spans = []
+        for index, item in enumerate(messages):
+            if item["role"] != "assistant":
+                continue
+            before = self.render(messages[:index], add_generation_prompt=True) if index else ""
+            through = self.render(messages[: index + 1])
+            if not (through.startswith(before) and text.startswith(through)):
+                raise InputError(
+                    f"document {doc_id}: the chat template ({self.option}) does not render this conversation turn "
+                    "by turn, so its assistant turns cannot be found; mark them with {% generation %} in the template"
+                )
+            spans.append((len(before), len(through)))
+        return spans
+
+    def query_texts(self, messages: list[dict]) -> tuple[str, str]:
+        """(prompt, completion) of a chat query: the conversation before its last (assistant) turn
+        rendered with the generation prompt, and what the whole conversation adds to it."""
+        prompt = self.render(messages[:-1], add_generation_prompt=True)
+        full = self.render(messages)
+        if not full.startswith(prompt):
+            raise InputError(
+                f"the chat template ({self.option}) renders the conversation without its last turn and the "
+                "generation prompt as something other than the start of the whole conversation"
+            )
+        return prompt, full[len(prompt):]
+
+
+def chat_format(tokenizer, option: str = "auto") -> ChatFormat:
+    """The ChatFormat of --chat-template `option` for `tokenizer` (None: contents alone)."""
+    check_chat_options(option, "all")
+    if option == "none":
+        return ChatFormat(option, None, tokenizer, "conversations ('messages') need a chat template, but "
+                          "--chat-template is none; pass --chat-template auto or the path of a template file")
+    if option != "auto":
+        try:
+            template = Path(option).expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"--chat-template {option} cannot be read: {exc}") from exc
+        return ChatFormat(option, template, tokenizer)
+    template = getattr(tokenizer, "chat_template", None) if tokenizer is not None else None
+    if isinstance(template, dict):  # named templates: the default one renders conversations
+        template = template.get("default")
+    return ChatFormat(option, template, tokenizer, "the model's tokenizer has no chat template, so its "
+                      "conversations ('messages') cannot be rendered; pass --chat-template with a template file")
+
+
+def check_chat_agrees(recorded: dict | None, current: dict, source: str) -> None:
+    """Refuse an input whose conversations were rendered with another template, or whose loss
+    was taken over other tokens (--loss-on); `recorded` None (an older manifest) is not compared."""
+    if not recorded:
+        return
+    if "loss_on" in recorded and "loss_on" in current and recorded["loss_on"] != current["loss_on"]:
+        raise InputError(
+            f"{source} was computed with --loss-on {recorded['loss_on']}, this run has --loss-on {current['loss_on']}; "
+            f"the fit and the scores must take the loss over the same tokens: pass --loss-on {recorded['loss_on']} "
+            "or recompute it"
+        )
+    if recorded.get("template_sha256") != current.get("template_sha256"):
+        def named(identity: dict) -> str:
+            digest = identity.get("template_sha256")
+            return f"{identity.get('chat_template')} ({'sha256 ' + digest[:12] if digest else 'no template'})"
+
+        raise InputError(
+            f"{source} rendered conversations with chat template {named(recorded)}, this run with {named(current)}; "
+            "pass the same --chat-template or recompute it"
+        )
 
 
 # --- token sequences -------------------------------------------------------
@@ -450,9 +650,10 @@ def tokenizer_identity(tokenizer) -> dict:
     }
 
 
-def chunking_identity(tokenizer, max_length: int, long_documents: str) -> dict:
+def chunking_identity(tokenizer, max_length: int, long_documents: str, chat_template: str = "auto") -> dict:
     """How documents became sequences: with chunk k of a document, a later stage must mean the same text."""
-    return {"tokenizer": tokenizer_identity(tokenizer), "max_length": max_length, "long_documents": long_documents}
+    return {"tokenizer": tokenizer_identity(tokenizer), "max_length": max_length, "long_documents": long_documents,
+            "chat": chat_format(tokenizer, chat_template).identity()}
 
 
 def default_max_length(model_config, tokenizer) -> int:
@@ -494,13 +695,26 @@ def chunk_document(
 ) -> list[Sequence]:
     """Cut a document into sequences of at most `max_length` tokens (prefix included).
 
-    `long_documents="truncate"` keeps only the first sequence (models fine-tuned on
-    truncated examples never saw the rest; DESIGN.md §2).
+    A text whose own tokens start with the prefix (a rendered template's BOS) does not get it
+    twice, and a conversation gets it only where its template writes it: its tokens are the
+    template's. With `doc.assistant_spans`, only tokens overlapping them are predicted, and a
+    sequence that predicts nothing is left out. `long_documents="truncate"` keeps only the
+    first sequence (models fine-tuned on truncated examples never saw the rest; DESIGN.md §2).
     """
     if long_documents not in LONG_DOCUMENTS:
         raise InputError(f"--long-documents {long_documents} is not one of {', '.join(LONG_DOCUMENTS)}")
     encoding = tokenizer(doc.text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = encoding["input_ids"], disjoint_offsets(encoding["offset_mapping"])
+    ids, raw_offsets = list(encoding["input_ids"]), list(encoding["offset_mapping"])
+    offsets = disjoint_offsets(raw_offsets)
+    predicted = None if doc.assistant_spans is None else overlaps(raw_offsets, doc.assistant_spans)
+    own_prefix = bool(prefix) and ids[: len(prefix)] == prefix
+    lead = [(0, 0)] * len(prefix)
+    if own_prefix:  # kept once per chunk, with its text in the first
+        lead, ids, offsets = offsets[: len(prefix)], ids[len(prefix):], offsets[len(prefix):]
+        if predicted is not None:
+            predicted = predicted[len(prefix):]
+    elif doc.messages is not None:
+        prefix, lead = [], []
     room = max_length - len(prefix)
     if room < 1:
         raise InputError(f"--max-length {max_length} leaves no room after the tokenizer's special prefix")
@@ -510,11 +724,40 @@ def chunk_document(
     sequences = []
     for chunk, start in enumerate(starts):
         chunk_ids = prefix + ids[start : start + room]
-        chunk_offsets = [(0, 0)] * len(prefix) + offsets[start : start + room]
+        chunk_offsets = (lead if chunk == 0 else [(0, 0)] * len(prefix)) + offsets[start : start + room]
         if len(chunk_ids) < 2:
             continue  # a single token predicts nothing
-        sequences.append(Sequence(doc.doc_id, chunk, chunk_ids, chunk_offsets, next_token_targets(chunk_ids)))
+        targets = next_token_targets(chunk_ids)
+        if predicted is not None:
+            flags = [False] * len(prefix) + predicted[start : start + room]
+            targets = [t if flags[p + 1] else -1 for p, t in enumerate(targets[:-1])] + [-1]
+            if all(t < 0 for t in targets):
+                continue  # no assistant token in this chunk: nothing to learn from
+        sequences.append(Sequence(doc.doc_id, chunk, chunk_ids, chunk_offsets, targets))
     return sequences
+
+
+def overlaps(offsets, spans: list[tuple[int, int]]) -> list[bool]:
+    """Per token, whether its character span overlaps one of `spans` (both in order); the rule
+    of transformers' assistant mask, so a token cut by a span's edge counts as inside."""
+    flags, index = [], 0
+    for start, end in offsets:
+        while index < len(spans) and start >= spans[index][1]:
+            index += 1
+        flags.append(index < len(spans) and end > spans[index][0])
+    return flags
+
+
+_SAID: set[str] = set()
+
+
+def say_once(key: str, text: str) -> None:
+    """A warning line (attrib.progress.message) the first time `key` comes up in this process."""
+    from attrib.progress import message
+
+    if key not in _SAID:
+        _SAID.add(key)
+        message(f"warning: {text}")
 
 
 # --- queries -----------------------------------------------------------------
@@ -522,17 +765,28 @@ def chunk_document(
 
 @dataclass
 class Query:
+    """A query; a chat query keeps its `messages`, and `prompt`/`completion` are their rendering."""
+
     query_id: str
     prompt: str
     completion: str
+    messages: list | None = None
 
-    def as_row(self) -> dict[str, str]:
-        """The query as its JSONL row."""
-        return {"id": self.query_id, "prompt": self.prompt, "completion": self.completion}
+    def as_row(self) -> dict:
+        """The query as a JSONL row (a chat query's row also holds the rendered prompt and completion)."""
+        row: dict = {"id": self.query_id, "prompt": self.prompt, "completion": self.completion}
+        if self.messages is not None:
+            row[MESSAGES_FIELD] = self.messages
+        return row
 
 
-def load_queries(path: str | Path, skip_bad_rows: bool = False) -> list[Query]:
-    """Queries from JSONL `{"id", "prompt", "completion"}`; ids must be unique."""
+def load_queries(path: str | Path, skip_bad_rows: bool = False, chat: ChatFormat | None = None) -> list[Query]:
+    """Queries from JSONL `{"id", "prompt", "completion"}` or `{"id", "messages"}`; ids must be unique.
+
+    A chat query's last message is the assistant turn attributed; `chat` renders the rest as
+    the prompt (ChatFormat.query_texts). A row with `messages` is a chat query even when it
+    also holds `prompt` and `completion` (as the rows a stage writes back do).
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--queries {path}: no such file")
@@ -544,15 +798,21 @@ def load_queries(path: str | Path, skip_bad_rows: bool = False) -> list[Query]:
         if not isinstance(row, dict):
             checker.bad(where, "row is not a JSON object", "not an object")
             continue
+        messages = row.get(MESSAGES_FIELD)
+        fields = ("id",) if messages is not None else ("id", "prompt", "completion")
         problem = next(
             (
                 f"field '{name}' is missing" if name not in row else f"field '{name}' is not a string"
-                for name in ("id", "prompt", "completion")
+                for name in fields
                 if not isinstance(row.get(name), str) and not (name == "id" and isinstance(row.get(name), int))
             ),
             None,
         )
-        if problem is None and not row["completion"].strip():
+        if problem is None and messages is not None:
+            problem = messages_problem(messages)
+            if problem is None and (len(messages) < 2 or messages[-1]["role"] != "assistant"):
+                problem = "a chat query's last message must be the assistant turn to attribute, after at least one other"
+        if problem is None and messages is None and not row["completion"].strip():
             problem = "field 'completion' is empty; a query needs a completion to attribute"
         if problem is None and str(row["id"]) in seen:
             problem = f"query id {row['id']!r} is used twice"
@@ -560,17 +820,41 @@ def load_queries(path: str | Path, skip_bad_rows: bool = False) -> list[Query]:
             checker.bad(where, problem, "bad query")
             continue
         seen.add(str(row["id"]))
-        queries.append(Query(str(row["id"]), row["prompt"], row["completion"]))
+        if messages is None:
+            queries.append(Query(str(row["id"]), row["prompt"], row["completion"]))
+            continue
+        if chat is None:
+            raise InputError(f"{where}: a chat query ('{MESSAGES_FIELD}') needs the model's tokenizer to be rendered")
+        try:
+            prompt, completion = chat.query_texts(messages)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        queries.append(Query(str(row["id"]), prompt, completion, messages))
     if not queries:
         raise InputError(f"--queries {path} holds no query")
     return queries
 
 
 def query_sequence(tokenizer, query: Query, max_length: int, prefix: list[int]) -> Sequence:
-    """Prompt + completion tokens; only completion tokens carry loss (DESIGN.md §2)."""
+    """Prompt + completion tokens; only completion tokens carry loss (DESIGN.md §2).
+
+    The prefix is not added to a prompt whose tokens already start with it (a pre-rendered
+    template: said once), nor to a chat query (its tokens are its template's). A completion
+    starting inside a token is said (per query): that token is scored as a completion token,
+    the token the model would emit.
+    """
     text = query.prompt + query.completion
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = prefix + list(encoding["input_ids"])
+    ids = list(encoding["input_ids"])
+    if prefix and ids[: len(prefix)] == prefix:
+        if query.messages is None:
+            say_once("prefix", f"query {query.query_id}: the prompt already starts with the tokenizer's special prefix "
+                     f"{tokenizer.convert_ids_to_tokens(prefix)} (a rendered template?); it is not added again "
+                     "(nor to other queries that start with it)")
+        prefix = []
+    elif query.messages is not None:
+        prefix = []
+    ids = prefix + ids
     offsets = [(0, 0)] * len(prefix) + disjoint_offsets(encoding["offset_mapping"])
     boundary = len(query.prompt)
     first_completion = next((i for i, (_, end) in enumerate(offsets) if end > boundary), len(ids))
@@ -583,6 +867,12 @@ def query_sequence(tokenizer, query: Query, max_length: int, prefix: list[int]) 
         raise InputError(
             f"query {query.query_id} has {len(ids)} tokens, more than --max-length {max_length}; shorten it"
         )
+    start, end = offsets[first_completion] if first_completion < len(ids) else (boundary, boundary)
+    if start < boundary:
+        say_once(f"boundary {query.query_id}", (
+            f"query {query.query_id}: the completion starts inside the token {text[start:end]!r} (character "
+            f"{boundary - start} of it); the whole token is scored as completion. To split there, end the prompt "
+            "before the token (e.g. move a trailing space into the completion)"))
     targets = next_token_targets(ids, loss_from=first_completion)
     return Sequence(query.query_id, 0, ids, offsets, targets)
 
@@ -658,18 +948,21 @@ def iter_sequence_parts(
     Parts are fixed runs of `docs_per_part` documents, so a resumed run sees the
     same parts and indices as an uninterrupted one. Documents for which
     `wanted(doc_index, doc_id)` is false (candidates of other queries, documents of
-    other processes) are never tokenized and do not count towards a part. `long_documents`
+    other processes) are never tokenized and do not count towards a part. Conversations are
+    rendered with `spec.chat_template`, their loss taken as `spec.loss_on` says. `long_documents`
     (default: the spec's) chunks or truncates documents longer than `max_length`.
     """
     require_fast_tokenizer(tokenizer)
     long_documents = long_documents or spec.long_documents
     caps = caps or SequenceCaps()
     prefix = special_prefix(tokenizer)
+    chat = chat_format(tokenizer, spec.chat_template)
     part = Part(0, [], {})
     sequence_index = tokens = 0
     for doc_index, doc in enumerate(iter_documents(spec, stats)):
         if wanted is not None and not wanted(doc_index, doc.doc_id):
             continue
+        doc = chat.prepare(doc, spec.loss_on)
         part.texts[doc_index] = doc.text
         part.documents += 1
         for sequence in chunk_document(tokenizer, doc, max_length, prefix, long_documents):

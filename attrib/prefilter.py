@@ -166,12 +166,14 @@ class ItemCounts:
 def _item_batches(spec: CorpusSpec, settings: PrefilterSettings, tokenizer, max_length: int | None,
                   stats: RowStats, counts: ItemCounts) -> Iterator[ItemBatch]:
     """The corpus as batches of scoring units, in a fixed order (both passes must agree)."""
-    from attrib.data import chunk_document, special_prefix
+    from attrib.data import chat_format, chunk_document, special_prefix
 
     prefix = special_prefix(tokenizer) if settings.unit == "sequence" else []
+    chat = chat_format(tokenizer, spec.chat_template)
     long_documents = spec.long_documents
     batch = ItemBatch([], [], [])
     for doc in iter_documents(spec, stats):
+        doc = chat.prepare(doc)
         counts.documents += 1
         if settings.unit == "document":
             batch.doc_ids.append(doc.doc_id)
@@ -518,7 +520,9 @@ def run_prefilter(
     exact backend starts over. candidates.parquet appears only complete (atomic
     rename), followed by the manifest that marks the stage complete.
     """
-    from attrib.data import check_corpus, chunking_identity, default_max_length, load_queries, require_fast_tokenizer
+    from attrib.data import (
+        chat_format, check_corpus, chunking_identity, default_max_length, load_queries, require_fast_tokenizer,
+    )
     from attrib.progress import message
     from attrib.storage import StageDir, input_identity, read_manifest
 
@@ -526,10 +530,10 @@ def run_prefilter(
     settings = PrefilterSettings(top_k, unit, analyzer, tuple(ngram_range), scoring, query_text, backend, model,
                                  max_length, hash_features)
     settings.check()
-    query_list = load_queries(queries)
+    tokenizer, config = load_tokenizer(model, trust_remote_code) if settings.needs_tokenizer else (None, None)
+    query_list = load_queries(queries, chat=chat_format(tokenizer, spec.chat_template))
     query_ids = [q.query_id for q in query_list]
     texts = _query_texts(query_list, query_text)
-    tokenizer, config = load_tokenizer(model, trust_remote_code) if settings.needs_tokenizer else (None, None)
     if unit == "sequence":
         require_fast_tokenizer(tokenizer)  # chunks map back to text through offsets
         settings.max_length = max_length or default_max_length(config, tokenizer)
@@ -538,7 +542,8 @@ def run_prefilter(
     chosen = choose_backend(spec, backend)
     recorded = {**asdict(settings), "ngram_range": list(settings.ngram_range), "corpus": asdict(spec),
                 "queries": str(queries), "long_documents": spec.long_documents}
-    chunking = chunking_identity(tokenizer, settings.max_length, spec.long_documents) if unit == "sequence" else None
+    chunking = (chunking_identity(tokenizer, settings.max_length, spec.long_documents, spec.chat_template)
+                if unit == "sequence" else None)
     inputs = {"corpus": input_identity(spec.source), "queries": input_identity(queries),
               "tokenizer": chunking["tokenizer"] if chunking else None}
     stage = StageDir(out, "prefilter", recorded, None, inputs, overwrite)
@@ -570,7 +575,7 @@ def run_prefilter(
 
 
 def check_candidates_chunking(manifest: dict, tokenizer, max_length: int, long_documents: str,
-                              source: str = "--candidates") -> None:
+                              source: str = "--candidates", chat_template: str = "auto") -> None:
     """Refuse sequence-level candidates cut differently from how the scoring stage cuts the corpus.
 
     With another tokenizer, --max-length or --long-documents, chunk k of a document is
@@ -583,11 +588,11 @@ def check_candidates_chunking(manifest: dict, tokenizer, max_length: int, long_d
     if manifest.get("settings", {}).get("unit") != "sequence":
         return
     recorded = manifest.get("chunking")
-    rerun = ("; rerun `attrib prefilter --unit sequence --overwrite` with the scoring --model, --max-length and "
-             "--long-documents, or use --unit document")
+    rerun = ("; rerun `attrib prefilter --unit sequence --overwrite` with the scoring --model, --max-length, "
+             "--long-documents and --chat-template, or use --unit document")
     if not recorded:
         raise InputError(f"{source} records no chunking (written by an older attrib){rerun}")
-    current = chunking_identity(tokenizer, max_length, long_documents)
+    current = chunking_identity(tokenizer, max_length, long_documents, chat_template)
     differences = []
     old_tokenizer, new_tokenizer = recorded.get("tokenizer", {}), current["tokenizer"]
     if any(old_tokenizer.get(key) != new_tokenizer[key] for key in ("vocab_size", "vocab_sha256", "special_prefix")):
@@ -595,6 +600,9 @@ def check_candidates_chunking(manifest: dict, tokenizer, max_length: int, long_d
     for key, option in (("max_length", "--max-length"), ("long_documents", "--long-documents")):
         if recorded.get(key) != current[key]:
             differences.append(f"{option} {recorded.get(key)} != {current[key]}")
+    old_chat = recorded.get("chat")
+    if old_chat is not None and old_chat.get("template_sha256") != current["chat"]["template_sha256"]:
+        differences.append(f"--chat-template {old_chat.get('chat_template')} != {current['chat']['chat_template']}")
     if differences:
         raise InputError(f"{source} was cut into sequences differently ({'; '.join(differences)}){rerun}")
 

@@ -32,6 +32,7 @@ class QuerySettings:
     tokens_per_batch: int = 4096
     queries_per_batch: int = 64
     world_size: int = 1
+    chat_template: str = "auto"  # how chat queries were rendered (the identity of the template is recorded too)
     solver: str = "ekfac"  # or "cg": refine H⁻¹∇L_q by CG on the damped Gauss-Newton system (attrib.solve)
     solve_iterations: int = 0
     solve_tokens: int = DEFAULT_SOLVE_TOKENS
@@ -89,6 +90,7 @@ def run_query_gradients(out, model_spec: str, lm, tokenizer, layers, factors: st
 
     With `settings.solver == "cg"` the sample comes from `solve_corpus`, else the fit's corpus, else
     `solve_fallback` (see `solve_corpus_of`)."""
+    from attrib.data import chat_format, check_chat_agrees
     from attrib.models import model_record
     from attrib.storage import StageDir, input_identity, open_input, read_manifest
 
@@ -98,7 +100,9 @@ def run_query_gradients(out, model_spec: str, lm, tokenizer, layers, factors: st
     if settings.solver == "cg" and strategy == "identity":
         raise InputError("--solver cg needs fitted curvature as its preconditioner and damping; these factors are "
                          "'identity': fit ekfac, kfac or diagonal factors")
-    recorded = {**asdict(settings), "strategy": strategy}
+    chat = chat_format(tokenizer, settings.chat_template).identity()
+    check_chat_agrees(factors_manifest["settings"].get("chat"), chat, f"--factors {factors}")
+    recorded = {**asdict(settings), "strategy": strategy, "chat": chat}
     inputs = {"factors": input_identity(factors), "queries_sha256": queries_digest(queries)}
     sample_spec = None
     if settings.solves:
@@ -206,6 +210,7 @@ def run_query(out, model_spec: str, lm, tokenizer, layers, request: ScoreRequest
     from attrib.models import model_record
     from attrib.storage import StageDir, input_identity
 
+    check_corpus_chat(request, tokenizer)
     record = model_record(model_spec, lm, layers)
     inputs = {
         "factors": input_identity(request.factors),
@@ -224,6 +229,20 @@ def run_query(out, model_spec: str, lm, tokenizer, layers, request: ScoreRequest
     with stage.guard():
         return _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, query_settings, score_settings,
                       world, record)
+
+
+def check_corpus_chat(request: ScoreRequest, tokenizer) -> None:
+    """The corpus must be rendered and its loss taken as in the fit (and as the query gradients' queries)."""
+    from attrib.data import chat_format, check_chat_agrees
+    from attrib.storage import open_input
+
+    spec = request.corpus
+    current = {**chat_format(tokenizer, spec.chat_template).identity(), "loss_on": spec.loss_on}
+    factors = open_input(request.factors, "fit-factors", option="--factors")
+    check_chat_agrees(factors["settings"].get("chat"), current, f"--factors {request.factors}")
+    if request.query_gradients is not None:
+        gradients = open_input(request.query_gradients, "query-gradients", option="--query-gradients")
+        check_chat_agrees(gradients["settings"].get("chat"), current, f"--query-gradients {request.query_gradients}")
 
 
 def _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, query_settings, score_settings, world,

@@ -14,7 +14,9 @@ tokens/part-NNNNN.parquet — one row per (query, document, chunk) whose tokens 
 summary.parquet — one row per query, over every scored document (also those documents.parquet
     leaves out when it keeps only each query's most positive and most negative documents):
     query_id str, documents int64, mean float64, std float64, positive_sum float64.
-The manifest also lists the queries ({"id", "prompt", "completion"}) and layer names.
+The manifest also lists the queries ({"id", "prompt", "completion"}; a chat query also has its
+"messages", and its prompt and completion are their rendering) and layer names. A conversation's
+`text` and `tokens` are its rendering: role markers and special tokens appear as text.
 Scores are positive when training on the document makes the completion more likely.
 """
 

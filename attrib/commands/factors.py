@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.commands.options import (
-    Corpus, Device, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Model, Modules, Out, Overwrite, Seed,
-    SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, checked_max_length, corpus_spec, parse_duration,
+    ChatTemplate, Corpus, Device, IdField, Lines, LongDocuments, LossOn, MaxDocs, MaxLength, Model, Modules, Out,
+    Overwrite, Seed, SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, checked_max_length, corpus_spec,
+    parse_duration,
 )
 from attrib.memory import parse_bytes
 
@@ -42,6 +43,8 @@ def fit_factors(
     tokens_per_batch: TokensPerBatch = 4096,
     max_length: MaxLength = None,
     long_documents: LongDocuments = "chunk",
+    chat_template: ChatTemplate = "auto",
+    loss_on: LossOn = "all",
     seed: Seed = 0,
     modules: Modules = None,
     text_field: TextField = "text",
@@ -63,7 +66,7 @@ def fit_factors(
     """
     from dataclasses import asdict
 
-    from attrib.data import check_corpus, default_max_length
+    from attrib.data import chat_format, check_corpus, default_max_length
     from attrib.distributed import detect_world
     from attrib.errors import InputError
     from attrib.fit import FitSettings
@@ -78,7 +81,8 @@ def fit_factors(
             "--dtype float16 is refused for fit-factors: without loss scaling its gradients underflow to zero "
             "or overflow; use --dtype bfloat16 (same memory, float32's range)"
         )
-    spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents)
+    spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents,
+                       chat_template, loss_on)
     model_source(model)  # a mistyped --model path is named before the corpus is read
     check_corpus(spec)  # a missing path, a wrong --text-field or a bad first row fail before any output exists
     every = parse_duration(checkpoint_every, "--checkpoint-every")
@@ -107,7 +111,8 @@ def fit_factors(
             settings.layers_per_pass = layers_for_budget(budget, lm, layers, settings, dtype, world.device)
         reading = {key: value for key, value in asdict(spec).items() if key not in ("source", "long_documents")}
         recorded = {**asdict(settings), "modules": modules, "dtype": dtype, "long_documents": long_documents,
-                    "corpus_options": reading}
+                    "corpus_options": reading,
+                    "chat": {**chat_format(tokenizer, chat_template).identity(), "loss_on": loss_on}}
         inputs = {"corpus": input_identity(corpus)}
         record = model_record(model, lm, layers)
         stage = world.main_first(

@@ -40,22 +40,39 @@ LongDocuments = Annotated[
         "(only the first --max-length tokens; models fine-tuned on truncated examples)."
     ),
 ]
-Queries = Annotated[str, typer.Option(help='JSONL of queries {"id", "prompt", "completion"}.')]
+Queries = Annotated[str, typer.Option(help='JSONL of queries {"id", "prompt", "completion"} or {"id", "messages"}.')]
+ChatTemplate = Annotated[
+    str,
+    typer.Option(
+        help="How conversations ('messages' rows and chat queries) are rendered: auto (the tokenizer's chat "
+        "template), none (refuse conversations) or the path of a Jinja template file."
+    ),
+]
+LossOn = Annotated[
+    str,
+    typer.Option(
+        help="Tokens of a corpus sequence that carry loss: all, or assistant (only the assistant turns of "
+        "conversations, as in supervised fine-tuning). Factors and scores must use the same."
+    ),
+]
 Out = Annotated[str, typer.Option("--out", "-o", help="Output stage directory (rerun to resume).")]
 Overwrite = Annotated[bool, typer.Option(help="Start over in --out instead of resuming.")]
 TokensPerBatch = Annotated[int, typer.Option(help="Padded tokens per batch (length-sorted packing).")]
 Seed = Annotated[int, typer.Option(help="Seed for sampled labels and shuffling.")]
 
 
-def corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents="chunk"):
-    from attrib.data import LONG_DOCUMENTS, CorpusSpec
+def corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents="chunk",
+                chat_template="auto", loss_on="all"):
+    from attrib.data import LONG_DOCUMENTS, CorpusSpec, check_chat_options
     from attrib.errors import InputError
 
     if max_docs is not None and max_docs < 1:
         raise InputError("--max-docs must be at least 1")
     if long_documents not in LONG_DOCUMENTS:
         raise InputError(f"--long-documents {long_documents} is not one of {', '.join(LONG_DOCUMENTS)}")
-    return CorpusSpec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents)
+    check_chat_options(chat_template, loss_on)
+    return CorpusSpec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents,
+                      chat_template, loss_on)
 
 
 def checked_max_length(max_length: int | None) -> int | None:

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.commands.options import (
-    Corpus, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Out, Overwrite, Queries, SkipBadRows, Split,
-    TextField, TrustRemoteCode, checked_max_length, corpus_spec,
+    ChatTemplate, Corpus, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Out, Overwrite, Queries, SkipBadRows,
+    Split, TextField, TrustRemoteCode, checked_max_length, corpus_spec,
 )
 
 TopK = Annotated[int, typer.Option(help="Candidates kept per query.")]
@@ -40,6 +40,7 @@ def prefilter(
     model: TokenizerModel = None,
     max_length: MaxLength = None,
     long_documents: LongDocuments = "chunk",
+    chat_template: ChatTemplate = "auto",
     hash_features: HashFeatures = 2**22,
     text_field: TextField = "text",
     id_field: IdField = None,
@@ -57,7 +58,7 @@ def prefilter(
     from attrib.prefilter import parse_ngram_range, run_prefilter
 
     run_prefilter(
-        corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents),
+        corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents, chat_template),
         queries,
         out,
         top_k,

@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.commands.options import (
-    Corpus, Device, Dtype, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Model, Out, Overwrite, Queries,
-    SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, checked_max_length, corpus_spec,
+    ChatTemplate, Corpus, Device, Dtype, IdField, Lines, LongDocuments, LossOn, MaxDocs, MaxLength, Model, Out,
+    Overwrite, Queries, SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, checked_max_length,
+    corpus_spec,
 )
 
 Factors = Annotated[str, typer.Option(help="Output directory of `attrib fit-factors`.")]
@@ -46,19 +47,19 @@ def _load(model: str, factors: str, dtype: str, device: str, trust_remote_code: 
     return world, lm, tokenizer, layers
 
 
-def _checked_queries(queries: str, tokenizer, max_length: int):
-    """The queries, each checked to tokenize into a prompt and a completion that fit the context."""
-    from attrib.data import load_queries, query_sequence, special_prefix
+def _checked_queries(queries: str, tokenizer, max_length: int, chat_template: str = "auto"):
+    """The queries (chat queries rendered), each checked to tokenize into a prompt and a completion that fit."""
+    from attrib.data import chat_format, load_queries, query_sequence, special_prefix
 
-    query_list = load_queries(queries)
+    query_list = load_queries(queries, chat=chat_format(tokenizer, chat_template))
     prefix = special_prefix(tokenizer)
     for item in query_list:
         query_sequence(tokenizer, item, max_length, prefix)
     return query_list
 
 
-def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world, solver=None,
-                    solve_iterations=None, solve_tokens=None, solve_corpus=None):
+def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world, chat_template="auto",
+                    solver=None, solve_iterations=None, solve_tokens=None, solve_corpus=None):
     """QuerySettings from flags (queries per batch are set from the memory budget by `_batching`)."""
     from attrib.errors import InputError
     from attrib.query_stage import QuerySettings
@@ -66,7 +67,8 @@ def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_b
     if damping is not None and damping_scale is not None:
         raise InputError("give either --damping (absolute) or --damping-scale (relative), not both")
     settings = QuerySettings(query_rank=32 if query_rank is None else query_rank, damping=damping,
-                             max_length=max_length, tokens_per_batch=tokens_per_batch, world_size=world.size)
+                             max_length=max_length, tokens_per_batch=tokens_per_batch, world_size=world.size,
+                             chat_template=chat_template)
     if damping_scale is not None:
         settings.damping_scale = damping_scale
     settings.solver = solver or settings.solver
@@ -117,6 +119,7 @@ def query_gradients(
     solve_iterations: SolveIterations = None,
     solve_tokens: SolveTokens = None,
     solve_corpus: SolveCorpus = None,
+    chat_template: ChatTemplate = "auto",
     dtype: Dtype = "float32",
     device: Device = "auto",
     trust_remote_code: TrustRemoteCode = False,
@@ -126,17 +129,18 @@ def query_gradients(
 
     Example: attrib query-gradients --model M --factors run/factors --queries Q --out run/query
     """
-    from attrib.data import default_max_length
+    from attrib.data import check_chat_options, default_max_length
     from attrib.progress import message
     from attrib.query_stage import run_query_gradients
 
     max_length = checked_max_length(max_length)
+    check_chat_options(chat_template, "all")
     world, lm, tokenizer, layers = _load(model, factors, dtype, device, trust_remote_code)
     try:
         max_length = max_length or default_max_length(lm.config, tokenizer)
-        settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world, solver,
-                                   solve_iterations, solve_tokens, solve_corpus)
-        query_list = _checked_queries(queries, tokenizer, max_length)
+        settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world, chat_template,
+                                   solver, solve_iterations, solve_tokens, solve_corpus)
+        query_list = _checked_queries(queries, tokenizer, max_length, chat_template)
         settings.queries_per_batch, _ = _batching(lm, layers, factors, len(query_list), settings.query_rank, max_memory,
                                                   settings, world)
         run_query_gradients(out, model, lm, tokenizer, layers, factors, query_list, settings, world, overwrite,
@@ -179,7 +183,7 @@ def query(
     factors: Factors,
     corpus: Corpus,
     out: Out,
-    queries: Annotated[Optional[str], typer.Option(help='JSONL of queries {"id", "prompt", "completion"} (not needed with --query-gradients).')] = None,
+    queries: Annotated[Optional[str], typer.Option(help='JSONL of queries {"id", "prompt", "completion"} or {"id", "messages"} (not needed with --query-gradients).')] = None,
     query_gradients_dir: Annotated[Optional[str], typer.Option("--query-gradients", help="Output of `attrib query-gradients` (default: computed into OUT/query-gradients).")] = None,
     candidates: Annotated[Optional[str], typer.Option(help="Output of `attrib prefilter`: score only these candidates.")] = None,
     prefilter: Annotated[Optional[int], typer.Option(help="Run the TF-IDF prefilter first and keep this many candidates per query.")] = None,
@@ -204,6 +208,8 @@ def query(
     skip_bad_rows: SkipBadRows = False,
     split: Split = "train",
     long_documents: LongDocuments = "chunk",
+    chat_template: ChatTemplate = "auto",
+    loss_on: LossOn = "all",
     dtype: Dtype = "float32",
     device: Device = "auto",
     trust_remote_code: TrustRemoteCode = False,
@@ -235,17 +241,19 @@ def query(
         gradients_manifest = _checked_query_gradients(
             query_gradients_dir, {"query_rank": query_rank, "damping": damping, "damping_scale": damping_scale,
                                   "solver": solver, "solve_iterations": solve_iterations, "solve_tokens": solve_tokens})
-    spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents)
+    spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents,
+                       chat_template, loss_on)
     check_corpus(spec)  # a missing path, a wrong --text-field or a bad first row fail before any output exists
     world, lm, tokenizer, layers = _load(model, factors, dtype, device, trust_remote_code)
     try:
         max_length = max_length or default_max_length(lm.config, tokenizer)
         if candidates_manifest is not None:
-            check_candidates_chunking(candidates_manifest, tokenizer, max_length, long_documents)
-        query_settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world, solver,
-                                         solve_iterations, solve_tokens, solve_corpus)
+            check_candidates_chunking(candidates_manifest, tokenizer, max_length, long_documents,
+                                      chat_template=chat_template)
+        query_settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world,
+                                         chat_template, solver, solve_iterations, solve_tokens, solve_corpus)
         if query_gradients_dir is None:
-            query_list = _checked_queries(queries, tokenizer, max_length)
+            query_list = _checked_queries(queries, tokenizer, max_length, chat_template)
             count, rank = len(query_list), query_settings.query_rank
         else:
             query_list = None
