@@ -59,7 +59,7 @@ def test_self_influence_equals_the_dense_oracle_and_tokens_sum_to_it(tmp_path, m
     from attrib.curvature import load_curvature
 
     model, tokenizer, layers, factors = fitted_model(tmp_path, model_dirs[arch], corpus_file, strategy)
-    settings = SelfInfluenceSettings(max_length=MAX_LENGTH, tokens_per_batch=64, docs_per_part=5, token_scores_top=-1)
+    settings = SelfInfluenceSettings(max_length=MAX_LENGTH, docs_per_part=5, token_scores_top=-1)  # padded batches
     manifest = run_self_influence(tmp_path / "self", "m", model, tokenizer, layers, str(factors),
                                   CorpusSpec(str(corpus_file)), settings)
     assert manifest["status"] == "complete" and manifest["strategy"] == strategy
@@ -94,3 +94,128 @@ def test_self_influence_equals_the_dense_oracle_and_tokens_sum_to_it(tmp_path, m
         row = rows[(token_row["doc_id"], token_row["chunk"])]
         assert len(token_row["token_scores"]) == row["tokens"]
         assert sum(token_row["token_scores"]) == pytest.approx(row["score"], rel=1e-5)
+
+
+# --- planted documents ----------------------------------------------------------
+
+
+def shuffled_copy(text: str, rng: random.Random) -> str:
+    """The document's words in a random order: the same vocabulary, corrupted text."""
+    words = text.split()
+    while True:
+        rng.shuffle(words)
+        if " ".join(words) != text:
+            return " ".join(words)
+
+
+@pytest.mark.slow
+def test_shuffled_copies_rank_at_the_top_on_the_demo_model(tmp_path, capsys):
+    """On the tiny demo's trained Llama, shuffled-word copies of two documents of median length rank 1 and 2
+    of 65 sequences (measured: 1 and 2, with ~80× the score of the highest original document); three exact
+    duplicates score as their original does. scripts/bench_self_influence.py measures the whole corpus."""
+    from attrib.synthetic import cached_demo
+
+    demo = cached_demo("tiny")
+    documents = [json.loads(line) for line in open(demo.corpus, encoding="utf-8")][:60]
+    rng = random.Random(0)
+    median = sorted(len(d["text"].split()) for d in documents)[len(documents) // 2]
+    typical = [d for d in documents if abs(len(d["text"].split()) - median) <= 2]
+    planted = [{"id": f"shuffled-{k}", "text": shuffled_copy(d["text"], rng)} for k, d in enumerate(typical[:2])]
+    duplicates = [{"id": f"duplicate-{k}", "text": typical[2]["text"]} for k in range(3)]
+    corpus = write_jsonl(tmp_path / "planted.jsonl", documents + planted + duplicates)
+    code, _, err = run_cli(capsys, "--quiet", "fit-factors", "--model", demo.llama, "--corpus", corpus,
+                           "--out", tmp_path / "factors")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, "--quiet", "self-influence", "--model", demo.llama, "--factors", tmp_path / "factors",
+                             "--corpus", corpus, "--out", tmp_path / "self", "--token-scores-top", "2")
+    assert code == 0, err
+    table = pq.read_table(tmp_path / "self" / "self_influence.parquet").to_pandas().set_index("doc_id")
+    ranks = table.loc[["shuffled-0", "shuffled-1"], "rank"].tolist()
+    print(f"shuffled copies rank {ranks} of {len(table)}")
+    assert sorted(ranks) == [1, 2], ranks
+    originals = table.drop(index=[p["id"] for p in planted])
+    assert table.loc[["shuffled-0", "shuffled-1"], "score"].min() > 10 * originals["score"].max()
+    same = table.loc[[d["id"] for d in duplicates] + [typical[2]["id"]], "score"]
+    assert same.max() == pytest.approx(same.min(), rel=1e-5)  # float32 model: batches pad differently
+    assert "shuffled-" in out  # the command ends with the top sequences
+
+
+# --- the command line ---------------------------------------------------------
+
+
+@pytest.fixture
+def factors_dir(tmp_path, capsys, model_dirs, corpus_file):
+    code, _, err = run_cli(capsys, "--quiet", "fit-factors", "--model", model_dirs["llama"], "--corpus", corpus_file,
+                           "--out", tmp_path / "factors", "--max-length", MAX_LENGTH)
+    assert code == 0, err
+    return tmp_path / "factors"
+
+
+def test_cli_resumes_after_a_crash_and_top_and_report_read_the_output(tmp_path, capsys, model_dirs, corpus_file,
+                                                                      factors_dir):
+    import attrib.self_influence as stage
+
+    args = ["--quiet", "self-influence", "--model", model_dirs["llama"], "--factors", factors_dir, "--corpus", corpus_file,
+            "--max-length", MAX_LENGTH, "--docs-per-part", 4, "--token-scores-top", 3]
+    code, out, err = run_cli(capsys, *args, "--out", tmp_path / "a")
+    assert code == 0, err
+    assert "training sequences by self-influence" in out
+    manifest = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["documents"] == 12
+    assert not (tmp_path / "a" / "parts").exists()
+    whole = pq.read_table(tmp_path / "a" / "self_influence.parquet").to_pandas()
+    assert len(pq.read_table(tmp_path / "a" / "tokens")) == 3
+
+    original, calls = stage.SelfInfluenceScorer.score, {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    stage.SelfInfluenceScorer.score = dying
+    try:
+        code, _, err = run_cli(capsys, *args, "--out", tmp_path / "b")
+    finally:
+        stage.SelfInfluenceScorer.score = original
+    assert code == 130, (code, err)
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["status"] == "running"
+    assert len(list((tmp_path / "b" / "parts").glob("scores-*.parquet"))) == 1
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "b")
+    assert code == 0, err
+    resumed = pq.read_table(tmp_path / "b" / "self_influence.parquet").to_pandas()
+    assert resumed.equals(whole)
+    code, _, err = run_cli(capsys, *args[1:], "--out", tmp_path / "b")
+    assert code == 0 and "already complete" in err
+
+    code, out, err = run_cli(capsys, "top", tmp_path / "a", "--format", "json", "--top-k", 4)
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    best = whole.sort_values("rank").head(4)
+    assert [(r["query_id"], r["rank"], r["doc_id"], r["chunk"]) for r in rows] == [
+        ("self", rank, doc, chunk) for rank, doc, chunk in zip(best["rank"], best["doc_id"], best["chunk"])]
+    assert all(r["snippet"] for r in rows[:3]) and rows[3]["snippet"] == ""  # tokens of the top 3 only
+    code, _, err = run_cli(capsys, "report", tmp_path / "a", "--out", tmp_path / "r.html", "--top-k", 4)
+    assert code == 0, err
+    page = (tmp_path / "r.html").read_text()
+    assert "Self-influence report" in page and page.count("<article") == 4 and page.count("class=\"t ") > 10
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("other model", "another model"),
+    ("missing corpus", "missing.jsonl"),
+    ("both dampings", "not both"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(request, tmp_path, capsys, model_dirs, corpus_file, case,
+                                                      fragment):
+    """Llama's factors with GPT-2 as the model; the corpus and damping are checked before the factors are read."""
+    factors_dir = request.getfixturevalue("factors_dir") if case == "other model" else tmp_path / "no-factors"
+    model = model_dirs["gpt2"] if case == "other model" else model_dirs["llama"]
+    corpus = tmp_path / "missing.jsonl" if case == "missing corpus" else corpus_file
+    extra = ["--damping", "0.1", "--damping-scale", "0.1"] if case == "both dampings" else []
+    code, _, err = run_cli(capsys, "self-influence", "--model", model, "--factors", factors_dir, "--corpus", corpus,
+                           "--out", tmp_path / "self", *extra)
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert fragment in err
+    assert not (tmp_path / "self").exists()
