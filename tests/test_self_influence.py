@@ -219,3 +219,24 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(request, tmp_path, capsys,
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
     assert fragment in err
     assert not (tmp_path / "self").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path, model_dirs, corpus_file, factors_dir):
+    """Under torchrun the ranks split the documents and write their own parts; rank 0 joins them."""
+    from tests.test_distributed import attrib_command
+
+    tables = {}
+    for processes in (1, 2):
+        out = tmp_path / f"self{processes}"
+        result = attrib_command(["self-influence", "--model", model_dirs["llama"], "--factors", factors_dir,
+                                 "--corpus", corpus_file, "--out", out, "--max-length", MAX_LENGTH, "--docs-per-part", 3,
+                                 "--token-scores-top", "all"], processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        tables[processes] = pq.read_table(out / "self_influence.parquet").to_pandas().sort_values("rank")
+    one, two = tables[1], tables[2]
+    assert list(zip(one["doc_id"], one["chunk"])) == list(zip(two["doc_id"], two["chunk"]))
+    # float32 sequences batched with other neighbours: ~1e-7 relative
+    assert (abs(one["score"].to_numpy() - two["score"].to_numpy()) <= 1e-5 * one["score"].to_numpy()).all()
+    assert any("-r001-" in p.name for p in (tmp_path / "self2" / "tokens").glob("part-*.parquet"))
+    assert pq.read_table(tmp_path / "self2" / "tokens").num_rows == len(one)
