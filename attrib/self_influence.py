@@ -153,6 +153,8 @@ def _score_part(scorer: SelfInfluenceScorer, sequences: list[Sequence], settings
     """One corpus part's scores as a part table."""
     import pyarrow as pa
 
+    if not sequences:  # a part whose documents are all shorter than 2 tokens
+        return _part_schema().empty_table()
     columns = {name: [] for name in ("loss", "layers")}
     ordered = []
     for batch in pack_batches(sequences, settings.tokens_per_batch):
@@ -198,23 +200,23 @@ def _token_part(scorer: SelfInfluenceScorer, sequences: list[Sequence], texts: d
 def _pass(scorer, tokenizer, corpus: CorpusSpec, stage: StageDir, settings, world: World, kind: str,
           chosen: set[tuple[int, int]] | None = None) -> RowStats:
     """This rank's share of the corpus, one part file per corpus part: scores (`kind` "scores") or the
-    token scores of the `chosen` (doc_index, chunk) sequences (`kind` "top-tokens")."""
+    token scores (`kind` "top-tokens") of the `chosen` (doc_index, chunk) sequences, or of all when None."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     documents = None if chosen is None else {doc for doc, _ in chosen}
     stats = RowStats()
     parts = iter_sequence_parts(corpus, tokenizer, settings.max_length, settings.docs_per_part, stats=stats,
                                 wanted=lambda doc_index, _: world.owns(doc_index) and (documents is None or doc_index in documents))
-    what = "self-influence" if chosen is None else "token scores of the top sequences"
+    what = "self-influence" if kind == "scores" else "token scores of the top sequences"
     with progress(what, unit="seq") as bar:
         for part in parts:
             name = f"{PARTS_DIR}/{kind}-r{world.rank:03d}-p{part.index:05d}.parquet"
             if stage.has(name):
                 continue
             sequences = [s for _, s in part.sequences]
-            if chosen is None:
+            if kind == "scores":
                 _write(stage.file(name), _score_part(scorer, sequences, settings, pad_id, bar))
             else:
-                sequences = [s for s in sequences if (s.doc_index, s.chunk) in chosen]
+                sequences = [s for s in sequences if chosen is None or (s.doc_index, s.chunk) in chosen]
                 _write(stage.file(name), _token_part(scorer, sequences, part.texts, settings, pad_id, bar))
     return stats
 
@@ -249,20 +251,16 @@ def write_self_influence(stage: StageDir) -> dict:
 
 
 def top_sequences(stage: StageDir, top: int) -> set[tuple[int, int]]:
-    """(doc_index, chunk) of the `top` highest-ranked sequences (every one when `top` < 0)."""
+    """(doc_index, chunk) of the `top` highest-ranked sequences."""
     import pyarrow.dataset as ds
     import pyarrow.parquet as pq
 
-    tables = []
-    for part in stage.parts(f"{PARTS_DIR}/scores-*.parquet"):
-        tables.append(pq.read_table(stage.file(part), columns=["doc_index", "chunk"]))
-    doc_index = np.concatenate([t["doc_index"].to_numpy() for t in tables])
-    chunk = np.concatenate([t["chunk"].to_numpy() for t in tables])
-    if top >= 0:  # rows of self_influence.parquet are in the parts' order
-        ranks = ds.dataset(str(stage.file(SELF_INFLUENCE))).to_table(columns=["rank"])["rank"].to_numpy()
-        keep = ranks <= top
-        doc_index, chunk = doc_index[keep], chunk[keep]
-    return set(zip(doc_index.tolist(), chunk.tolist()))
+    parts = stage.parts(f"{PARTS_DIR}/scores-*.parquet")
+    doc_index = np.concatenate([pq.read_table(stage.file(p), columns=["doc_index"])["doc_index"].to_numpy() for p in parts])
+    chunk = np.concatenate([pq.read_table(stage.file(p), columns=["chunk"])["chunk"].to_numpy() for p in parts])
+    ranks = ds.dataset(str(stage.file(SELF_INFLUENCE))).to_table(columns=["rank"])["rank"].to_numpy()
+    keep = ranks <= top  # rows of self_influence.parquet are in the parts' order
+    return set(zip(doc_index[keep].tolist(), chunk[keep].tolist()))
 
 
 def run_self_influence(out, model_spec: str, lm, tokenizer, layers: list[TrackedLayer], factors: str,
@@ -301,13 +299,17 @@ def run_self_influence(out, model_spec: str, lm, tokenizer, layers: list[Tracked
         scorer = SelfInfluenceScorer(lm, layers, curvature, world.device, resident)
         stats = _pass(scorer, tokenizer, corpus, stage, settings, world, "scores")
         world.barrier()
-        if not stage.parts(f"{PARTS_DIR}/scores-*.parquet"):  # every rank sees the same directory
+        import pyarrow.parquet as pq
+
+        parts = stage.parts(f"{PARTS_DIR}/scores-*.parquet")  # every rank sees the same directory
+        if not sum(pq.read_metadata(stage.file(p)).num_rows for p in parts):
             raise InputError(f"nothing was scored: --corpus {corpus.source} yields no sequence of at least 2 tokens")
         counts = write_self_influence(stage) if world.is_main else {}
         world.barrier()
-        if settings.token_scores_top != 0:
+        top = settings.token_scores_top
+        if top != 0:
             _pass(scorer, tokenizer, corpus, stage, settings, world, "top-tokens",
-                  top_sequences(stage, settings.token_scores_top))
+                  None if top < 0 else top_sequences(stage, top))
             world.barrier()
         if not world.is_main:
             return None

@@ -206,15 +206,20 @@ def test_cli_resumes_after_a_crash_and_top_and_report_read_the_output(tmp_path, 
     ("other model", "another model"),
     ("missing corpus", "missing.jsonl"),
     ("both dampings", "not both"),
+    ("no sequence", "no sequence of at least 2 tokens"),
 ])
 def test_cli_bad_input_is_one_line_and_writes_nothing(request, tmp_path, capsys, model_dirs, corpus_file, case,
                                                       fragment):
-    """Llama's factors with GPT-2 as the model; the corpus and damping are checked before the factors are read."""
-    factors_dir = request.getfixturevalue("factors_dir") if case == "other model" else tmp_path / "no-factors"
+    """Llama's factors with GPT-2 as the model; the corpus and damping are checked before the factors are read;
+    a corpus of one-token documents is found empty after the model is loaded and the output created."""
+    needs_factors = case in ("other model", "no sequence")
+    factors_dir = request.getfixturevalue("factors_dir") if needs_factors else tmp_path / "no-factors"
     model = model_dirs["gpt2"] if case == "other model" else model_dirs["llama"]
     corpus = tmp_path / "missing.jsonl" if case == "missing corpus" else corpus_file
+    if case == "no sequence":
+        corpus = write_jsonl(tmp_path / "short.jsonl", [{"id": "a", "text": "a"}, {"id": "b", "text": "b"}])
     extra = ["--damping", "0.1", "--damping-scale", "0.1"] if case == "both dampings" else []
-    code, _, err = run_cli(capsys, "self-influence", "--model", model, "--factors", factors_dir, "--corpus", corpus,
+    code, _, err = run_cli(capsys, "--quiet", "self-influence", "--model", model, "--factors", factors_dir, "--corpus", corpus,
                            "--out", tmp_path / "self", *extra)
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
     assert fragment in err
