@@ -279,7 +279,7 @@ def build_report(run: ScoresRun, top_k: int = 10, query_ids: list[str] | None = 
         _query_section(index, run.query(q), ranked[q], run.layers, score_distribution(run, q))
         for index, q in enumerate(selected, start=1)
     ]
-    body = _header(run, top_k) + _contents(selected) + "".join(sections)
+    body = _header(run, top_k) + ("" if run.self_influence else _contents(selected)) + "".join(sections)
     return _page(f"attrib report: {run.manifest.get('model', {}).get('spec', run.path.name)}", body)
 
 
@@ -398,7 +398,7 @@ def _query_section(
     return (
         f"<section class=\"query\" id=\"q{index}\">\n<h2>{heading}</h2>\n"
         f"{explained}{shown}\n<div class=\"charts\">{_layer_chart(layers, documents)}{_rank_plot(distribution)}</div>\n"
-        f"<h3>Top {len(documents)} documents</h3>\n{_legend(scale)}\n{docs}</section>\n"
+        f"<h3>Top {len(documents)} {'sequences' if 'description' in query else 'documents'}</h3>\n{_legend(scale)}\n{docs}</section>\n"
     )
 
 
@@ -406,9 +406,9 @@ def _document(document: RankedDocument, scale: float) -> str:
     prefilter = (
         f" · TF-IDF rank {document.prefilter_rank}" if document.prefilter_rank is not None else ""
     )
+    what = "influence" if document.chunk is None else f"chunk {document.chunk} · self-influence"
     head = (
-        f"<header>#{document.rank} <b>{_esc(document.doc_id)}</b>"
-        f"{'' if document.chunk is None else f' · chunk {document.chunk}'} · influence "
+        f"<header>#{document.rank} <b>{_esc(document.doc_id)}</b> · {what} "
         f"<span title=\"{document.score!r}\">{_esc(_fmt(document.score))}</span>{prefilter}</header>"
     )
     if not document.chunks:
