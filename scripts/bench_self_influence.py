@@ -14,8 +14,8 @@ its score against the highest original document's, and the stage's wall time. Wi
 the same is measured on a Llama trained here on the planted corpus itself (the demo's tokenizer,
 size and steps), so that the corrupted copies and the duplicates are training data it has seen.
 
-    python scripts/bench_self_influence.py                 # tiny demo, ~2 minutes on 2 cores
-    python scripts/bench_self_influence.py --size small    # trains the small demo first (~6 minutes)
+    python scripts/bench_self_influence.py                 # tiny demo: 4 minutes on a busy 2-core machine
+    python scripts/bench_self_influence.py --retrain       # also trains a model on the planted corpus
 """
 
 from __future__ import annotations
