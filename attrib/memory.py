@@ -330,6 +330,41 @@ def query(
     return _peak({"scoring": terms}, device, weights, largest_tensor=max(l.d_in * l.d_out for l in layers) * 4)
 
 
+def self_influence_factor_bytes(layers: list[LayerShape], rotates: bool = True) -> int:
+    """Bytes of every layer's float32 curvature on the device: Λ and, when the strategy rotates, Q_A and Q_S."""
+    return sum(l.d_in * l.d_out + (l.d_in**2 + l.d_out**2 if rotates else 0) for l in layers) * 4
+
+
+def self_influence(
+    model: ModelShape,
+    layers: list[LayerShape],
+    *,
+    tokens_per_batch: int,
+    dtype: str,
+    device: str = "cpu",
+    rotates: bool = True,
+    resident_factors: bool = True,
+) -> StagePeak:
+    """Peak of `attrib self-influence`: a batch of training sequences forward and backward with every
+    layer's inputs kept; inside one layer's backward its rotated inputs and output gradients and the
+    dense per-sequence gradients of at most `correction_sequences_per_step` sequences (G, G ⊘ (Λ + λ)
+    and their product); the curvature of every layer on the device (`resident_factors`) or of one."""
+    weights = model_terms(model, dtype)
+    widest = max(l.d_in * l.d_out for l in layers)
+    step = max(1, min(8, CORRECTION_STEP_ELEMENTS // widest))
+    curvature = [self_influence_factor_bytes([l], rotates) for l in layers]
+    terms = {
+        "weights": weights,
+        "activations": activation_bytes(model, tokens_per_batch, dtype)
+        + logit_bytes(model, tokens_per_batch, dtype, sampled=False),
+        "kept inputs": sum(l.d_in for l in layers) * tokens_per_batch * 4,
+        "rotated inputs and gradients": max(l.d_in + l.d_out for l in layers) * tokens_per_batch * 4,
+        "per-sequence gradients": 3 * step * widest * 4,
+        "curvature": sum(curvature) if resident_factors else max(curvature),
+    }
+    return _peak({"self-influence": terms}, device, weights, largest_tensor=widest * 4)
+
+
 def largest_fitting(predict: Callable[[int], StagePeak], budget: int, device: str, most: int) -> int:
     """The largest n in [1, most] whose predicted peak (device memory on a GPU, host on CPU) fits
     `budget`; 1 when none does (the stage then says what it needs)."""
@@ -373,5 +408,5 @@ def default_budget(device: str) -> int:
 
 
 STAGES: dict[str, Callable[..., StagePeak]] = {
-    "fit-factors": fit_factors, "query-gradients": query_gradients, "query": query,
+    "fit-factors": fit_factors, "query-gradients": query_gradients, "query": query, "self-influence": self_influence,
 }

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from attrib.errors import InputError
-from attrib.score_tables import DOCUMENTS, SUMMARY
+from attrib.score_tables import DOCUMENTS, SELF_INFLUENCE, SELF_QUERY, SUMMARY
 
 LEVELS = 10  # colour steps per sign; more would not be told apart by eye
 RANK_PLOT_POINTS = 160  # points per curve in the rank plot, whatever the corpus size
@@ -31,12 +31,16 @@ SNIPPET_CHARS = 80
 
 @dataclass
 class ScoresRun:
-    """A finished `attrib query` output directory and what its manifest says about it."""
+    """A finished `attrib query` (or `attrib self-influence`) output directory and what its manifest says about it."""
 
     path: Path
     manifest: dict
-    queries: list[dict]  # {"id", "prompt", "completion"} in the manifest's order
+    queries: list[dict]  # {"id", "prompt", "completion"} in the manifest's order; one pseudo-query "self"
     layers: list[str]
+
+    @property
+    def self_influence(self) -> bool:
+        return self.manifest.get("stage") == "self-influence"
 
     def query(self, query_id: str) -> dict:
         return next((q for q in self.queries if q["id"] == query_id), {"id": query_id})
@@ -60,6 +64,7 @@ class RankedDocument:
     prefilter_rank: int | None
     layer_scores: list[float]
     chunks: list[list[Segment]] = field(default_factory=list)  # empty when no token rows were stored
+    chunk: int | None = None  # self-influence ranks sequences: the one chunk of the document shown
 
 
 @dataclass
@@ -72,15 +77,26 @@ class ScoreDistribution:
     top_percent_share: float | None  # share of the positive influence held by the top 1% of documents
 
 
-def open_scores(scores_dir: str | Path) -> ScoresRun:
-    """The scores directory's manifest, refused with a one-line reason unless `attrib query` finished it."""
-    from attrib.storage import open_input
+SELF_DESCRIPTION = (
+    "Self-influence ⟨H⁻¹∇L_m, ∇L_m⟩ of each training sequence m: high for sequences the model finds surprising "
+    "and that move its parameters most (corrupted or mislabelled text, outliers, memorisation candidates)."
+)
 
-    manifest = open_input(scores_dir, "query", option="SCORES_DIR")
+
+def open_scores(scores_dir: str | Path) -> ScoresRun:
+    """The scores directory's manifest, refused with a one-line reason unless `attrib query` (or
+    `attrib self-influence`, shown as the one pseudo-query "self") finished it."""
+    from attrib.storage import open_input, read_manifest
+
     path = Path(scores_dir)
-    if not (path / DOCUMENTS).is_file():
-        raise InputError(f"SCORES_DIR {path} has no {DOCUMENTS}; rerun `attrib query`")
+    stage = "self-influence" if path.is_dir() and (read_manifest(path) or {}).get("stage") == "self-influence" else "query"
+    manifest = open_input(scores_dir, stage, option="SCORES_DIR")
+    table = SELF_INFLUENCE if stage == "self-influence" else DOCUMENTS
+    if not (path / table).is_file():
+        raise InputError(f"SCORES_DIR {path} has no {table}; rerun `attrib {stage}`")
     queries = [q for q in manifest.get("queries", []) if isinstance(q, dict) and "id" in q]
+    if stage == "self-influence":
+        queries = [{"id": SELF_QUERY, "description": SELF_DESCRIPTION}]
     return ScoresRun(path, manifest, queries, list(manifest.get("layers", [])))
 
 
@@ -101,11 +117,14 @@ def ranked_documents(
     run: ScoresRun, top_k: int, query_ids: list[str], with_tokens: bool = True
 ) -> dict[str, list[RankedDocument]]:
     """The `top_k` documents of each query, best first, with their chunks' token segments."""
-    from attrib.score_tables import read_token_rows, read_top_documents
+    from attrib.score_tables import read_token_rows, read_top_documents, read_top_sequences
 
     if top_k < 1:
         raise InputError("--top-k must be at least 1")
-    table = read_top_documents(run.path, top_k, query_ids).to_pylist()
+    if run.self_influence:
+        table = read_top_sequences(run.path, top_k).to_pylist() if SELF_QUERY in query_ids else []
+    else:
+        table = read_top_documents(run.path, top_k, query_ids).to_pylist()
     ranked: dict[str, list[RankedDocument]] = {q: [] for q in query_ids}
     for row in table:
         layer_scores = list(row["layer_scores"] or [])
@@ -116,15 +135,18 @@ def ranked_documents(
             )
         ranked[row["query_id"]].append(
             RankedDocument(
-                row["query_id"], row["doc_id"], row["score"], row["rank"], row["prefilter_rank"], layer_scores
+                row["query_id"], row["doc_id"], row["score"], row["rank"], row["prefilter_rank"], layer_scores,
+                chunk=row.get("chunk"),
             )
         )
     if with_tokens:
-        by_pair = {(d.query_id, d.doc_id): d for docs in ranked.values() for d in docs}
-        for row in read_token_rows(run.path, list(by_pair)).to_pylist():
-            by_pair[(row["query_id"], row["doc_id"])].chunks.append(
-                chunk_segments(row["text"], row["token_start"], row["token_end"], row["token_scores"])
-            )
+        shown = {(d.query_id, d.doc_id, d.chunk): d for docs in ranked.values() for d in docs}
+        for row in read_token_rows(run.path, list({key[:2] for key in shown})).to_pylist():
+            document = shown.get((row["query_id"], row["doc_id"], None)) or shown.get(
+                (row["query_id"], row["doc_id"], row["chunk"]))
+            if document is not None:
+                document.chunks.append(
+                    chunk_segments(row["text"], row["token_start"], row["token_end"], row["token_scores"]))
     return ranked
 
 
@@ -166,8 +188,11 @@ def score_distribution(run: ScoresRun, query_id: str, points: int = RANK_PLOT_PO
     import numpy as np
     import pyarrow.dataset as ds
 
-    dataset = ds.dataset(str(run.path / DOCUMENTS), format="parquet")
-    column = dataset.to_table(columns=["score"], filter=ds.field("query_id") == query_id)["score"]
+    if run.self_influence:
+        column = ds.dataset(str(run.path / SELF_INFLUENCE), format="parquet").to_table(columns=["score"])["score"]
+    else:
+        dataset = ds.dataset(str(run.path / DOCUMENTS), format="parquet")
+        column = dataset.to_table(columns=["score"], filter=ds.field("query_id") == query_id)["score"]
     scores = np.sort(column.to_numpy(zero_copy_only=False).astype(np.float64))[::-1]
     positive = scores[scores > 0]
     negative = -scores[scores < 0][::-1]
@@ -220,6 +245,7 @@ def top_rows(run: ScoresRun, top_k: int, query_ids: list[str], with_snippets: bo
             "query_id": d.query_id,
             "rank": d.rank,
             "doc_id": d.doc_id,
+            **({} if d.chunk is None else {"chunk": d.chunk}),
             "score": d.score,
             "prefilter_rank": d.prefilter_rank,
             "snippet": snippet(d) if with_snippets else "",
@@ -253,7 +279,7 @@ def build_report(run: ScoresRun, top_k: int = 10, query_ids: list[str] | None = 
         _query_section(index, run.query(q), ranked[q], run.layers, score_distribution(run, q))
         for index, q in enumerate(selected, start=1)
     ]
-    body = _header(run, top_k) + _contents(selected) + "".join(sections)
+    body = _header(run, top_k) + ("" if run.self_influence else _contents(selected)) + "".join(sections)
     return _page(f"attrib report: {run.manifest.get('model', {}).get('spec', run.path.name)}", body)
 
 
@@ -326,10 +352,18 @@ def _header(run: ScoresRun, top_k: int) -> str:
         **{k.replace("_", " "): f"{v:,}" if isinstance(v, int) else v for k, v in counts.items()},
         "shown": f"top {top_k} documents per query",
     }
+    if run.self_influence:
+        del rows["query rank"]
+        rows["shown"] = f"top {top_k} training sequences"
     items = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in rows.items())
     others = {k: v for k, v in settings.items() if k not in ("strategy", "query_rank")}
     more = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in sorted(others.items()))
     details = f"<details><summary>all settings</summary><dl class=\"settings\">{more}</dl></details>" if more else ""
+    if run.self_influence:
+        return (
+            f"<h1>Self-influence report</h1>\n<p>Scores from <code>{_esc(run.path)}</code>. {_esc(SELF_DESCRIPTION)}</p>\n"
+            f"<dl class=\"settings\">{items}</dl>\n{details}\n"
+        )
     return (
         f"<h1>Influence report</h1>\n<p>Scores from <code>{_esc(run.path)}</code>. Positive influence: training on "
         "the document makes the completion <em>more</em> likely.</p>\n"
@@ -356,12 +390,15 @@ def _query_section(
         if prompt is not None
         else "<p class=\"none\">(the manifest does not record this query's text)</p>"
     )
+    heading = f"Query {_esc(query['id'])}"
+    explained = "<p>Prompt, then the <span class=\"completion\">completion</span> whose log-probability is explained:</p>\n"
+    if "description" in query:  # the pseudo-query of a self-influence run
+        heading, explained, shown = "Training sequences by self-influence", "", f"<p>{_esc(query['description'])}</p>"
     docs = "".join(_document(d, scale) for d in documents) or "<p class=\"none\">(no documents scored)</p>"
     return (
-        f"<section class=\"query\" id=\"q{index}\">\n<h2>Query {_esc(query['id'])}</h2>\n"
-        f"<p>Prompt, then the <span class=\"completion\">completion</span> whose log-probability is explained:</p>\n"
-        f"{shown}\n<div class=\"charts\">{_layer_chart(layers, documents)}{_rank_plot(distribution)}</div>\n"
-        f"<h3>Top {len(documents)} documents</h3>\n{_legend(scale)}\n{docs}</section>\n"
+        f"<section class=\"query\" id=\"q{index}\">\n<h2>{heading}</h2>\n"
+        f"{explained}{shown}\n<div class=\"charts\">{_layer_chart(layers, documents)}{_rank_plot(distribution)}</div>\n"
+        f"<h3>Top {len(documents)} {'sequences' if 'description' in query else 'documents'}</h3>\n{_legend(scale)}\n{docs}</section>\n"
     )
 
 
@@ -369,8 +406,9 @@ def _document(document: RankedDocument, scale: float) -> str:
     prefilter = (
         f" · TF-IDF rank {document.prefilter_rank}" if document.prefilter_rank is not None else ""
     )
+    what = "influence" if document.chunk is None else f"chunk {document.chunk} · self-influence"
     head = (
-        f"<header>#{document.rank} <b>{_esc(document.doc_id)}</b> · influence "
+        f"<header>#{document.rank} <b>{_esc(document.doc_id)}</b> · {what} "
         f"<span title=\"{document.score!r}\">{_esc(_fmt(document.score))}</span>{prefilter}</header>"
     )
     if not document.chunks:

@@ -18,6 +18,14 @@ The manifest also lists the queries ({"id", "prompt", "completion"}; a chat quer
 "messages", and its prompt and completion are their rendering) and layer names. A conversation's
 `text` and `tokens` are its rendering: role markers and special tokens appear as text.
 Scores are positive when training on the document makes the completion more likely.
+
+`attrib self-influence` writes, instead of documents.parquet and summary.parquet:
+self_influence.parquet — one row per training sequence (chunk of a document), in the order scored:
+    doc_id str, chunk int32, score float64 (⟨H⁻¹∇L_m, ∇L_m⟩ ≥ 0), rank int32 (1 = highest),
+    tokens int32 (the sequence's length), loss float64 (its summed next-token loss),
+    layer_scores list<float64> (in the order of the manifest's "layers").
+and tokens/part-*.parquet as above for its top sequences, with query_id "self" and token_scores
+⟨H⁻¹∇L_m, ∇ℓ_t⟩ (they sum to the sequence's score).
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ from pathlib import Path
 DOCUMENTS = "documents.parquet"
 SUMMARY = "summary.parquet"
 TOKENS_DIR = "tokens"
+SELF_INFLUENCE = "self_influence.parquet"
+SELF_QUERY = "self"  # the query_id of self-influence token rows
 
 
 def documents_schema():
@@ -39,6 +49,22 @@ def documents_schema():
             ("score", pa.float64()),
             ("rank", pa.int32()),
             ("prefilter_rank", pa.int32()),
+            ("layer_scores", pa.list_(pa.float64())),
+        ]
+    )
+
+
+def self_influence_schema():
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("doc_id", pa.string()),
+            ("chunk", pa.int32()),
+            ("score", pa.float64()),
+            ("rank", pa.int32()),
+            ("tokens", pa.int32()),
+            ("loss", pa.float64()),
             ("layer_scores", pa.list_(pa.float64())),
         ]
     )
@@ -83,6 +109,17 @@ def read_top_documents(scores_dir: str | Path, top_k: int, query_ids: list[str] 
     if query_ids is not None:
         condition = condition & ds.field("query_id").isin(query_ids)
     return dataset.to_table(filter=condition).sort_by([("query_id", "ascending"), ("rank", "ascending")])
+
+
+def read_top_sequences(scores_dir: str | Path, top_k: int):
+    """The `top_k` highest self-influence rows, best first, with query_id "self" and no prefilter rank."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    dataset = ds.dataset(str(Path(scores_dir) / SELF_INFLUENCE), format="parquet")
+    table = dataset.to_table(filter=ds.field("rank") <= top_k).sort_by("rank")
+    return (table.append_column("query_id", pa.array([SELF_QUERY] * len(table), pa.string()))
+            .append_column("prefilter_rank", pa.nulls(len(table), pa.int32())))
 
 
 def read_token_rows(scores_dir: str | Path, pairs: list[tuple[str, str]]):

@@ -227,20 +227,25 @@ class _PartScores:
         for scores, queries, allowed, first in self.token_batches:
             for row in range(scores.shape[0]):
                 sequence = self.sequences[first + row]
-                text = part.texts[sequence.doc_index]
-                begin = min((s for s, e in sequence.offsets if e > s), default=0)
-                end = max((e for _, e in sequence.offsets), default=0)
                 for column in np.flatnonzero(allowed[row]):
-                    tokens["query_id"].append(self.query_ids[queries[row, column]])
-                    tokens["doc_id"].append(sequence.doc_id)
-                    tokens["chunk"].append(sequence.chunk)
-                    tokens["text"].append(text[begin:end])
-                    tokens["token_ids"].append(sequence.input_ids)
-                    tokens["tokens"].append([text[s:e] for s, e in sequence.offsets])
-                    tokens["token_start"].append([max(s - begin, 0) for s, _ in sequence.offsets])
-                    tokens["token_end"].append([max(e - begin, 0) for _, e in sequence.offsets])
-                    tokens["token_scores"].append(scores[row, : len(sequence), column])
+                    add_token_row(tokens, self.query_ids[queries[row, column]], sequence, part.texts[sequence.doc_index],
+                                  scores[row, : len(sequence), column])
         return pa.Table.from_pydict(tokens, schema=tokens_schema())
+
+
+def add_token_row(tokens: dict[str, list], query_id: str, sequence: Sequence, text: str, scores) -> None:
+    """Append one tokens-table row (DESIGN.md §3) to column lists: the chunk's text, its tokens and offsets."""
+    begin = min((s for s, e in sequence.offsets if e > s), default=0)
+    end = max((e for _, e in sequence.offsets), default=0)
+    tokens["query_id"].append(query_id)
+    tokens["doc_id"].append(sequence.doc_id)
+    tokens["chunk"].append(sequence.chunk)
+    tokens["text"].append(text[begin:end])
+    tokens["token_ids"].append(sequence.input_ids)
+    tokens["tokens"].append([text[s:e] for s, e in sequence.offsets])
+    tokens["token_start"].append([max(s - begin, 0) for s, _ in sequence.offsets])
+    tokens["token_end"].append([max(e - begin, 0) for _, e in sequence.offsets])
+    tokens["token_scores"].append(scores)
 
 
 def _tails(query: np.ndarray, doc_index: np.ndarray, scores: np.ndarray, top: int) -> np.ndarray:

@@ -100,6 +100,8 @@ def inspect_model(
         ("query", memory.query(shape, shapes, tokens_per_batch=tokens_per_batch, dtype=dtype, device=kind,
                                rank=query_rank, queries_per_pass=per_pass, max_length=max_length),
          f"{per_pass} of {queries} queries per pass"),
+        ("self-influence", memory.self_influence(shape, shapes, tokens_per_batch=tokens_per_batch, dtype=dtype,
+                                                 device=kind, rotates=rotates), "every layer's curvature resident"),
     ):
         terms = ", ".join(f"{name} {value / memory.GiB:.1f}" for name, value in
                           sorted(peak.terms.items(), key=lambda item: -item[1])[:3])

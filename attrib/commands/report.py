@@ -8,7 +8,7 @@ import typer
 
 from attrib.errors import InputError
 
-ScoresDir = Annotated[str, typer.Argument(help="Output directory of `attrib query`.", show_default=False)]
+ScoresDir = Annotated[str, typer.Argument(help="Output directory of `attrib query` or `attrib self-influence`.", show_default=False)]
 TopK = Annotated[int, typer.Option("--top-k", "-k", help="Documents shown per query.")]
 QueryIds = Annotated[
     Optional[list[str]], typer.Option("--query", "-q", help="Show only this query id (repeat for more).")
@@ -68,8 +68,9 @@ def _print_csv(rows: list[dict]) -> None:
     import csv
     import sys
 
+    chunk = ["chunk"] if rows and "chunk" in rows[0] else []  # self-influence ranks sequences
     writer = csv.DictWriter(
-        sys.stdout, fieldnames=["query_id", "rank", "doc_id", "score", "prefilter_rank", "snippet"],
+        sys.stdout, fieldnames=["query_id", "rank", "doc_id", *chunk, "score", "prefilter_rank", "snippet"],
         lineterminator="\n",
     )
     writer.writeheader()
@@ -84,10 +85,14 @@ def _print_table(rows: list[dict]) -> None:
 
     console = Console()
     prefiltered = any(row["prefilter_rank"] is not None for row in rows)
+    chunked = any("chunk" in row for row in rows)  # self-influence ranks sequences, not documents
     for query_id in dict.fromkeys(row["query_id"] for row in rows):
-        table = Table(title=Text(f"query {query_id}"), title_justify="left")
+        title = "training sequences by self-influence" if chunked else f"query {query_id}"
+        table = Table(title=Text(title), title_justify="left")
         table.add_column("rank", justify="right")
         table.add_column("document", overflow="fold")
+        if chunked:
+            table.add_column("chunk", justify="right")
         table.add_column("score", justify="right")
         if prefiltered:
             table.add_column("tf-idf rank", justify="right")
@@ -95,6 +100,7 @@ def _print_table(rows: list[dict]) -> None:
         for row in (r for r in rows if r["query_id"] == query_id):
             prefilter = [] if not prefiltered else ["" if row["prefilter_rank"] is None else str(row["prefilter_rank"])]
             table.add_row(
-                str(row["rank"]), Text(row["doc_id"]), f"{row['score']:+.4g}", *prefilter, Text(row["snippet"])
+                str(row["rank"]), Text(row["doc_id"]), *([str(row["chunk"])] if chunked else []), f"{row['score']:+.4g}",
+                *prefilter, Text(row["snippet"])
             )
         console.print(table)
