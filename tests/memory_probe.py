@@ -23,7 +23,7 @@ def main(model_dir: str, corpus: str, out: str, step: str, layers_per_pass: str,
     from attrib.fit import FitSettings, _PassRunner, correction_step, covariance_step
     from attrib.factors import STRATEGY
     from attrib.memory import layer_groups
-    from attrib.models import find_tracked_layers, load_model, model_record
+    from attrib.models import find_tracked_layers, load_model, model_record, shared_activation_sources
     from attrib.storage import StageDir
 
     torch.set_num_threads(1)
@@ -36,10 +36,10 @@ def main(model_dir: str, corpus: str, out: str, step: str, layers_per_pass: str,
     stage = StageDir(out, "fit-factors", asdict(settings), model_record(model_dir, model, layers), overwrite=True)
     runner = _PassRunner(stage, model, tokenizer, CorpusSpec(corpus), settings, World(), checkpoint_every=1e9)
     groups = layer_groups(len(layers), lpp)
-    if step == "covariance":
-        covariance_step(runner, layers, groups)
+    if step == "covariance":  # gate and up share A when in one group, as in fit_factors
+        covariance_step(runner, layers, groups, shared_activation_sources(layers, groups))
     else:  # a whole diagonal fit: the correction pass without eigenbases
-        correction_step(runner, layers, groups, STRATEGY["diagonal"], None)
+        correction_step(runner, layers, groups, {}, STRATEGY["diagonal"], None)
     peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
     predicted = memory.fit_factors(
         memory.model_shape(model), memory.layer_shapes(layers), tokens_per_batch=int(tokens_per_batch),

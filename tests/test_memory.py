@@ -79,7 +79,9 @@ def test_seven_billion_wide_block_stays_within_the_predicted_peak(tmp_path, toke
     """One Llama block of real 7B widths (hidden 4096, MLP 11008; vocabulary 320, random init,
     float32, CPU): the covariance pass of fit-factors, and a whole diagonal fit, each in a fresh
     process, peak (VmHWM) below what attrib.memory predicts for that step, and
-    `--layers-per-pass 1` peaks ≥ 0.8 GiB below one pass over all three layers.
+    `--layers-per-pass 1` peaks ≥ 0.6 GiB below one pass over all three layers: the two other
+    layers' sums take 0.97 GiB (gate and up share one 4096² A in one pass), and the allocator keeps
+    0.15-0.3 GiB of slack that differs between the runs (measured: 0.81 GiB apart).
 
     Why not the whole EK-FAC fit: its eigendecomposition step solves three 11008 × 11008 float64
     eigenproblems, about 5 minutes each on one core of the CI machine (4096: 16 s measured; 11008
@@ -107,4 +109,4 @@ def test_seven_billion_wide_block_stays_within_the_predicted_peak(tmp_path, toke
         print(step, layers_per_pass, f"peak {result['peak_rss'] / 2**30:.2f} GiB, predicted {result['predicted_host'] / 2**30:.2f} GiB")
         assert result["peak_rss"] <= result["predicted_host"], result
     whole, single = results["covariance", "all"]["peak_rss"], results["covariance", 1]["peak_rss"]
-    assert whole - single >= 0.8 * 2**30, (whole, single)
+    assert whole - single >= 0.6 * 2**30, (whole, single)
