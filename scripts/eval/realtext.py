@@ -1,0 +1,239 @@
+"""LDS of attrib's influence on real text: Debian's fortune cookies (issue 14, item 3).
+
+Corpus: the fortune files of Debian bookworm's `fortunes` and `fortunes-min` packages, version
+1:1.99.1-7.3 (quotations, jokes and verse, BSD-licensed, not written for this project). Fetched
+without root, into any directory:
+
+    apt-get download fortunes fortunes-min
+    for f in fortunes*.deb; do dpkg -x "$f" pkg; done      # files in pkg/usr/share/games/fortunes
+
+Every file there is cut at its "%" lines; each fortune's whitespace is collapsed to single spaces.
+Fortunes of 80–320 characters are kept, exact duplicates dropped, the rest sorted and shuffled with
+a fixed seed: the first --queries become held-out queries (prompt = first half of the words,
+completion = the rest), the next --docs the training corpus. So no query is a training document
+and influence measures generalisation, not recall. A byte-level BPE tokenizer and a Llama are
+trained on the documents as in scripts/eval/lds.py; the LDS protocol is lds.py's (M subset models
+on random halves, seed 1000 + j, same recipe; Spearman of predicted vs actual log p(completion)).
+
+Rows (the defaults study): damping c × mean(Λ) for c = 0.1 (attrib's default), 0.01, 0.001 and the
+absolute λ = 1e-8 (kronfluence's library default), each with the true Fisher (1 label sample) and
+the empirical Fisher; identity and kfac for reference. With --kit plain|distractors the same rows
+run on lds.py's synthetic kits (same setups and subset-model cache as lds.py). Each LDS comes with a
+95% bootstrap interval over queries, and the difference to the default with a paired interval.
+
+    python scripts/eval/realtext.py --fortunes /path/to/pkg/usr/share/games/fortunes --jobs 2 \
+        --out scripts/eval/results/realtext.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+import lds  # noqa: E402
+from common import (MAX_LENGTH, Attributor, Setup, build_setup, default_work, log, markdown_table,  # noqa: E402
+                    write_json)
+
+FORTUNES_PACKAGES = "fortunes 1:1.99.1-7.3, fortunes-min 1:1.99.1-7.3 (Debian bookworm)"
+MIN_CHARS, MAX_CHARS = 80, 320
+
+
+def split_fortunes(text: str) -> list[str]:
+    """The fortunes of one strfile source: blocks between lines that are exactly "%", whitespace collapsed."""
+    blocks, current = [], []
+    for line in text.splitlines():
+        if line.strip() == "%":
+            blocks.append(" ".join(current))
+            current = []
+        else:
+            current.append(line)
+    blocks.append(" ".join(current))
+    return [re.sub(r"\s+", " ", b).strip() for b in blocks if b.strip()]
+
+
+def halve(text: str) -> tuple[str, str]:
+    """Prompt = the first half of the words, completion = the rest with its leading space."""
+    words = text.split(" ")
+    half = len(words) // 2
+    return " ".join(words[:half]), " " + " ".join(words[half:])
+
+
+def split_corpus(fortunes: list[str], num_docs: int, num_queries: int, seed: int = 0):
+    """Documents and held-out queries from fortunes: length filter, exact duplicates dropped,
+    sorted and shuffled with `seed`; the first num_queries are queries, the next num_docs documents."""
+    kept = sorted({f for f in fortunes if MIN_CHARS <= len(f) <= MAX_CHARS and len(f.split(" ")) >= 8})
+    random.Random(seed).shuffle(kept)
+    if len(kept) < num_docs + num_queries:
+        raise ValueError(f"only {len(kept)} fortunes of {MIN_CHARS}-{MAX_CHARS} characters; "
+                         f"{num_docs + num_queries} needed")
+    queries = []
+    for i, text in enumerate(kept[:num_queries]):
+        prompt, completion = halve(text)
+        queries.append({"id": f"h-{i:04d}", "prompt": prompt, "completion": completion})
+    documents = [{"id": f"f-{i:05d}", "text": t} for i, t in enumerate(kept[num_queries:num_queries + num_docs])]
+    return documents, queries
+
+
+def read_fortunes(directory: Path) -> list[str]:
+    """Every fortune of the strfile sources in `directory` (the .dat indexes and .u8 links skipped), in file-name order."""
+    out = []
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file() and not path.is_symlink() and path.suffix not in (".dat", ".u8"):
+            out += split_fortunes(path.read_text(encoding="utf-8", errors="replace"))
+    return out
+
+
+@dataclass(frozen=True)
+class RealSetup:
+    """The fortunes kit: corpus sizes and the model recipe (fields lds.train_subset reads)."""
+
+    arch: str = "llama"
+    docs: int = 2000
+    queries: int = 40
+    seed: int = 0
+    hidden: int = 64
+    layers: int = 2
+    vocab: int = 1024
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 3e-3
+
+    def name(self) -> str:
+        return (f"fortunes-{self.arch}-d{self.docs}-q{self.queries}-s{self.seed}-h{self.hidden}-L{self.layers}"
+                f"-v{self.vocab}-t{self.steps}")
+
+
+def build_realtext(setup: RealSetup, fortunes_dir: Path, root: Path) -> Path:
+    """Corpus, held-out queries, tokenizer and trained model in root/<name> (cached: built once)."""
+    from attrib.synthetic import train_causal_lm, train_tokenizer
+
+    directory = Path(root) / setup.name()
+    if (directory / "model" / "config.json").is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    documents, queries = split_corpus(read_fortunes(fortunes_dir), setup.docs, setup.queries, setup.seed)
+    for name, rows in (("corpus", documents), ("queries", queries)):
+        with open(directory / f"{name}.jsonl", "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    texts = [d["text"] for d in documents]
+    tokenizer = train_tokenizer(texts, setup.vocab, directory / "tokenizer")
+    started = time.perf_counter()
+    train_causal_lm(setup.arch, tokenizer, texts, directory / "model", hidden_size=setup.hidden,
+                    num_layers=setup.layers, steps=setup.steps, seq_len=MAX_LENGTH,
+                    batch_size=setup.batch_size, lr=setup.lr, seed=setup.seed)
+    digest = hashlib.sha256((directory / "corpus.jsonl").read_bytes()).hexdigest()
+    (directory / "train.json").write_text(json.dumps({"train_seconds": time.perf_counter() - started,
+                                                      "corpus_sha256": digest, "packages": FORTUNES_PACKAGES}))
+    return directory
+
+
+def bootstrap(per_query: np.ndarray, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of the mean over queries, resampling queries."""
+    rng = np.random.default_rng(seed)
+    means = per_query[rng.integers(0, len(per_query), (draws, len(per_query)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+# (label, fit strategy, fisher, damping scale c, absolute damping λ); c applies when λ is None
+DEFAULTS_GRID = [
+    ("c=0.1, true (default)", "ekfac", "true", 0.1, None),
+    ("c=0.01, true", "ekfac", "true", 0.01, None),
+    ("c=0.001, true", "ekfac", "true", 0.001, None),
+    ("λ=1e-8, true", "ekfac", "true", None, 1e-8),
+    ("c=0.1, empirical", "ekfac", "empirical", 0.1, None),
+    ("c=0.01, empirical", "ekfac", "empirical", 0.01, None),
+    ("c=0.001, empirical", "ekfac", "empirical", 0.001, None),
+    ("λ=1e-8, empirical (kronfluence's damping)", "ekfac", "empirical", None, 1e-8),
+    ("kfac, c=0.1, true", "kfac", "true", 0.1, None),
+    ("identity", "identity", "true", 0.1, None),
+]
+
+
+def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: int, jobs: int,
+             grid=DEFAULTS_GRID) -> dict:
+    """LDS of every row of `grid` with bootstrap intervals, per query kind, and against the first row."""
+    started = time.perf_counter()
+    subsets = lds.subset_models(att, setup, work, num_models, jobs)
+    train_seconds = time.perf_counter() - started
+    masks = np.array([np.isin(att.doc_ids, s["docs"]) for s in subsets], dtype=float)
+    actual = np.array([s["log_probs"] for s in subsets])
+    t0 = time.perf_counter()
+    all_scores = att.scores_many([(att.fit(strategy, fisher), scale, damping)
+                                  for _, strategy, fisher, scale, damping in grid], rank=lds.DEFAULT_RANK)
+    score_seconds = time.perf_counter() - t0
+    rows, baseline = [], None
+    for (label, strategy, fisher, scale, damping), scores in zip(grid, all_scores):
+        row = {"setting": label, "strategy": strategy, "fisher": fisher, "damping_scale": scale, "damping": damping,
+               **lds.lds(scores, masks, actual, kinds)}
+        per_query = np.array(row["per_query"])
+        row["ci"] = bootstrap(per_query)
+        for kind in sorted(set(kinds)):
+            row[f"{kind}_ci"] = bootstrap(per_query[[k == kind for k in kinds]])
+        if baseline is None:
+            baseline = per_query
+        row["delta"] = float((per_query - baseline).mean())
+        row["delta_ci"] = bootstrap(per_query - baseline)
+        rows.append(row)
+        log(f"  {label}: LDS {row['lds']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}], "
+            f"Δ {row['delta']:+.3f} [{row['delta_ci'][0]:+.3f}, {row['delta_ci'][1]:+.3f}]")
+    return {"setup": setup.__dict__, "shapes": att.shapes(), "num_models": num_models,
+            "subset_training_seconds": round(train_seconds, 1), "fit_and_score_seconds": round(score_seconds, 1),
+            "rows": rows,
+            "actual_log_prob_std_over_models": float(actual.std(0).mean()),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kit", default="fortunes", help="fortunes, or lds.py's synthetic plain / distractors")
+    parser.add_argument("--arch", default="llama")
+    parser.add_argument("--fortunes", default=None, help="the fortune files (pkg/usr/share/games/fortunes)")
+    parser.add_argument("--docs", type=int, default=RealSetup.docs)
+    parser.add_argument("--queries", type=int, default=RealSetup.queries)
+    parser.add_argument("--hidden", type=int, default=RealSetup.hidden)
+    parser.add_argument("--steps", type=int, default=RealSetup.steps)
+    parser.add_argument("--models", type=int, default=50, help="M, the number of subset models")
+    parser.add_argument("--jobs", type=int, default=1, help="subset models trained at once (one thread each)")
+    parser.add_argument("--work", default=str(default_work()),
+                        help="cache of models, subset models and factors (default $ATTRIB_CACHE_DIR/eval)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    work = Path(args.work)
+    if args.kit == "fortunes":
+        if not args.fortunes:
+            parser.error("--kit fortunes needs --fortunes DIR (see the docstring for how to fetch it)")
+        setup = RealSetup(arch=args.arch, docs=args.docs, queries=args.queries, hidden=args.hidden, steps=args.steps)
+        att = Attributor(build_realtext(setup, Path(args.fortunes), work), work)
+        kinds = ["held-out"] * len(att.queries)
+    else:
+        setup = Setup(arch=args.arch, **lds.CORPORA[args.kit], **lds.MODEL)
+        att = Attributor(build_setup(setup, work), work)
+        kinds = ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
+    log(f"LDS ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
+    result = {"kit": args.kit, **evaluate(att, setup, work, kinds, args.models, args.jobs)}
+    table = []
+    for row in result["rows"]:
+        per_kind = " / ".join(f"{row[k]:.3f} [{row[k + '_ci'][0]:.2f}, {row[k + '_ci'][1]:.2f}]"
+                              for k in sorted(set(kinds)))
+        table.append([row["setting"], f"{row['lds']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]", per_kind,
+                      f"{row['delta']:+.3f} [{row['delta_ci'][0]:+.3f}, {row['delta_ci'][1]:+.3f}]"])
+    print(markdown_table(["setting", "LDS [95% CI]", " / ".join(sorted(set(kinds))), "Δ vs first row [95% CI]"],
+                         table))
+    print(f"\n{result['shapes']}, subset training {result['subset_training_seconds']} s, total {result['seconds']} s")
+    write_json(args.out, {"evaluation": "lds-defaults", **result})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
