@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 import lds  # noqa: E402
-from common import (MAX_LENGTH, Attributor, Setup, build_setup, default_work, log, markdown_table,  # noqa: E402
-                    write_json)
+from common import (MAX_LENGTH, Attributor, Setup, build_setup, correlations, default_work,  # noqa: E402
+                    exact_influence, log, markdown_table, write_json)
 
 FORTUNES_PACKAGES = "fortunes 1:1.99.1-7.3, fortunes-min 1:1.99.1-7.3 (Debian bookworm)"
 MIN_CHARS, MAX_CHARS = 80, 320
@@ -160,9 +160,22 @@ DEFAULTS_GRID = [
 ]
 
 
+def dense_references(att: Attributor, samples: int, scales=(0.1, 0.01, 0.001)) -> dict:
+    """Exact influence [Q, D] over all tracked layers together (cross-layer blocks kept), per (fisher, c):
+    the dense damped Gauss-Newton matrix ("true": the Fisher with `samples` labels drawn from the model
+    per token, an unbiased estimate of Jᵀ H_out J) and the dense empirical Fisher, λ_l = c × tr(F_ll)/P_l."""
+    G, F_true = att.gradients(att.sequences, fisher_samples=samples, seed=12345)
+    F_emp = G.T @ G / len(att.sequences)
+    D, V, slices = att.doc_matrix(G), att.query_gradients(), att.layer_slices()
+    return {(fisher, c): exact_influence(V, D, F, slices, c)
+            for fisher, F in (("true", F_true), ("empirical", F_emp)) for c in scales}
+
+
 def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: int, jobs: int,
-             grid=DEFAULTS_GRID) -> dict:
-    """LDS of every row of `grid` with bootstrap intervals, per query kind, and against the first row."""
+             grid=DEFAULTS_GRID, exact_samples: int = 0) -> dict:
+    """LDS of every row of `grid` with bootstrap intervals, per query kind, and against the first row;
+    with exact_samples > 0 also the dense exact references' LDS (the ceiling of any better solve at this
+    size) and each row's agreement with the reference of its Fisher and damping scale."""
     started = time.perf_counter()
     subsets = lds.subset_models(att, setup, work, num_models, jobs)
     train_seconds = time.perf_counter() - started
@@ -172,10 +185,20 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
     all_scores = att.scores_many([(att.fit(strategy, fisher), scale, damping)
                                   for _, strategy, fisher, scale, damping in grid], rank=lds.DEFAULT_RANK)
     score_seconds = time.perf_counter() - t0
+    entries = [({"setting": label, "strategy": strategy, "fisher": fisher, "damping_scale": scale, "damping": damping},
+                scores) for (label, strategy, fisher, scale, damping), scores in zip(grid, all_scores)]
+    exact_seconds = None
+    if exact_samples:
+        t0 = time.perf_counter()
+        references = dense_references(att, exact_samples)
+        exact_seconds = round(time.perf_counter() - t0, 1)
+        for (fisher, c), scores in references.items():
+            name = f"GN, K={exact_samples} labels" if fisher == "true" else "empirical Fisher"
+            entries.append(({"setting": f"exact dense {name}, c={c:g}", "strategy": "exact", "fisher": fisher,
+                             "damping_scale": c, "damping": None}, scores))
     rows, baseline = [], None
-    for (label, strategy, fisher, scale, damping), scores in zip(grid, all_scores):
-        row = {"setting": label, "strategy": strategy, "fisher": fisher, "damping_scale": scale, "damping": damping,
-               **lds.lds(scores, masks, actual, kinds)}
+    for meta, scores in entries:
+        row = {**meta, **lds.lds(scores, masks, actual, kinds)}
         per_query = np.array(row["per_query"])
         row["ci"] = bootstrap(per_query)
         for kind in sorted(set(kinds)):
@@ -184,14 +207,40 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
             baseline = per_query
         row["delta"] = float((per_query - baseline).mean())
         row["delta_ci"] = bootstrap(per_query - baseline)
+        reference = (meta["fisher"], meta["damping_scale"] if meta["strategy"] != "identity" else 0.1)
+        if exact_samples and meta["strategy"] != "exact" and meta["damping"] is None and reference in references:
+            agreement = correlations(scores, references[reference])
+            row["agreement"] = {k: agreement[k] for k in ("pearson", "spearman", "pearson_min")}
         rows.append(row)
-        log(f"  {label}: LDS {row['lds']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}], "
-            f"Δ {row['delta']:+.3f} [{row['delta_ci'][0]:+.3f}, {row['delta_ci'][1]:+.3f}]")
+        log(f"  {meta['setting']}: LDS {row['lds']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}], "
+            f"Δ {row['delta']:+.3f} [{row['delta_ci'][0]:+.3f}, {row['delta_ci'][1]:+.3f}]"
+            + (f", Pearson vs exact {row['agreement']['pearson']:.3f}" if "agreement" in row else ""))
     return {"setup": setup.__dict__, "shapes": att.shapes(), "num_models": num_models,
             "subset_training_seconds": round(train_seconds, 1), "fit_and_score_seconds": round(score_seconds, 1),
-            "rows": rows,
+            "exact_seconds": exact_seconds, "rows": rows,
             "actual_log_prob_std_over_models": float(actual.std(0).mean()),
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def cached_synthetic_rows(path: Path) -> list[list]:
+    """The defaults grid's rows that lds.py already measured (c = 0.1, 0.01, 0.001 with the true Fisher,
+    the empirical Fisher at c = 0.1), from its results JSON, with the same bootstrap intervals."""
+    wanted = {("method", "ekfac"): "c=0.1, true (default)", ("damping", "0.01"): "c=0.01, true",
+              ("damping", "0.001"): "c=0.001, true", ("fisher", "empirical"): "c=0.1, empirical"}
+    table = []
+    for result in json.loads(Path(path).read_text())["results"]:
+        kit = f"{result['shapes']['model_type']}, {result['corpus']}"
+        kinds = ["fact"] * (result["shapes"]["queries"] - result["setup"]["generic"]) + ["generic"] * result["setup"]["generic"]
+        rows = {wanted[(r["group"], r["method"])]: np.array(r["per_query"]) for r in result["rows"]
+                if (r["group"], r["method"]) in wanted}
+        baseline = rows["c=0.1, true (default)"]
+        for label in wanted.values():
+            per_query = rows[label]
+            ci, delta = bootstrap(per_query), bootstrap(per_query - baseline)
+            per_kind = " / ".join(f"{per_query[[k == kind for k in kinds]].mean():.3f}" for kind in ("fact", "generic"))
+            table.append([kit, label, f"{per_query.mean():.3f} [{ci[0]:.3f}, {ci[1]:.3f}]", per_kind,
+                          f"{(per_query - baseline).mean():+.3f} [{delta[0]:+.3f}, {delta[1]:+.3f}]"])
+    return table
 
 
 def main(argv=None) -> int:
@@ -205,10 +254,19 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=RealSetup.steps)
     parser.add_argument("--models", type=int, default=50, help="M, the number of subset models")
     parser.add_argument("--jobs", type=int, default=1, help="subset models trained at once (one thread each)")
+    parser.add_argument("--exact", type=int, default=0, metavar="K",
+                        help="also the dense exact references (GN with K sampled labels per token, and the empirical "
+                             "Fisher) and each row's agreement with them; for models of a few thousand tracked parameters")
     parser.add_argument("--work", default=str(default_work()),
                         help="cache of models, subset models and factors (default $ATTRIB_CACHE_DIR/eval)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--cached", default=None, metavar="LDS_JSON",
+                        help="only print the grid's rows already in lds.py's results (e.g. scripts/eval/results/lds.json)")
     args = parser.parse_args(argv)
+    if args.cached:
+        print(markdown_table(["model, corpus", "setting", "LDS [95% CI]", "fact / generic", "Δ vs default [95% CI]"],
+                             cached_synthetic_rows(Path(args.cached))))
+        return 0
     work = Path(args.work)
     if args.kit == "fortunes":
         if not args.fortunes:
@@ -221,15 +279,16 @@ def main(argv=None) -> int:
         att = Attributor(build_setup(setup, work), work)
         kinds = ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
     log(f"LDS ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
-    result = {"kit": args.kit, **evaluate(att, setup, work, kinds, args.models, args.jobs)}
+    result = {"kit": args.kit, **evaluate(att, setup, work, kinds, args.models, args.jobs, exact_samples=args.exact)}
     table = []
     for row in result["rows"]:
         per_kind = " / ".join(f"{row[k]:.3f} [{row[k + '_ci'][0]:.2f}, {row[k + '_ci'][1]:.2f}]"
                               for k in sorted(set(kinds)))
         table.append([row["setting"], f"{row['lds']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]", per_kind,
-                      f"{row['delta']:+.3f} [{row['delta_ci'][0]:+.3f}, {row['delta_ci'][1]:+.3f}]"])
-    print(markdown_table(["setting", "LDS [95% CI]", " / ".join(sorted(set(kinds))), "Δ vs first row [95% CI]"],
-                         table))
+                      f"{row['delta']:+.3f} [{row['delta_ci'][0]:+.3f}, {row['delta_ci'][1]:+.3f}]",
+                      row["agreement"]["pearson"] if "agreement" in row else "—"])
+    print(markdown_table(["setting", "LDS [95% CI]", " / ".join(sorted(set(kinds))), "Δ vs first row [95% CI]",
+                          "Pearson vs exact (same Fisher and c)"], table))
     print(f"\n{result['shapes']}, subset training {result['subset_training_seconds']} s, total {result['seconds']} s")
     write_json(args.out, {"evaluation": "lds-defaults", **result})
     return 0
