@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import re
 import sys
@@ -40,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 import lds  # noqa: E402
 from common import (MAX_LENGTH, Attributor, Setup, build_setup, correlations, default_work,  # noqa: E402
@@ -160,19 +162,117 @@ DEFAULTS_GRID = [
 ]
 
 
-def dense_references(att: Attributor, samples: int, scales=(0.1, 0.01, 0.001)) -> dict:
+@dataclass
+class Dense:
+    """Float64 dense quantities over all tracked weights: document gradients D [docs, P], query gradients
+    V [Q, P], the GN estimate (true Fisher, K labels per token) and the empirical Fisher [P, P]."""
+
+    D: torch.Tensor
+    V: torch.Tensor
+    gauss_newton: torch.Tensor
+    empirical: torch.Tensor
+    slices: list
+
+    @classmethod
+    def of(cls, att: Attributor, samples: int) -> "Dense":
+        """Formed once per model and K, then read from the work directory."""
+        path = att.work / f"dense-{att.record['fingerprint'][:12]}-K{samples}.pt"
+        if path.is_file():
+            return cls(**torch.load(path), slices=att.layer_slices())
+        G, F_true = att.gradients(att.sequences, fisher_samples=samples, seed=12345)
+        parts = dict(D=att.doc_matrix(G), V=att.query_gradients(), gauss_newton=F_true,
+                     empirical=G.T @ G / len(att.sequences))
+        torch.save(parts, path.with_suffix(".tmp"))
+        os.replace(path.with_suffix(".tmp"), path)
+        return cls(**parts, slices=att.layer_slices())
+
+    def influence(self, F: torch.Tensor, dampings: list[float]) -> np.ndarray:
+        """vec(V_q)ᵀ (F + diag(λ_l))⁻¹ vec(D_m) with the given per-layer λ_l."""
+        H = F.clone()
+        for s, damping in zip(self.slices, dampings):
+            torch.diagonal(H)[s] += damping
+        return (self.V @ torch.cholesky_solve(self.D.T.contiguous(), torch.linalg.cholesky(H))).numpy()
+
+
+def dense_references(dense: Dense, samples: int, scales=(0.1, 0.01, 0.001)) -> dict:
     """Exact influence [Q, D] over all tracked layers together (cross-layer blocks kept), per (fisher, c):
     the dense damped Gauss-Newton matrix ("true": the Fisher with `samples` labels drawn from the model
     per token, an unbiased estimate of Jᵀ H_out J) and the dense empirical Fisher, λ_l = c × tr(F_ll)/P_l."""
-    G, F_true = att.gradients(att.sequences, fisher_samples=samples, seed=12345)
-    F_emp = G.T @ G / len(att.sequences)
-    D, V, slices = att.doc_matrix(G), att.query_gradients(), att.layer_slices()
-    return {(fisher, c): exact_influence(V, D, F, slices, c)
-            for fisher, F in (("true", F_true), ("empirical", F_emp)) for c in scales}
+    return {(fisher, c): exact_influence(dense.V, dense.D, F, dense.slices, c)
+            for fisher, F in (("true", dense.gauss_newton), ("empirical", dense.empirical)) for c in scales}
+
+
+def cg_iterates(system, precondition, b: list[torch.Tensor], checkpoints: tuple[int, ...]):
+    """{k: x_k} of preconditioned CG for each k of `checkpoints`, and the relative residuals [max k + 1, Q].
+
+    The recurrences of attrib.solve.preconditioned_cg (x₀ = M⁻¹ b), kept here only to read the
+    intermediate iterates of one run instead of one run per iteration count; main() checks that
+    the first checkpoint equals attrib's own solve.
+    """
+    from attrib.solve import _axpy, _dot
+
+    x = precondition(b)
+    out = {0: x} if 0 in checkpoints else {}
+    b_norm = _dot(b, b).sqrt()
+    r = [bi - ai for bi, ai in zip(b, system(x))]
+    residuals = [_dot(r, r).sqrt() / b_norm]
+    z = precondition(r)
+    p, rz = z, _dot(r, z)
+    for step in range(1, max(checkpoints) + 1):
+        ap = system(p)
+        alpha = rz / _dot(p, ap)
+        x = _axpy(alpha, p, x)
+        r = _axpy(-alpha, ap, r)
+        residuals.append(_dot(r, r).sqrt() / b_norm)
+        if step in checkpoints:
+            out[step] = x
+        z = precondition(r)
+        rz_next = _dot(r, z)
+        p = _axpy(rz_next / rz, p, z)
+        rz = rz_next
+    return out, torch.stack(residuals)
+
+
+def cg_entries(att: Attributor, dense: Dense, solve_tokens: int, checkpoints: tuple[int, ...],
+               damping_scale: float = 0.1) -> tuple[list, dict]:
+    """(row metadata, scores) of EK-FAC + k CG steps on (G_sample + λ) x = ∇L_q for each k, the
+    dense exact reference with the same λ_l (GN over the whole corpus), and the solve's cost."""
+    from attrib.curvature import load_curvature
+    from attrib.solve import CGSolver, GaussNewton, SolveSample, preconditioned_cg
+
+    curvature = load_curvature(str(att.fit("ekfac", "true")), att.layers, None, damping_scale=damping_scale)
+    sample = SolveSample.read(att.corpus, att.tokenizer, MAX_LENGTH, solve_tokens)
+    gauss_newton = GaussNewton(att.model, att.layers, sample, 4096, att.pad_id, "cpu")
+    solver = CGSolver(curvature, gauss_newton, 1, "cpu", torch.float64)
+    b = [dense.V[:, s].reshape(-1, layer.d_out, layer.d_in_folded) for s, layer in zip(dense.slices, att.layers)]
+    t0 = time.perf_counter()
+    iterates, residuals = cg_iterates(solver._system, solver._precondition, b, checkpoints)
+    seconds = time.perf_counter() - t0
+    first = min(k for k in checkpoints if k > 0)
+    attrib_x, _ = preconditioned_cg(solver._system, solver._precondition, b, first)
+    check = max(float((mine - theirs).abs().max() / theirs.abs().max())
+                for mine, theirs in zip(iterates[first], attrib_x))
+    entries = []
+    for k, x in sorted(iterates.items()):
+        flat = torch.cat([xl.reshape(xl.shape[0], -1) for xl in x], dim=1)
+        label = "EK-FAC (CG x₀)" if k == 0 else f"EK-FAC + CG, {k} iteration{'s' if k > 1 else ''}"
+        entries.append(({"setting": f"{label}, solve sample {sample.tokens} tokens", "strategy": "cg",
+                         "iterations": k, "solve_tokens": sample.tokens, "fisher": "true",
+                         "damping_scale": damping_scale, "damping": None,
+                         "relative_residual": float(residuals[k].mean())}, (flat @ dense.D.T).numpy()))
+    dampings = [curvature.damping_of(i) for i in range(len(att.layers))]
+    reference = dense.influence(dense.gauss_newton, dampings)
+    cost = {"solve_tokens": sample.tokens, "solve_sequences": sample.sequences, "iterations": max(checkpoints),
+            "gn_products": max(checkpoints) + 1, "seconds": round(seconds, 1),
+            "seconds_per_gn_product": round(seconds / (max(checkpoints) + 1), 2),
+            "first_checkpoint_vs_attrib_solve_max_rel_diff": check,
+            "mean_relative_residual": residuals.mean(1).tolist()}
+    return entries, reference, cost
 
 
 def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: int, jobs: int,
-             grid=DEFAULTS_GRID, exact_samples: int = 0) -> dict:
+             grid=DEFAULTS_GRID, exact_samples: int = 0, cg_tokens: tuple[int, ...] = (),
+             cg_checkpoints: tuple[int, ...] = (0, 1, 3, 10, 30)) -> dict:
     """LDS of every row of `grid` with bootstrap intervals, per query kind, and against the first row;
     with exact_samples > 0 also the dense exact references' LDS (the ceiling of any better solve at this
     size) and each row's agreement with the reference of its Fisher and damping scale."""
@@ -187,15 +287,26 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
     score_seconds = time.perf_counter() - t0
     entries = [({"setting": label, "strategy": strategy, "fisher": fisher, "damping_scale": scale, "damping": damping},
                 scores) for (label, strategy, fisher, scale, damping), scores in zip(grid, all_scores)]
-    exact_seconds = None
+    exact_seconds, references, cg_costs = None, {}, []
     if exact_samples:
         t0 = time.perf_counter()
-        references = dense_references(att, exact_samples)
+        dense = Dense.of(att, exact_samples)
+        references = dense_references(dense, exact_samples)
         exact_seconds = round(time.perf_counter() - t0, 1)
         for (fisher, c), scores in references.items():
             name = f"GN, K={exact_samples} labels" if fisher == "true" else "empirical Fisher"
             entries.append(({"setting": f"exact dense {name}, c={c:g}", "strategy": "exact", "fisher": fisher,
                              "damping_scale": c, "damping": None}, scores))
+        for tokens in cg_tokens:
+            cg, reference, cost = cg_entries(att, dense, tokens, cg_checkpoints)
+            references[("cg", tokens)] = reference
+            entries += [({**meta, "reference": ("cg", tokens)}, scores) for meta, scores in cg]
+            if tokens == cg_tokens[0]:
+                entries.append(({"setting": f"exact dense GN, K={exact_samples} labels, attrib's λ_l (c=0.1)",
+                                 "strategy": "exact", "fisher": "true", "damping_scale": 0.1, "damping": None},
+                                reference))
+            cg_costs.append(cost)
+            log(f"  CG solve on {tokens} tokens: {cost}")
     rows, baseline = [], None
     for meta, scores in entries:
         row = {**meta, **lds.lds(scores, masks, actual, kinds)}
@@ -207,8 +318,9 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
             baseline = per_query
         row["delta"] = float((per_query - baseline).mean())
         row["delta_ci"] = bootstrap(per_query - baseline)
-        reference = (meta["fisher"], meta["damping_scale"] if meta["strategy"] != "identity" else 0.1)
-        if exact_samples and meta["strategy"] != "exact" and meta["damping"] is None and reference in references:
+        reference = meta.pop("reference", (meta["fisher"], meta["damping_scale"] if meta["strategy"] != "identity" else 0.1))
+        row.pop("reference", None)
+        if meta["strategy"] != "exact" and meta["damping"] is None and reference in references:
             agreement = correlations(scores, references[reference])
             row["agreement"] = {k: agreement[k] for k in ("pearson", "spearman", "pearson_min")}
         rows.append(row)
@@ -217,7 +329,7 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
             + (f", Pearson vs exact {row['agreement']['pearson']:.3f}" if "agreement" in row else ""))
     return {"setup": setup.__dict__, "shapes": att.shapes(), "num_models": num_models,
             "subset_training_seconds": round(train_seconds, 1), "fit_and_score_seconds": round(score_seconds, 1),
-            "exact_seconds": exact_seconds, "rows": rows,
+            "exact_seconds": exact_seconds, "cg_costs": cg_costs, "rows": rows,
             "actual_log_prob_std_over_models": float(actual.std(0).mean()),
             "seconds": round(time.perf_counter() - started, 1)}
 
@@ -260,6 +372,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=str(default_work()),
                         help="cache of models, subset models and factors (default $ATTRIB_CACHE_DIR/eval)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--cg-tokens", default="", help="with --exact: EK-FAC + CG rows for these solve sample "
+                        "sizes (--solve-tokens), e.g. 2048,8192")
+    parser.add_argument("--cg-iterations", default="0,1,3,10,30", help="CG iteration counts read from one run")
     parser.add_argument("--cached", default=None, metavar="LDS_JSON",
                         help="only print the grid's rows already in lds.py's results (e.g. scripts/eval/results/lds.json)")
     args = parser.parse_args(argv)
@@ -279,7 +394,9 @@ def main(argv=None) -> int:
         att = Attributor(build_setup(setup, work), work)
         kinds = ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
     log(f"LDS ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
-    result = {"kit": args.kit, **evaluate(att, setup, work, kinds, args.models, args.jobs, exact_samples=args.exact)}
+    result = {"kit": args.kit, **evaluate(att, setup, work, kinds, args.models, args.jobs, exact_samples=args.exact,
+                                          cg_tokens=tuple(int(t) for t in args.cg_tokens.split(",") if t),
+                                          cg_checkpoints=tuple(int(k) for k in args.cg_iterations.split(",")))}
     table = []
     for row in result["rows"]:
         per_kind = " / ".join(f"{row[k]:.3f} [{row[k + '_ci'][0]:.2f}, {row[k + '_ci'][1]:.2f}]"
