@@ -33,6 +33,11 @@ DEVICE_SLACK = 0.10
 NLL_CHUNK = 2048  # rows of the float32 log-softmax chunks in capture.label_nll
 SAMPLE_CHUNK = 256  # rows of Gumbel noise in capture.sample_labels
 CORRECTION_STEP_ELEMENTS = 2**24  # factors.STEP_ELEMENTS
+# --solver cg: dense all-layer vectors per query (b, x, r, z, p, A p and the G p being summed, one
+# spare for a temporary), and float32 [Q, tokens, vocab] tensors of one Gauss-Newton pass (J v,
+# softmax, H J v, the cotangent in the model dtype)
+CG_VECTORS = 8
+GN_LOGIT_COPIES = 4
 DENSE_BYTES = 2**28  # the most memory scoring gives the queries' dense P_q, all layers together
 
 
@@ -255,13 +260,32 @@ def query_gradients(
     queries_per_batch: int = 1,
     max_length: int = 512,
     rotates: bool = True,
+    cg: bool = False,
 ) -> StagePeak:
     """Peak of `attrib query-gradients`: one batch of queries forward and backward, and inside the
     backward one layer at a time its dense gradients, their preconditioning with that layer's
-    curvature (read just then) and the compression."""
+    curvature (read just then) and the compression.
+
+    With `cg` (`--solver cg` with iterations) the dense gradients of every layer are kept for the
+    solve: CG_VECTORS float32 copies of them, beside one Gauss-Newton pass over a sample batch of
+    about tokens_per_batch / Q tokens for Q stacked directions (attrib.solve): the primal activations
+    of that batch, and Q tangents of activations and logits (an estimate, not yet measured)."""
     tokens = min(tokens_per_batch, queries_per_batch * max_length)
     weights = model_terms(model, dtype)
     widest = max(l.d_in * l.d_out for l in layers)
+    if cg:
+        every_layer = sum(l.d_in * l.d_out for l in layers)
+        stacked = max(tokens_per_batch, max_length)  # Q directions × the sample batch's tokens
+        terms = {
+            "weights": weights,
+            "cg vectors": CG_VECTORS * queries_per_batch * every_layer * 4,
+            # the vjp's saved activations and the Q tangents of the jvp, each at most `stacked` tokens
+            "gauss-newton pass": 2 * activation_bytes(model, stacked, dtype)
+            + GN_LOGIT_COPIES * stacked * model.vocab * 4,
+            "layer curvature": max(l.d_in * l.d_out + (l.d_in**2 + l.d_out**2 if rotates else 0) for l in layers) * 4,
+            "batch factors": queries_per_batch * query_factor_bytes(layers, rank),
+        }
+        return _peak({"query gradients": terms}, device, weights, largest_tensor=widest * 4)
     terms = {
         "weights": weights,
         "activations": activation_bytes(model, tokens, dtype) + logit_bytes(model, tokens, dtype, sampled=False),
@@ -323,12 +347,12 @@ def largest_fitting(predict: Callable[[int], StagePeak], budget: int, device: st
 
 def query_batching(model: ModelShape, layers: list[LayerShape], *, queries: int, budget: int, tokens_per_batch: int,
                    dtype: str, device: str, rank: int, max_length: int, rotates: bool = True,
-                   docs_per_part: int = 2000, most_per_batch: int = 64) -> tuple[int, int]:
+                   docs_per_part: int = 2000, most_per_batch: int = 64, cg: bool = False) -> tuple[int, int]:
     """(queries per batch of query-gradients, queries per pass of query) whose predicted peaks fit `budget`."""
     kind = "cpu" if device == "cpu" else "cuda"
     per_batch = largest_fitting(
         lambda n: query_gradients(model, layers, tokens_per_batch=tokens_per_batch, dtype=dtype, device=kind,
-                                  rank=rank, queries_per_batch=n, max_length=max_length, rotates=rotates),
+                                  rank=rank, queries_per_batch=n, max_length=max_length, rotates=rotates, cg=cg),
         budget, kind, min(most_per_batch, queries))
     per_pass = largest_fitting(
         lambda n: query(model, layers, tokens_per_batch=tokens_per_batch, dtype=dtype, device=kind, rank=rank,

@@ -6,6 +6,8 @@ happens inside the backward hook of one layer at a time: that layer's dense grad
 for the queries of the batch are formed, preconditioned with that layer's curvature
 (read from disk just then), compressed and freed, so at most one layer's dense
 `[queries, d_out, d_in]` block exists at once. One set serves many scoring runs.
+`--solver cg` (attrib/solve.py) is the exception: it solves all layers together, so it
+keeps the batch's dense gradients of every layer, then compresses them the same way.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class QueryGradients:
     left: list[torch.Tensor]
     sigma: list[torch.Tensor]
     right: list[torch.Tensor]
+    residuals: torch.Tensor | None = None  # --solver cg: ‖r_k‖/‖b‖ [iterations + 1, queries], float64
+    sample: dict | None = None  # --solver cg: the solve sample's sequences and tokens (none at 0 iterations)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -92,11 +96,16 @@ def iter_query_gradient_batches(
     max_queries_per_batch: int,
     device,
     owns=lambda batch_number: True,
+    solver=None,
 ) -> Iterator[tuple[int, list[int], QueryGradients | None]]:
     """(batch number, query indices, factors of those queries on the host) per batch of queries.
 
     Batches are fixed by the queries and the settings, so a resumed run sees the same
     batches; `owns(batch_number)` selects this process's share (factors None otherwise).
+    Without `solver` each layer is preconditioned with its own curvature and compressed
+    inside its backward hook; with an attrib.solve.CGSolver the dense gradients of every
+    layer are collected first, solved together, then compressed the same way (the batch's
+    relative CG residuals [iterations + 1, queries] are then in `QueryGradients.residuals`).
     """
     prefix = special_prefix(tokenizer)
     sequences = [query_sequence(tokenizer, query, max_length, prefix) for query in queries]
@@ -107,28 +116,45 @@ def iter_query_gradient_batches(
         for packed in pack_batches(sequences, tokens_per_batch)
         for start in range(0, len(packed), max_queries_per_batch)
     ]
+
+    def compress(preconditioned: torch.Tensor) -> tuple:
+        return tuple(t.cpu() for t in low_rank(preconditioned, rank))
+
     with progress("query gradients", total=len(queries), unit="query") as bar:
         for number, batch in enumerate(batches):
             if not owns(number):
                 yield number, batch, None
                 continue
             factors: list[tuple | None] = [None] * len(layers)
+            dense: list[torch.Tensor | None] = [None] * len(layers)
 
-            def precondition_and_compress(index, a, g):
+            def on_backward(index, a, g):
                 per_query = torch.bmm(g.to(compute).mT, a)  # [batch, d_out, d_in]
+                if solver is not None:
+                    dense[index] = per_query
+                    return
                 preconditioned = curvature.layer(index, device, compute).inverse_times(per_query)
                 del per_query
-                factors[index] = tuple(t.cpu() for t in low_rank(preconditioned, rank))
+                factors[index] = compress(preconditioned)
 
             input_ids, mask, targets = collate([sequences[i] for i in batch], pad_id, device)
-            capture = Capture(model, layers, lambda index, a: a.to(compute), precondition_and_compress)
+            capture = Capture(model, layers, lambda index, a: a.to(compute), on_backward)
             capture.run(input_ids, mask, lambda logits: [summed_nll(logits, targets)])
+            residuals = sample = None
+            if solver is not None:
+                preconditioned, residuals = solver.solve(dense)
+                del dense
+                factors = [compress(p) for p in preconditioned]
+                del preconditioned
+                sample = solver.sample_counts()
             yield number, batch, QueryGradients(
                 [queries[i].query_id for i in batch],
                 [layer.name for layer in layers],
                 [f[0] for f in factors],
                 [f[1] for f in factors],
                 [f[2] for f in factors],
+                residuals,
+                sample,
             )
             bar.advance(len(batch), tokens=sum(len(sequences[i]) for i in batch))
 
@@ -144,11 +170,13 @@ def compute_query_gradients(
     tokens_per_batch: int,
     device,
     max_queries_per_batch: int = 64,
+    solver=None,
 ) -> QueryGradients:
     """Every query's factors in memory, in query order (for small models, tests and evaluations)."""
     order, parts = [], []
     for _, batch, factors in iter_query_gradient_batches(
-        model, tokenizer, layers, queries, curvature, rank, max_length, tokens_per_batch, max_queries_per_batch, device
+        model, tokenizer, layers, queries, curvature, rank, max_length, tokens_per_batch, max_queries_per_batch, device,
+        solver=solver,
     ):
         order += batch
         parts.append(factors)
@@ -157,8 +185,9 @@ def compute_query_gradients(
     def stacked(field: str) -> list[torch.Tensor]:
         return [torch.cat([getattr(p, field)[i] for p in parts])[position] for i in range(len(layers))]
 
+    residuals = torch.cat([p.residuals for p in parts], dim=1)[:, position] if solver is not None else None
     return QueryGradients([q.query_id for q in queries], [l.name for l in layers],
-                          stacked("left"), stacked("sigma"), stacked("right"))
+                          stacked("left"), stacked("sigma"), stacked("right"), residuals)
 
 
 def part_name(batch_number: int) -> str:
@@ -166,10 +195,28 @@ def part_name(batch_number: int) -> str:
 
 
 def save_part(path: Path, factors: QueryGradients) -> None:
-    """One batch's factors, with its query ids in the safetensors metadata."""
+    """One batch's factors, with its query ids (and --solver cg's residuals) in the safetensors metadata."""
     from attrib.storage import save_tensors
 
-    save_tensors(path, factors.tensors(), metadata={"query_ids": json.dumps(factors.query_ids)})
+    metadata = {"query_ids": json.dumps(factors.query_ids)}
+    if factors.residuals is not None:
+        metadata["solve"] = json.dumps({"relative_residuals": factors.residuals.T.tolist(), **(factors.sample or {})})
+    save_tensors(path, factors.tensors(), metadata=metadata)
+
+
+def solve_records(paths: list[Path]) -> dict:
+    """The manifest's record of a cg solve, gathered from its parts: the sample's size and, per query,
+    ‖r_k‖/‖b‖ for k = 0 … iterations (empty lists at 0 iterations)."""
+    from attrib.storage import tensor_metadata
+
+    record: dict = {"relative_residuals": {}}
+    for path in paths:
+        metadata = tensor_metadata(path)
+        solve = json.loads(metadata["solve"])
+        for query_id, residuals in zip(json.loads(metadata["query_ids"]), solve.pop("relative_residuals")):
+            record["relative_residuals"][query_id] = residuals
+        record.update(solve)
+    return record
 
 
 class QueryGradientStore:

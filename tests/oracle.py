@@ -80,3 +80,49 @@ def describe_difference(actual: torch.Tensor, expected: torch.Tensor) -> str:
         f"(actual {float(actual.reshape(-1)[index]):.6e}, expected {float(expected.reshape(-1)[index]):.6e}); "
         f"scale {float(expected.abs().max()):.3e}"
     )
+
+
+def flat_tracked_weights(layers) -> torch.Tensor:
+    """The tracked weights as one vector: each layer's folded [d_out, d_in(+1)] matrix, row-major, in order."""
+    return torch.cat([layer.weight_matrix().detach().reshape(-1) for layer in layers])
+
+
+def logits_of_flat_weights(model, layers, input_ids):
+    """f(w) = the logits [T, vocab] of one unpadded sequence with the tracked weights set to the vector w."""
+    from torch.func import functional_call
+
+    def logits(flat):
+        weights, start = {}, 0
+        for layer in layers:
+            size = layer.d_out * layer.d_in_folded
+            folded = flat[start : start + size].reshape(layer.d_out, layer.d_in_folded)
+            start += size
+            weight = folded[:, : layer.d_in]
+            weights[f"{layer.name}.weight"] = weight.t() if layer.transposed else weight
+            if layer.has_bias:
+                weights[f"{layer.name}.bias"] = folded[:, -1]
+        return functional_call(model, weights, (), {"input_ids": input_ids[None]}, strict=False).logits[0]
+
+    return logits
+
+
+def dense_gauss_newton(model, layers, sequences) -> torch.Tensor:
+    """(1/N) Σ_n J_nᵀ H_n J_n over the tracked weights of all layers, formed explicitly.
+
+    J_n [labelled positions, vocab, P] is the full Jacobian of sequence n's logits (forward mode,
+    one column per weight through jacfwd), H_n the block-diagonal softmax Hessian diag(p) − p pᵀ per
+    labelled position (all but the last)."""
+    from torch.func import jacfwd
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    flat = flat_tracked_weights(layers)
+    total = torch.zeros(flat.numel(), flat.numel(), dtype=torch.float64)
+    for ids in sequences:
+        ids = torch.as_tensor(ids)
+        f = logits_of_flat_weights(model, layers, ids)
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            jacobian = jacfwd(f)(flat)[:-1].double()  # [T - 1, vocab, P]
+            probs = torch.softmax(f(flat)[:-1].double(), -1)  # [T - 1, vocab]
+        hessians = torch.diag_embed(probs) - probs[:, :, None] * probs[:, None, :]
+        total += torch.einsum("tvp,tvw,twq->pq", jacobian, hessians, jacobian)
+    return total / len(sequences)

@@ -15,6 +15,10 @@ Factors = Annotated[str, typer.Option(help="Output directory of `attrib fit-fact
 DOCUMENTS_TOP = 1000  # without candidates: each query's most positive and most negative documents kept
 QueryRank = Annotated[int, typer.Option(help="Rank of each preconditioned query gradient (0 = full).")]
 Damping = Annotated[Optional[float], typer.Option(help="Damping λ, the same for every layer (default: --damping-scale × mean(Λ) per layer).")]
+Solver = Annotated[Optional[str], typer.Option(help="ekfac: H⁻¹∇L_q from the fitted curvature (default); cg: refined by --solve-iterations steps of conjugate gradients on the damped Gauss-Newton system of all tracked layers, preconditioned by it (README: when to use it).")]
+SolveIterations = Annotated[Optional[int], typer.Option(help="--solver cg: CG iterations per batch of queries (default 0 = EK-FAC exactly); each costs a pass over the solve sample.")]
+SolveTokens = Annotated[Optional[int], typer.Option(help="--solver cg: tokens of the Gauss-Newton sample, the first ones of --solve-corpus in file order (default 262144).")]
+SolveCorpus = Annotated[Optional[str], typer.Option(help="--solver cg: corpus of the Gauss-Newton sample (default: the corpus the factors were fitted on, read with the fit's options and chunking).")]
 DampingScale = Annotated[Optional[float], typer.Option(help="Damping as a multiple of each layer's mean eigenvalue (default 0.1; see docs/benchmarks.md).")]
 
 
@@ -53,7 +57,8 @@ def _checked_queries(queries: str, tokenizer, max_length: int):
     return query_list
 
 
-def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world):
+def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world, solver=None,
+                    solve_iterations=None, solve_tokens=None, solve_corpus=None):
     """QuerySettings from flags (queries per batch are set from the memory budget by `_batching`)."""
     from attrib.errors import InputError
     from attrib.query_stage import QuerySettings
@@ -64,6 +69,16 @@ def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_b
                              max_length=max_length, tokens_per_batch=tokens_per_batch, world_size=world.size)
     if damping_scale is not None:
         settings.damping_scale = damping_scale
+    settings.solver = solver or settings.solver
+    if settings.solver != "cg":
+        given = [name for name, value in (("--solve-iterations", solve_iterations), ("--solve-tokens", solve_tokens),
+                                          ("--solve-corpus", solve_corpus)) if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} applies to --solver cg only")
+    if solve_iterations is not None:
+        settings.solve_iterations = solve_iterations
+    if solve_tokens is not None:
+        settings.solve_tokens = solve_tokens
     settings.validate()
     return settings
 
@@ -80,7 +95,7 @@ def _batching(lm, layers, factors, queries: int, rank: int, max_memory, settings
         memory.model_shape(lm), memory.layer_shapes(layers), queries=queries, budget=budget,
         tokens_per_batch=settings.tokens_per_batch, dtype=str(next(lm.parameters()).dtype).removeprefix("torch."),
         device=str(world.device), rank=rank, max_length=settings.max_length, rotates=strategy in ("ekfac", "kfac"),
-        docs_per_part=docs_per_part,
+        docs_per_part=docs_per_part, cg=settings.solves,
     )
 
 
@@ -98,6 +113,10 @@ def query_gradients(
     max_length: MaxLength = None,
     tokens_per_batch: TokensPerBatch = 4096,
     max_memory: MaxMemory = None,
+    solver: Solver = None,
+    solve_iterations: SolveIterations = None,
+    solve_tokens: SolveTokens = None,
+    solve_corpus: SolveCorpus = None,
     dtype: Dtype = "float32",
     device: Device = "auto",
     trust_remote_code: TrustRemoteCode = False,
@@ -115,11 +134,13 @@ def query_gradients(
     world, lm, tokenizer, layers = _load(model, factors, dtype, device, trust_remote_code)
     try:
         max_length = max_length or default_max_length(lm.config, tokenizer)
-        settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world)
+        settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world, solver,
+                                   solve_iterations, solve_tokens, solve_corpus)
         query_list = _checked_queries(queries, tokenizer, max_length)
         settings.queries_per_batch, _ = _batching(lm, layers, factors, len(query_list), settings.query_rank, max_memory,
                                                   settings, world)
-        run_query_gradients(out, model, lm, tokenizer, layers, factors, query_list, settings, world, overwrite)
+        run_query_gradients(out, model, lm, tokenizer, layers, factors, query_list, settings, world, overwrite,
+                            solve_corpus=solve_corpus)
         message(f"query gradients written to {out}")
     finally:
         world.close()
@@ -166,6 +187,10 @@ def query(
     query_rank: Annotated[Optional[int], typer.Option(help="Rank of each preconditioned query gradient (0 = full; default 32).")] = None,
     damping: Damping = None,
     damping_scale: DampingScale = None,
+    solver: Solver = None,
+    solve_iterations: SolveIterations = None,
+    solve_tokens: SolveTokens = None,
+    solve_corpus: Annotated[Optional[str], typer.Option(help="--solver cg: corpus of the Gauss-Newton sample (default: the corpus the factors were fitted on, as their manifest records it, else --corpus; read with the fit's options and chunking).")] = None,
     keep_all_scores: Annotated[bool, typer.Option(help="Without candidates, keep every (query, document) score in documents.parquet (default: each query's 1,000 most positive and 1,000 most negative, plus summary.parquet).")] = False,
     queries_per_pass: Annotated[int, typer.Option(help="Queries scored per pass over the corpus (0: as many as --max-memory allows; more passes cost more time, not memory).")] = 0,
     max_memory: MaxMemory = None,
@@ -208,7 +233,8 @@ def query(
     candidates_manifest = open_input(candidates, "prefilter", option="--candidates") if candidates is not None else None
     if query_gradients_dir is not None:
         gradients_manifest = _checked_query_gradients(
-            query_gradients_dir, {"query_rank": query_rank, "damping": damping, "damping_scale": damping_scale})
+            query_gradients_dir, {"query_rank": query_rank, "damping": damping, "damping_scale": damping_scale,
+                                  "solver": solver, "solve_iterations": solve_iterations, "solve_tokens": solve_tokens})
     spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents)
     check_corpus(spec)  # a missing path, a wrong --text-field or a bad first row fail before any output exists
     world, lm, tokenizer, layers = _load(model, factors, dtype, device, trust_remote_code)
@@ -216,7 +242,8 @@ def query(
         max_length = max_length or default_max_length(lm.config, tokenizer)
         if candidates_manifest is not None:
             check_candidates_chunking(candidates_manifest, tokenizer, max_length, long_documents)
-        query_settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world)
+        query_settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world, solver,
+                                         solve_iterations, solve_tokens, solve_corpus)
         if query_gradients_dir is None:
             query_list = _checked_queries(queries, tokenizer, max_length)
             count, rank = len(query_list), query_settings.query_rank
@@ -228,7 +255,7 @@ def query(
         every = keep_all_scores or candidates is not None or prefilter is not None
         score_settings = ScoreSettings(max_length, tokens_per_batch, docs_per_part, top, queries_per_pass or per_pass,
                                        0 if every else DOCUMENTS_TOP, world.size)
-        request = ScoreRequest(factors, spec, queries, query_gradients_dir, candidates, prefilter)
+        request = ScoreRequest(factors, spec, queries, query_gradients_dir, candidates, prefilter, solve_corpus)
         manifest = run_query(out, model, lm, tokenizer, layers, request, query_list, query_settings, score_settings,
                              world, overwrite)
         if manifest is not None:
