@@ -129,3 +129,27 @@ def test_bootstrap_interval_covers_the_mean_and_shrinks_to_it_without_spread():
     low, high = realtext.bootstrap(per_query)
     assert low < 0.5 < high and high - low < 0.3  # std of the mean 0.047: about ±0.09
     assert realtext.bootstrap(np.full(10, 0.3)) == pytest.approx((0.3, 0.3))
+
+
+def test_realtext_cg_iterates_are_attribs_pcg_iterates():
+    """cg_iterates reads x_k of one PCG run; each must equal attrib.solve.preconditioned_cg run for k steps."""
+    import torch
+
+    from attrib.solve import preconditioned_cg
+
+    generator = torch.Generator().manual_seed(0)
+    root = torch.randn(2, 24, 24, dtype=torch.float64, generator=generator)
+    A = root @ root.mT / 24 + 0.1 * torch.eye(24, dtype=torch.float64)  # one SPD block per "layer" of 4 x 6
+    M = torch.diag_embed(torch.diagonal(A, dim1=-2, dim2=-1))  # Jacobi preconditioner
+
+    def apply(matrices, vectors):
+        return [(m @ v.reshape(v.shape[0], -1).T).T.reshape(v.shape) for m, v in zip(matrices, vectors)]
+
+    b = [torch.randn(3, 4, 6, dtype=torch.float64, generator=generator) for _ in range(2)]
+    iterates, residuals = realtext.cg_iterates(lambda v: apply(A, v), lambda v: apply(torch.linalg.inv(M), v),
+                                               b, (0, 1, 3, 7))
+    assert residuals.shape == (8, 3)
+    for k, x in iterates.items():
+        expected, _ = preconditioned_cg(lambda v: apply(A, v), lambda v: apply(torch.linalg.inv(M), v), b, k)
+        for got, want in zip(x, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
