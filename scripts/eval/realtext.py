@@ -206,8 +206,8 @@ def cg_iterates(system, precondition, b: list[torch.Tensor], checkpoints: tuple[
     """{k: x_k} of preconditioned CG for each k of `checkpoints`, and the relative residuals [max k + 1, Q].
 
     The recurrences of attrib.solve.preconditioned_cg (x₀ = M⁻¹ b), kept here only to read the
-    intermediate iterates of one run instead of one run per iteration count; main() checks that
-    the first checkpoint equals attrib's own solve.
+    intermediate iterates of one run instead of one run per iteration count (tests/test_eval.py
+    checks that they equal attrib's own solve).
     """
     from attrib.solve import _axpy, _dot
 
@@ -233,41 +233,53 @@ def cg_iterates(system, precondition, b: list[torch.Tensor], checkpoints: tuple[
     return out, torch.stack(residuals)
 
 
-def cg_entries(att: Attributor, dense: Dense, solve_tokens: int, checkpoints: tuple[int, ...],
-               damping_scale: float = 0.1) -> tuple[list, dict]:
-    """(row metadata, scores) of EK-FAC + k CG steps on (G_sample + λ) x = ∇L_q for each k, the
-    dense exact reference with the same λ_l (GN over the whole corpus), and the solve's cost."""
+def cg_solve(att: Attributor, solve_tokens: int, checkpoints: tuple[int, ...], damping_scale: float = 0.1) -> dict:
+    """Scores [Q, docs] of EK-FAC + k CG steps on (G_sample + λ_l) x = ∇L_q for each k of `checkpoints`
+    (one PCG run, EK-FAC true-Fisher factors as preconditioner, attrib's λ_l = c × mean(Λ_l)), the mean
+    relative residuals and the solve's cost; cached in the work directory (a solve takes minutes)."""
     from attrib.curvature import load_curvature
-    from attrib.solve import CGSolver, GaussNewton, SolveSample, preconditioned_cg
+    from attrib.solve import CGSolver, GaussNewton, SolveSample
 
+    path = att.work / (f"cg-{att.record['fingerprint'][:12]}-t{solve_tokens}-c{damping_scale:g}-"
+                       + "-".join(map(str, checkpoints)) + ".pt")
+    if path.is_file():
+        return torch.load(path)
     curvature = load_curvature(str(att.fit("ekfac", "true")), att.layers, None, damping_scale=damping_scale)
     sample = SolveSample.read(att.corpus, att.tokenizer, MAX_LENGTH, solve_tokens)
-    gauss_newton = GaussNewton(att.model, att.layers, sample, 4096, att.pad_id, "cpu")
-    solver = CGSolver(curvature, gauss_newton, 1, "cpu", torch.float64)
-    b = [dense.V[:, s].reshape(-1, layer.d_out, layer.d_in_folded) for s, layer in zip(dense.slices, att.layers)]
+    solver = CGSolver(curvature, GaussNewton(att.model, att.layers, sample, 4096, att.pad_id, "cpu"), 1, "cpu",
+                      torch.float64)
+    V, slices = att.query_gradients(), att.layer_slices()
+    b = [V[:, s].reshape(-1, layer.d_out, layer.d_in_folded) for s, layer in zip(slices, att.layers)]
     t0 = time.perf_counter()
     iterates, residuals = cg_iterates(solver._system, solver._precondition, b, checkpoints)
     seconds = time.perf_counter() - t0
-    first = min(k for k in checkpoints if k > 0)
-    attrib_x, _ = preconditioned_cg(solver._system, solver._precondition, b, first)
-    check = max(float((mine - theirs).abs().max() / theirs.abs().max())
-                for mine, theirs in zip(iterates[first], attrib_x))
+    D = att.doc_matrix(att.gradients(att.sequences)[0])
+    result = {"scores": {k: torch.cat([xl.reshape(xl.shape[0], -1) for xl in x], dim=1) @ D.T
+                         for k, x in iterates.items()},
+              "residuals": residuals.mean(1).tolist(),
+              "dampings": [curvature.damping_of(i) for i in range(len(att.layers))],
+              "cost": {"solve_tokens": sample.tokens, "solve_sequences": sample.sequences,
+                       "iterations": max(checkpoints), "gn_products": max(checkpoints) + 1,
+                       "seconds": round(seconds, 1), "seconds_per_gn_product": round(seconds / (max(checkpoints) + 1), 2)}}
+    torch.save(result, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    return result
+
+
+def cg_entries(att: Attributor, dense: Dense, solve_tokens: int, checkpoints: tuple[int, ...],
+               damping_scale: float = 0.1) -> tuple[list, np.ndarray, dict]:
+    """(row metadata, scores) per CG checkpoint, the dense exact reference with the same λ_l (GN over
+    the whole corpus), and the solve's cost and residuals."""
+    solve = cg_solve(att, solve_tokens, checkpoints, damping_scale)
+    tokens = solve["cost"]["solve_tokens"]
     entries = []
-    for k, x in sorted(iterates.items()):
-        flat = torch.cat([xl.reshape(xl.shape[0], -1) for xl in x], dim=1)
+    for k, scores in sorted(solve["scores"].items()):
         label = "EK-FAC (CG x₀)" if k == 0 else f"EK-FAC + CG, {k} iteration{'s' if k > 1 else ''}"
-        entries.append(({"setting": f"{label}, solve sample {sample.tokens} tokens", "strategy": "cg",
-                         "iterations": k, "solve_tokens": sample.tokens, "fisher": "true",
-                         "damping_scale": damping_scale, "damping": None,
-                         "relative_residual": float(residuals[k].mean())}, (flat @ dense.D.T).numpy()))
-    dampings = [curvature.damping_of(i) for i in range(len(att.layers))]
-    reference = dense.influence(dense.gauss_newton, dampings)
-    cost = {"solve_tokens": sample.tokens, "solve_sequences": sample.sequences, "iterations": max(checkpoints),
-            "gn_products": max(checkpoints) + 1, "seconds": round(seconds, 1),
-            "seconds_per_gn_product": round(seconds / (max(checkpoints) + 1), 2),
-            "first_checkpoint_vs_attrib_solve_max_rel_diff": check,
-            "mean_relative_residual": residuals.mean(1).tolist()}
-    return entries, reference, cost
+        entries.append(({"setting": f"{label}, solve sample {tokens} tokens", "strategy": "cg", "iterations": k,
+                         "solve_tokens": tokens, "fisher": "true", "damping_scale": damping_scale, "damping": None,
+                         "relative_residual": solve["residuals"][k]}, scores.numpy()))
+    reference = dense.influence(dense.gauss_newton, solve["dampings"])
+    return entries, reference, {**solve["cost"], "mean_relative_residual": solve["residuals"]}
 
 
 def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: int, jobs: int,
