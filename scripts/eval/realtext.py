@@ -295,7 +295,7 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
     actual = np.array([s["log_probs"] for s in subsets])
     t0 = time.perf_counter()
     all_scores = att.scores_many([(att.fit(strategy, fisher), scale, damping)
-                                  for _, strategy, fisher, scale, damping in grid], rank=lds.DEFAULT_RANK)
+                                  for _, strategy, fisher, scale, damping in grid], rank=lds.DEFAULT_RANK) if grid else []
     score_seconds = time.perf_counter() - t0
     entries = [({"setting": label, "strategy": strategy, "fisher": fisher, "damping_scale": scale, "damping": damping},
                 scores) for (label, strategy, fisher, scale, damping), scores in zip(grid, all_scores)]
@@ -303,7 +303,7 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
     if exact_samples:
         t0 = time.perf_counter()
         dense = Dense.of(att, exact_samples)
-        references = dense_references(dense, exact_samples)
+        references = dense_references(dense, exact_samples) if grid else {}
         exact_seconds = round(time.perf_counter() - t0, 1)
         for (fisher, c), scores in references.items():
             name = f"GN, K={exact_samples} labels" if fisher == "true" else "empirical Fisher"
@@ -387,6 +387,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cg-tokens", default="", help="with --exact: EK-FAC + CG rows for these solve sample "
                         "sizes (--solve-tokens), e.g. 2048,8192")
     parser.add_argument("--cg-iterations", default="0,1,3,10,30", help="CG iteration counts read from one run")
+    parser.add_argument("--only-cg", action="store_true", help="with --cg-tokens: only the CG rows and their "
+                        "reference (EK-FAC is CG's x₀), not the defaults grid")
     parser.add_argument("--cached", default=None, metavar="LDS_JSON",
                         help="only print the grid's rows already in lds.py's results (e.g. scripts/eval/results/lds.json)")
     args = parser.parse_args(argv)
@@ -407,6 +409,7 @@ def main(argv=None) -> int:
         kinds = ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
     log(f"LDS ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
     result = {"kit": args.kit, **evaluate(att, setup, work, kinds, args.models, args.jobs, exact_samples=args.exact,
+                                          grid=[] if args.only_cg else DEFAULTS_GRID,
                                           cg_tokens=tuple(int(t) for t in args.cg_tokens.split(",") if t),
                                           cg_checkpoints=tuple(int(k) for k in args.cg_iterations.split(",")))}
     table = []
