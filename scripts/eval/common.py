@@ -192,7 +192,13 @@ class Attributor:
         for p in params:
             p.requires_grad_(True)
         generator = torch.Generator().manual_seed(seed)
-        rows, fisher = [], None
+        rows, fisher, sampled = [], None, []
+
+        def accumulate(fisher):  # Σ g gᵀ over the buffered sampled gradients, one GEMM per 256 of them
+            S = torch.stack(sampled)
+            sampled.clear()
+            return S.T @ S if fisher is None else fisher.addmm_(S.T, S)
+
         try:
             for seq in sequences:
                 targets = torch.tensor([seq.targets])
@@ -205,13 +211,17 @@ class Attributor:
                     probs = logp[0, positions].detach().exp()
                     for k in range(fisher_samples):
                         labels = torch.multinomial(probs, 1, generator=generator)[:, 0]
-                        sampled = -logp[0, positions, labels].sum()
-                        g = self._flatten(torch.autograd.grad(sampled, params, retain_graph=k < fisher_samples - 1))
-                        fisher = torch.outer(g, g) if fisher is None else fisher.addr_(g, g)
+                        loss_k = -logp[0, positions, labels].sum()
+                        sampled.append(self._flatten(torch.autograd.grad(loss_k, params,
+                                                                         retain_graph=k < fisher_samples - 1)))
+                        if len(sampled) == 256:
+                            fisher = accumulate(fisher)
         finally:
             for p in params:
                 p.requires_grad_(False)
         G = torch.stack(rows)
+        if sampled:
+            fisher = accumulate(fisher)
         if fisher is not None:
             fisher /= len(sequences) * fisher_samples
         return G, fisher
