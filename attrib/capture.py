@@ -28,6 +28,10 @@ class Capture:
     `on_forward(i, a)` returns whatever layer i needs in backward (a itself, a projection
     of it, or None); `on_backward(i, kept, g)` receives it with the layer's output gradient.
     The capture owns the padding mask and the kept objects of one `run`.
+
+    `shared_inputs` maps a layer to another that reads the same input tensor (see
+    models.shared_activation_sources): the pair calls `on_forward` once, with the source's
+    index, and both layers keep its result; a pair whose inputs differ stops the run.
     """
 
     def __init__(
@@ -36,6 +40,7 @@ class Capture:
         layers: list[TrackedLayer],
         on_forward: ForwardHandler | None = None,
         on_backward: BackwardHandler | None = None,
+        shared_inputs: dict[int, int] | None = None,
     ):
         self.model = model
         self.layers = layers
@@ -45,18 +50,31 @@ class Capture:
         self._kept: dict[int, Any] = {}
         self._handles: list = []
         self._calls: dict[int, int] = {}  # tracked layer index -> calls in the current forward pass
+        self.shared_inputs = shared_inputs or {}
+        self._sources = set(self.shared_inputs.values())
+        self._inputs: dict[int, torch.Tensor] = {}  # source index -> the input its pair saw in this forward
 
     def _forward_hook(self, index: int, layer: TrackedLayer):
         def hook(module, inputs, output):
             self._check_input(index, layer, inputs[0])
             mask = self._mask[..., None].to(output.dtype)
-            a = inputs[0].detach()
-            if layer.has_bias:
-                a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
-            a = a * mask
-            self._kept[index] = self.on_forward(index, a) if self.on_forward is not None else None
+            source = self.shared_inputs.get(index, index)
+            if source in self._inputs:  # the other layer of a shared pair ran first in this forward
+                self._check_shared(index, source, inputs[0])
+                self._kept[index] = self._kept[source]
+            else:
+                a = inputs[0].detach()
+                if layer.has_bias:
+                    a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+                a = a * mask
+                self._kept[index] = self._kept[source] = self.on_forward(source, a) if self.on_forward is not None else None
+                if source in self._sources:
+                    self._inputs[source] = inputs[0]
             if self.on_backward is not None and output.requires_grad:
-                output.register_hook(lambda grad: self.on_backward(index, self._kept[index], grad.detach() * mask))
+                def backward(grad):  # returns None: the gradient flowing on is never replaced
+                    self.on_backward(index, self._kept[index], grad.detach() * mask)
+
+                output.register_hook(backward)
 
         return hook
 
@@ -75,7 +93,18 @@ class Capture:
                     loss.backward(retain_graph=number < len(to_backpropagate) - 1)
         finally:
             self._kept.clear()
+            self._inputs.clear()
             self._mask = None
+
+    def _check_shared(self, index: int, source: int, x: torch.Tensor) -> None:
+        if x is not self._inputs[source]:
+            from attrib.errors import InputError
+
+            names = f"{self.layers[source].name} and {self.layers[index].name}"
+            raise InputError(
+                f"{names} do not read the same input tensor, so they cannot share one activation covariance; "
+                "this model's MLP is not a standard gated MLP: choose its layers with --modules"
+            )
 
     def _check_input(self, index: int, layer: TrackedLayer, x: torch.Tensor) -> None:
         """A tracked module must see [batch, seq, d] like the mask, once per forward; else its sums are wrong."""
@@ -94,12 +123,16 @@ class Capture:
             )
 
     def __enter__(self) -> Capture:
-        self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self._calls.clear()))
+        self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self._new_forward()))
         embeddings = self.model.get_input_embeddings()
         self._handles.append(embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
         for index, layer in enumerate(self.layers):
             self._handles.append(layer.module.register_forward_hook(self._forward_hook(index, layer)))
         return self
+
+    def _new_forward(self) -> None:
+        self._calls.clear()
+        self._inputs.clear()
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:

@@ -35,8 +35,9 @@ STRATEGY = {
 class CovarianceSums:
     """Running sums Σ a aᵀ and Σ g gᵀ over real tokens of one layer; they merge by addition."""
 
-    def __init__(self, d_in: int, d_out: int, dtype: torch.dtype, device):
-        self.activation = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+    def __init__(self, d_in: int | None, d_out: int, dtype: torch.dtype, device):
+        # d_in None: the layer shares another layer's A (its input), so keeps no Σ a aᵀ of its own
+        self.activation = None if d_in is None else torch.zeros(d_in, d_in, dtype=dtype, device=device)
         self.gradient = torch.zeros(d_out, d_out, dtype=dtype, device=device)
 
     def add_activations(self, a: torch.Tensor) -> None:

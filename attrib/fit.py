@@ -36,7 +36,7 @@ from attrib.factors import (
     symmetric_eigh,
 )
 from attrib.memory import layer_groups
-from attrib.models import TrackedLayer
+from attrib.models import TrackedLayer, shared_activation_sources
 from attrib.progress import message, progress
 from attrib.storage import StageDir, load_into, merge_tensor_files, tensor_metadata, write_tensors
 
@@ -259,7 +259,14 @@ def _all_finite(tensor: torch.Tensor, chunk: int = 2**22) -> torch.Tensor:
     return torch.stack([torch.isfinite(part).all() for part in flat.split(chunk)]).all()
 
 
-def covariance_step(runner: _PassRunner, layers: list[TrackedLayer], groups: list[list[int]]) -> PassCounts:
+def _group_shares(group: list[int], sources: dict[int, int]) -> dict[int, int]:
+    """`sources` in the positions of the group's members (what a group's Capture takes)."""
+    position = {layer: j for j, layer in enumerate(group)}
+    return {position[i]: position[source] for i, source in sources.items() if i in position}
+
+
+def covariance_step(runner: _PassRunner, layers: list[TrackedLayer], groups: list[list[int]],
+                    sources: dict[int, int]) -> PassCounts:
     """Pass 1 per group: A normalised by real positions, S by labelled ones, written by rank 0."""
     stage, world = runner.stage, runner.world
     names = [group_file(COVARIANCE, g, len(groups)) for g in range(len(groups))]
@@ -267,25 +274,30 @@ def covariance_step(runner: _PassRunner, layers: list[TrackedLayer], groups: lis
     for g, group in enumerate(groups):
         if not done[g]:
             started = time.time()
-            _covariance_group(runner, [layers[i] for i in group], g, len(groups), names[g])
+            _covariance_group(runner, [layers[i] for i in group], _group_shares(group, sources), g, len(groups), names[g])
             stage.timings["covariance_seconds"] = round(stage.timings.get("covariance_seconds", 0.0) + time.time() - started, 3)
     # rank 0 broadcasts after its last write, so no rank reads a covariance file before it exists
     return world.broadcast_object(_group_counts(stage, names) if world.is_main else None)
 
 
-def _covariance_group(runner: _PassRunner, members: list[TrackedLayer], group: int, groups: int, name: str) -> None:
+def _covariance_group(runner: _PassRunner, members: list[TrackedLayer], shares: dict[int, int], group: int, groups: int,
+                      name: str) -> None:
     """One group's pass 1 (a function, so that nothing of the group outlives it)."""
     stage, world = runner.stage, runner.world
     dtype = getattr(torch, runner.settings.stats_dtype)
-    covariances = [CovarianceSums(l.d_in_folded, l.d_out, dtype, world.device) for l in members]
+    covariances = [
+        CovarianceSums(None if j in shares else l.d_in_folded, l.d_out, dtype, world.device) for j, l in enumerate(members)
+    ]
     capture = Capture(
         runner.model, members,
         lambda j, a: covariances[j].add_activations(a),
         lambda j, _, grad: covariances[j].add_gradients(grad, runner.label_weight),
+        shared_inputs=shares,
     )
     sums = {}
     for layer, covariance in zip(members, covariances):
-        sums[f"{layer.name}.activation_covariance"] = covariance.activation
+        if covariance.activation is not None:
+            sums[f"{layer.name}.activation_covariance"] = covariance.activation
         sums[f"{layer.name}.gradient_covariance"] = covariance.gradient
     counts = runner.run(COVARIANCE, group, groups, sums, capture)
     if world.is_main:
@@ -299,13 +311,14 @@ def _eigen_part(layer: TrackedLayer) -> str:
     return f"{EIGEN_PARTS}/{layer.name}.safetensors"
 
 
-def decompose_layer(covariance_path, layer: TrackedLayer, out_path, device) -> None:
-    """Eigenbases of one layer's A and S (float64 solve, float32 storage), read and written per tensor."""
+def decompose_layer(covariance_path, layer: TrackedLayer, out_path, device, shares_activations: bool = False) -> None:
+    """Eigenbases of one layer's A and S (float64 solve, float32 storage), read and written per tensor;
+    only S's for a layer that shares another layer's A."""
     from safetensors import safe_open
 
     eigen = {}
     with safe_open(str(covariance_path), framework="pt", device=str(device)) as handle:
-        for side in ("activation", "gradient"):
+        for side in ("gradient",) if shares_activations else ("activation", "gradient"):
             values, vectors = symmetric_eigh(handle.get_tensor(f"{layer.name}.{side}_covariance"))
             eigen[f"{layer.name}.{side}_eigenvalues"] = values.float()
             eigen[f"{layer.name}.{side}_eigenvectors"] = vectors.float()
@@ -313,7 +326,8 @@ def decompose_layer(covariance_path, layer: TrackedLayer, out_path, device) -> N
     write_tensors(out_path, eigen)
 
 
-def eigendecomposition_step(layers: list[TrackedLayer], groups: list[list[int]], stage: StageDir, world: World) -> None:
+def eigendecomposition_step(layers: list[TrackedLayer], groups: list[list[int]], sources: dict[int, int], stage: StageDir,
+                            world: World) -> None:
     """Layer i is decomposed on rank i mod N into its own file; each group's file is then
     assembled from them by copying bytes (rank g mod N assembles group g)."""
     n = len(groups)
@@ -331,7 +345,7 @@ def eigendecomposition_step(layers: list[TrackedLayer], groups: list[list[int]],
     with progress("eigendecomposition", total=len(mine), unit="layer") as bar:
         for i in mine:
             covariance = stage.file(group_file(COVARIANCE, group_of[i], n))
-            decompose_layer(covariance, layers[i], stage.file(_eigen_part(layers[i])), world.device)
+            decompose_layer(covariance, layers[i], stage.file(_eigen_part(layers[i])), world.device, i in sources)
             bar.advance(1)
     world.barrier()
     for g in missing:
@@ -349,7 +363,7 @@ def eigendecomposition_step(layers: list[TrackedLayer], groups: list[list[int]],
 
 
 def correction_step(
-    runner: _PassRunner, layers: list[TrackedLayer], groups: list[list[int]], strategy: Strategy,
+    runner: _PassRunner, layers: list[TrackedLayer], groups: list[list[int]], sources: dict[int, int], strategy: Strategy,
     covariance_counts: PassCounts | None,
 ) -> PassCounts | None:
     """Λ per group: pass 2 over the corpus (EK-FAC, diagonal) or the covariance spectra (K-FAC)."""
@@ -362,33 +376,36 @@ def correction_step(
             continue
         started = time.time()
         members = [layers[i] for i in group]
+        shares = _group_shares(group, sources)
         if strategy.corrects:
-            _correction_group(runner, members, strategy, g, n, names[g])
+            _correction_group(runner, members, shares, strategy, g, n, names[g])
         elif world.is_main:
-            _kfac_group(stage, members, covariance_counts, stage.file(group_file(EIGEN, g, n)), stage.file(names[g]))
+            _kfac_group(stage, members, shares, covariance_counts, stage.file(group_file(EIGEN, g, n)), stage.file(names[g]))
         stage.timings["correction_seconds"] = round(stage.timings.get("correction_seconds", 0.0) + time.time() - started, 3)
     if not strategy.corrects:
         return None
     return world.broadcast_object(_group_counts(stage, names) if world.is_main else None)
 
 
-def _kfac_group(stage: StageDir, members: list[TrackedLayer], counts: PassCounts, eigen_path, out_path) -> None:
+def _kfac_group(stage: StageDir, members: list[TrackedLayer], shares: dict[int, int], counts: PassCounts, eigen_path,
+                out_path) -> None:
     """K-FAC's Λ = T λ_S λ_Aᵀ of one group from its eigenvalues, T the labelled tokens per sequence."""
     from safetensors import safe_open
 
     lambdas = {}
     with safe_open(str(eigen_path), framework="pt") as handle:
-        for layer in members:
+        for j, layer in enumerate(members):
+            a_owner = members[shares.get(j, j)]
             lambdas[f"{layer.name}.lambda"] = kfac_eigenvalues(
                 handle.get_tensor(f"{layer.name}.gradient_eigenvalues").double(),
-                handle.get_tensor(f"{layer.name}.activation_eigenvalues").double(),
+                handle.get_tensor(f"{a_owner.name}.activation_eigenvalues").double(),
                 counts.labelled / counts.sequences,
             ).float()
     write_tensors(out_path, lambdas, counts.metadata())
 
 
-def _correction_group(runner: _PassRunner, members: list[TrackedLayer], strategy: Strategy, group: int, groups: int,
-                      name: str) -> None:
+def _correction_group(runner: _PassRunner, members: list[TrackedLayer], shares: dict[int, int], strategy: Strategy,
+                      group: int, groups: int, name: str) -> None:
     """One group's pass 2 (a function, so that nothing of the group outlives it)."""
     from safetensors import safe_open
 
@@ -400,17 +417,21 @@ def _correction_group(runner: _PassRunner, members: list[TrackedLayer], strategy
         if strategy.rotates:
             eigen = stage.file(group_file(EIGEN, group, groups))
             handle = stack.enter_context(safe_open(str(eigen), framework="pt", device=str(world.device)))
-        for layer in members:
+        for j, layer in enumerate(members):
             if strategy.rotates:
-                bases = {side: handle.get_tensor(f"{layer.name}.{side}_eigenvectors") for side in ("activation", "gradient")}
+                bases = {"gradient": handle.get_tensor(f"{layer.name}.gradient_eigenvectors")}
+                if j not in shares:
+                    bases["activation"] = handle.get_tensor(f"{layer.name}.activation_eigenvectors")
+            shared = corrections[shares[j]].activation_basis if j in shares else None  # the same tensor, not a copy
             corrections.append(CorrectionSums(
-                bases.get("activation"), bases.get("gradient"), layer.d_in_folded, layer.d_out, dtype, world.device
+                bases.get("activation", shared), bases.get("gradient"), layer.d_in_folded, layer.d_out, dtype, world.device
             ))
             bases = {}
-    capture = Capture(
+    capture = Capture(  # a shared pair rotates its input once, with the source's basis
         runner.model, members,
         lambda j, a: corrections[j].rotate_activations(a),
         lambda j, kept, grad: corrections[j].add_gradients(kept, grad, runner.label_weight),
+        shared_inputs=shares,
     )
     sums = {f"{layer.name}.lambda": correction.squares for layer, correction in zip(members, corrections)}
     counts = runner.run("correction", group, groups, sums, capture)
@@ -458,19 +479,20 @@ def _statistics_precision(tf32: bool):
 def _fit_factors(model, tokenizer, layers, corpus, stage, settings, world, checkpoint_every) -> dict:
     strategy = STRATEGY[settings.strategy]
     groups = layer_groups(len(layers), settings.layers_per_pass)
+    sources = shared_activation_sources(layers, groups) if strategy.covariances else {}
     runner = _PassRunner(stage, model, tokenizer, corpus, settings, world, checkpoint_every)
     counts: dict = {}
     files: list[str] = []
     covariance_counts = None
     if strategy.covariances:
-        covariance_counts = covariance_step(runner, layers, groups)
+        covariance_counts = covariance_step(runner, layers, groups, sources)
         counts.update(covariance_tokens=covariance_counts.tokens, covariance_labelled_tokens=covariance_counts.labelled,
                       covariance_sequences=covariance_counts.sequences)
         files += [group_file(COVARIANCE, g, len(groups)) for g in range(len(groups))]
-        eigendecomposition_step(layers, groups, stage, world)
+        eigendecomposition_step(layers, groups, sources, stage, world)
         files += [group_file(EIGEN, g, len(groups)) for g in range(len(groups))]
     if strategy.name != "identity":
-        correction_counts = correction_step(runner, layers, groups, strategy, covariance_counts)
+        correction_counts = correction_step(runner, layers, groups, sources, strategy, covariance_counts)
         if correction_counts is not None:
             counts["correction_sequences"] = correction_counts.sequences
         files += [group_file(LAMBDA, g, len(groups)) for g in range(len(groups))]
@@ -480,6 +502,7 @@ def _fit_factors(model, tokenizer, layers, corpus, stage, settings, world, check
     if world.is_main:
         shutil.rmtree(stage.file(CHECKPOINTS), ignore_errors=True)
         layer_names = [[layers[i].name for i in group] for group in groups]
-        manifest = stage.complete(counts, files, layer_groups=layer_names)
+        alias = {layers[i].name: layers[source].name for i, source in sources.items()}
+        manifest = stage.complete(counts, files, layer_groups=layer_names, activation_alias=alias)
     world.barrier()
     return manifest

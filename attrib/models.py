@@ -31,6 +31,9 @@ MLP_PATTERNS = {
                      "stablelm", "granite", "cohere")
     },
 }
+# Projections that read the same input tensor in every block (a gated MLP's gate and up): the
+# fit accumulates and decomposes one A for both (Capture checks at run time that the input is shared).
+SHARED_INPUT = ("gate_proj", "up_proj")
 # Unknown model types: the Linear children of a module named mlp, feed_forward or ffn (said when used).
 FALLBACK_PATTERN = r"(^|\.)(mlp|feed_forward|ffn)\.[^.]+$"
 # Mixture-of-experts layers: expert modules see only the tokens routed to them, not [batch, seq, d].
@@ -209,6 +212,22 @@ def find_tracked_layers(model, pattern: str | None = None) -> list[TrackedLayer]
             "or choose with --modules"
         )
     return layers
+
+
+def shared_activation_sources(layers: list[TrackedLayer], groups: list[list[int]]) -> dict[int, int]:
+    """Layer index -> index of the layer whose activation covariance it shares (same block,
+    `SHARED_INPUT` names, same group of a partitioned fit, same input width and bias)."""
+    sources = {}
+    for group in groups:
+        by_parent: dict[str, int] = {}
+        for i in group:
+            parent, _, leaf = layers[i].name.rpartition(".")
+            if leaf not in SHARED_INPUT:
+                continue
+            first = by_parent.setdefault(parent, i)
+            if first != i and (layers[first].d_in, layers[first].has_bias) == (layers[i].d_in, layers[i].has_bias):
+                sources[i] = first
+    return sources
 
 
 def fingerprint(model, layers: list[TrackedLayer]) -> str:

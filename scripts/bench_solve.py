@@ -12,8 +12,8 @@ One process, one random-init Llama-style model built from a config, synthetic te
 5. the scoring pass (attrib.scoring.Scorer.score, rank 32) of `--candidates` candidate documents for
    the same queries, which a solve is compared with.
 
-    python scripts/bench_solve.py            # a few minutes on 2 shared cores
-    python scripts/bench_solve.py --quick    # about a minute
+    python scripts/bench_solve.py            # hidden 256, 16,384 sample tokens (not yet run here: long on 2 shared cores)
+    python scripts/bench_solve.py --quick    # 1 CPU-minute (8 wall minutes on the loaded 2-core machine)
 """
 
 from __future__ import annotations

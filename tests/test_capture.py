@@ -71,3 +71,32 @@ def test_sampled_labels_follow_the_softmax():
     assert chi_square < 24.3, (chi_square, observed, expected)
     wrong = torch.softmax(2 * logits_row.double(), -1) * sequences * positions  # a sharper distribution
     assert float(((observed - wrong) ** 2 / wrong).sum()) > 100
+
+
+def test_gate_and_up_share_one_forward_handler_call(model_dirs, monkeypatch):
+    """A gated MLP's gate and up read one tensor: with `shared_inputs` the forward handler runs once
+    for the pair (with gate's index) and both layers get its result in backward; an MLP that feeds
+    up another tensor (here x.clone(), equal values) is refused rather than silently shared."""
+    from attrib.capture import Capture
+    from attrib.errors import InputError
+    from attrib.models import find_tracked_layers, load_model, shared_activation_sources
+
+    model, _ = load_model(str(model_dirs["llama"]), "float32", "cpu")
+    layers = find_tracked_layers(model)
+    names = [layer.name.rsplit(".", 1)[1] for layer in layers]
+    assert names == ["gate_proj", "up_proj", "down_proj"] * 2
+    assert shared_activation_sources(layers, [list(range(6))]) == {1: 0, 4: 3}
+    assert shared_activation_sources(layers, [[0], [1, 2], [3, 4, 5]]) == {4: 3}  # only within a group of a pass
+    input_ids = torch.randint(0, 100, (2, 5))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    calls, received = [], {}
+    capture = Capture(model, layers, lambda i, a: calls.append(i) or a, lambda i, kept, g: received.setdefault(i, kept),
+                      shared_inputs={1: 0, 4: 3})
+    capture.run(input_ids, mask, lambda logits: [logits.float().logsumexp(-1).sum()])
+    assert calls == [0, 2, 3, 5]
+    assert received[1] is received[0] and received[4] is received[3] and received[2] is not received[0]
+    mlp = model.model.layers[1].mlp
+    monkeypatch.setattr(mlp, "forward", lambda x: mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x.clone())))
+    with pytest.raises(InputError, match="layers.1.mlp.gate_proj and model.layers.1.mlp.up_proj do not read the same input"):
+        capture.run(input_ids, mask, lambda logits: [logits.float().logsumexp(-1).sum()])

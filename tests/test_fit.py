@@ -58,17 +58,24 @@ def test_ekfac_matches_dense_oracle(tmp_path, model_dirs, corpus_file, arch):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["covariance_tokens"] == tokens and manifest["counts"]["covariance_labelled_tokens"] == labelled
     assert not any(key.startswith("count") for key in covariance)  # counts live in the manifest, not in tensors
+    alias = manifest["activation_alias"]
+    if arch == "llama":  # gate and up read one input: one A, stored under gate's name
+        assert alias == {f"model.layers.{i}.mlp.up_proj": f"model.layers.{i}.mlp.gate_proj" for i in range(2)}
+        assert not any(".up_proj.activation" in key for key in [*covariance, *eigen])
+    else:
+        assert alias == {}
     for layer in layers:
+        a_name = alias.get(layer.name, layer.name)
         a_sum = sum(s[layer.name][0].T @ s[layer.name][0] for s in stats) / tokens
         g_sum = sum(s[layer.name][1].T @ s[layer.name][1] for s in stats) / labelled
         # the oracle's own consistency: Σ_t g_t a_tᵀ is the autograd weight gradient
         assert_close(stats[0][layer.name][1].T @ stats[0][layer.name][0], grads[0][layer.name], 1e-9)
         # float32 storage of the factors bounds the agreement at ~1e-6 relative
-        assert_close(covariance[f"{layer.name}.activation_covariance"], a_sum, 1e-6)
+        assert_close(covariance[f"{a_name}.activation_covariance"], a_sum, 1e-6)
         assert_close(covariance[f"{layer.name}.gradient_covariance"], g_sum, 1e-6)
-        q_a = eigen[f"{layer.name}.activation_eigenvectors"].double()
+        q_a = eigen[f"{a_name}.activation_eigenvectors"].double()
         q_s = eigen[f"{layer.name}.gradient_eigenvectors"].double()
-        assert_close(q_a @ torch.diag(eigen[f"{layer.name}.activation_eigenvalues"].double()) @ q_a.T, a_sum, 1e-5)
+        assert_close(q_a @ torch.diag(eigen[f"{a_name}.activation_eigenvalues"].double()) @ q_a.T, a_sum, 1e-5)
         assert_close(q_s.T @ q_s, torch.eye(q_s.shape[0], dtype=torch.float64), 1e-5)
         expected = torch.stack([(q_s.T @ g[layer.name] @ q_a) ** 2 for g in grads]).mean(0)
         assert_close(lambdas[f"{layer.name}.lambda"], expected, 1e-5)
@@ -234,13 +241,19 @@ def factor_tensors(out):
         for key, value in load_tensors(out / name).items():
             assert key not in tensors, f"{key} is in two files"
             tensors[key] = value
+    for layer, owner in manifest.get("activation_alias", {}).items():  # a shared A, under each layer's name
+        for kind in ("activation_covariance", "activation_eigenvalues", "activation_eigenvectors"):
+            assert f"{layer}.{kind}" not in tensors
+            if f"{owner}.{kind}" in tensors:
+                tensors[f"{layer}.{kind}"] = tensors[f"{owner}.{kind}"]
     return manifest, tensors
 
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
 def test_layer_groups_give_identical_factors(tmp_path, model_dirs, corpus_file, strategy):
     """--layers-per-pass 1 and 2 write the same tensors, bit for bit, as one pass over all layers:
-    the hooks do not change the model's computation and labels are seeded per sequence."""
+    the hooks do not change the model's computation and labels are seeded per sequence. One pass
+    shares gate's A with up, groups of one layer cannot: shared A equals each layer's own, bit for bit."""
     fits = {}
     for layers_per_pass in (None, 2, 1):
         name = f"lpp{layers_per_pass}"
@@ -250,13 +263,14 @@ def test_layer_groups_give_identical_factors(tmp_path, model_dirs, corpus_file, 
     whole_manifest, whole = fits[None]
     assert whole_manifest["files"] == ["covariance.safetensors", "eigen.safetensors", "lambda.safetensors"]
     assert len(layers) == 6
+    assert len(whole_manifest["activation_alias"]) == 2 and fits[1][0]["activation_alias"] == {}
     for layers_per_pass in (2, 1):
         manifest, tensors = fits[layers_per_pass]
         groups = -(-len(layers) // layers_per_pass)
         assert len(manifest["files"]) == 3 * groups and "lambda-g000.safetensors" in manifest["files"]
         assert [len(group) for group in manifest["layer_groups"]] == [layers_per_pass] * groups
         assert manifest["counts"] == whole_manifest["counts"]
-        assert tensors.keys() == whole.keys()
+        assert set(tensors) == set(whole)
         for key in whole:
             assert torch.equal(tensors[key], whole[key]), key
 
@@ -373,18 +387,16 @@ def test_covariances_from_a_token_sample_and_the_correction_from_all(tmp_path, m
     assert 0 < len(sample) < len(sequences)
     counts = json.loads((out / "manifest.json").read_text())["counts"]
     assert counts["covariance_tokens"] == used and counts["correction_sequences"] == len(sequences)
-    covariance = load_tensors(out / "covariance.safetensors")
-    eigen = load_tensors(out / "eigen.safetensors")
-    lambdas = load_tensors(out / "lambda.safetensors")
+    _, factors = factor_tensors(out)
     stats = [token_statistics(model, layers, seq) for seq in sample]
     grads = [sequence_gradient(model, layers, seq) for seq in sequences]
     labelled = sum(seq.num_loss_tokens for seq in sample)
     for layer in layers:
         a_sum = sum(s[layer.name][0].T @ s[layer.name][0] for s in stats) / used
         g_sum = sum(s[layer.name][1].T @ s[layer.name][1] for s in stats) / labelled
-        assert_close(covariance[f"{layer.name}.activation_covariance"], a_sum, 1e-6)
-        assert_close(covariance[f"{layer.name}.gradient_covariance"], g_sum, 1e-6)
-        q_a = eigen[f"{layer.name}.activation_eigenvectors"].double()
-        q_s = eigen[f"{layer.name}.gradient_eigenvectors"].double()
+        assert_close(factors[f"{layer.name}.activation_covariance"], a_sum, 1e-6)
+        assert_close(factors[f"{layer.name}.gradient_covariance"], g_sum, 1e-6)
+        q_a = factors[f"{layer.name}.activation_eigenvectors"].double()
+        q_s = factors[f"{layer.name}.gradient_eigenvectors"].double()
         expected = torch.stack([(q_s.T @ g[layer.name] @ q_a) ** 2 for g in grads]).mean(0)
-        assert_close(lambdas[f"{layer.name}.lambda"], expected, 1e-5)
+        assert_close(factors[f"{layer.name}.lambda"], expected, 1e-5)
