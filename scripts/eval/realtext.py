@@ -21,8 +21,17 @@ the empirical Fisher; identity and kfac for reference. With --kit plain|distract
 run on lds.py's synthetic kits (same setups and subset-model cache as lds.py). Each LDS comes with a
 95% bootstrap interval over queries, and the difference to the default with a paired interval.
 
-    python scripts/eval/realtext.py --fortunes /path/to/pkg/usr/share/games/fortunes --jobs 2 \
-        --out scripts/eval/results/realtext.json
+With --exact K (models of a few thousand tracked parameters) the dense exact references are added:
+influence under the dense damped Gauss-Newton matrix (sampled-label Fisher, K labels per token) and
+the dense empirical Fisher over all tracked layers together — the ceiling of any better solve — and
+each row's agreement with them; with --cg-tokens N the rows of EK-FAC + k steps of attrib's CG solve
+(attrib/solve.py) on an N-token solve sample, k from --cg-iterations. Subset models, factors, the
+dense matrices and the CG solves are cached under --work. Figures: docs/benchmarks.md, "Defaults
+chosen on real text (issue 14)" and "CG solve: LDS vs iterations".
+
+    python scripts/eval/realtext.py --fortunes pkg/usr/share/games/fortunes --hidden 16 --exact 4 \
+        --cg-tokens 2048 --jobs 3 --out scripts/eval/results/realtext-h16.json
+    python scripts/eval/realtext.py --kit plain --arch llama --jobs 2 --out scripts/eval/results/defaults-plain-llama.json
 """
 
 from __future__ import annotations
