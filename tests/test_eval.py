@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "eval"))
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "eval")
 import exact_influence  # noqa: E402
 import fact_tracing  # noqa: E402
 import lds  # noqa: E402
+import realtext  # noqa: E402
 from common import Setup, exact_influence as dense_influence  # noqa: E402
 
 
@@ -83,3 +85,71 @@ def test_lds_of_ekfac_beats_random_scores(work):
     assert set(by["ekfac"]) >= {"fact", "generic"}
     assert by["ekfac"]["lds"] > 0.4
     assert by["ekfac"]["lds"] > by["random"]["lds"] + 0.3
+
+
+SAMPLE_FORTUNES = """\
+A clash of doctrine is not a disaster -- it is an opportunity, said the man who had
+	never once been in a clash of doctrine himself.
+%
+Too short.
+%
+Genetics explains why you look like your father, and if you don't, why you should.
+		-- a wall in Cambridge
+%
+A clash of doctrine is not a disaster -- it is an opportunity, said the man who had never once been in a clash of doctrine himself.
+%
+Never put off till tomorrow what you can do the day after tomorrow, because by then it may no longer need doing.
+%
+The best way to predict the future is to invent it, and the second best way is to be told it by the inventor.
+%
+""" + "Long " * 80 + "\n%\nThe last fortune of a file needs no closing percent line, as in the real strfile sources."
+
+
+def test_realtext_corpus_splits_fortunes_into_documents_and_held_out_queries():
+    fortunes = realtext.split_fortunes(SAMPLE_FORTUNES)
+    assert fortunes[0].startswith("A clash of doctrine") and "\t" not in fortunes[0] and "  " not in fortunes[0]
+    assert fortunes[0] == fortunes[3]  # the same text once wrapped, once on one line
+    assert fortunes[-1].endswith("real strfile sources.")
+    documents, queries = realtext.split_corpus(fortunes, num_docs=3, num_queries=2, seed=0)
+    kept = {d["text"] for d in documents} | {q["prompt"] + q["completion"] for q in queries}
+    assert len(kept) == 5  # the duplicate, the 9-character and the 400-character fortunes dropped
+    assert all(realtext.MIN_CHARS <= len(t) <= realtext.MAX_CHARS for t in kept)
+    for q in queries:
+        assert q["completion"].startswith(" ") and q["prompt"] and not q["prompt"].endswith(" ")
+        assert q["prompt"] + q["completion"] not in {d["text"] for d in documents}  # held out
+        assert abs(len(q["prompt"].split()) - len(q["completion"].split())) <= 1
+    assert (documents, queries) == realtext.split_corpus(fortunes, 3, 2, seed=0)  # reproducible
+    assert (documents, queries) != realtext.split_corpus(fortunes, 3, 2, seed=1)  # the seed shuffles
+    with pytest.raises(ValueError, match="only 5 fortunes"):
+        realtext.split_corpus(fortunes, num_docs=5, num_queries=1)
+
+
+def test_bootstrap_interval_covers_the_mean_and_shrinks_to_it_without_spread():
+    per_query = np.linspace(0.0, 1.0, 41)
+    low, high = realtext.bootstrap(per_query)
+    assert low < 0.5 < high and high - low < 0.3  # std of the mean 0.047: about ±0.09
+    assert realtext.bootstrap(np.full(10, 0.3)) == pytest.approx((0.3, 0.3))
+
+
+def test_realtext_cg_iterates_are_attribs_pcg_iterates():
+    """cg_iterates reads x_k of one PCG run; each must equal attrib.solve.preconditioned_cg run for k steps."""
+    import torch
+
+    from attrib.solve import preconditioned_cg
+
+    generator = torch.Generator().manual_seed(0)
+    root = torch.randn(2, 24, 24, dtype=torch.float64, generator=generator)
+    A = root @ root.mT / 24 + 0.1 * torch.eye(24, dtype=torch.float64)  # one SPD block per "layer" of 4 x 6
+    M = torch.diag_embed(torch.diagonal(A, dim1=-2, dim2=-1))  # Jacobi preconditioner
+
+    def apply(matrices, vectors):
+        return [(m @ v.reshape(v.shape[0], -1).T).T.reshape(v.shape) for m, v in zip(matrices, vectors)]
+
+    b = [torch.randn(3, 4, 6, dtype=torch.float64, generator=generator) for _ in range(2)]
+    iterates, residuals = realtext.cg_iterates(lambda v: apply(A, v), lambda v: apply(torch.linalg.inv(M), v),
+                                               b, (0, 1, 3, 7))
+    assert residuals.shape == (8, 3)
+    for k, x in iterates.items():
+        expected, _ = preconditioned_cg(lambda v: apply(A, v), lambda v: apply(torch.linalg.inv(M), v), b, k)
+        for got, want in zip(x, expected):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

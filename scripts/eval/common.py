@@ -26,9 +26,10 @@ from attrib.distributed import World
 from attrib.factors import DEFAULT_DAMPING_SCALE
 from attrib.curvature import load_curvature
 from attrib.fit import FitSettings, fit_factors
+from attrib.memory import DENSE_BYTES
 from attrib.progress import set_quiet
 from attrib.models import find_tracked_layers, load_model, model_record
-from attrib.query_gradients import compute_query_gradients
+from attrib.query_gradients import QueryGradients, compute_query_gradients
 from attrib.scoring import Scorer
 from attrib.storage import StageDir
 from attrib.synthetic import (generate_fact_corpus, generic_queries, train_causal_lm, train_tokenizer,
@@ -129,22 +130,39 @@ class Attributor:
         return path
 
     def scores(self, factors: Path, damping_scale: float | None = None, rank: int = 0,
-               queries: list[Query] | None = None) -> np.ndarray:
-        """attrib's influence [queries, documents]; damping_scale c sets λ_l = c × mean(Λ_l) (None: attrib's 0.1)."""
-        curvature = load_curvature(str(factors), self.layers, None, damping_scale=damping_scale or DEFAULT_DAMPING_SCALE)
+               queries: list[Query] | None = None, damping: float | None = None) -> np.ndarray:
+        """attrib's influence [queries, documents]; damping_scale c sets λ_l = c × mean(Λ_l) (None: attrib's 0.1),
+        an absolute `damping` λ overrides it for every layer."""
+        return self.scores_many([(factors, damping_scale, damping)], rank, queries)[0]
+
+    def scores_many(self, settings, rank: int = 0, queries: list[Query] | None = None) -> list[np.ndarray]:
+        """scores() for each (factors, damping_scale, damping) of `settings`, in one pass over the corpus:
+        the settings' query gradients are stacked as one query set, so documents' gradients are formed once."""
         queries = queries or self.queries
-        gradients = compute_query_gradients(self.model, self.tokenizer, self.layers, queries, curvature, rank,
-                                            MAX_LENGTH, 4096, "cpu")
+        per_pass = max(1, DENSE_BYTES // (len(queries) * self.num_params * 8))  # every layer's P_q dense
+        if len(settings) > per_pass:
+            return [s for i in range(0, len(settings), per_pass)
+                    for s in self.scores_many(settings[i:i + per_pass], rank, queries)]
+        parts = []
+        for factors, damping_scale, damping in settings:
+            curvature = load_curvature(str(factors), self.layers, damping,
+                                       damping_scale=damping_scale or DEFAULT_DAMPING_SCALE)
+            parts.append(compute_query_gradients(self.model, self.tokenizer, self.layers, queries, curvature, rank,
+                                                 MAX_LENGTH, 4096, "cpu"))
+        gradients = QueryGradients([f"{i}:{q}" for i, p in enumerate(parts) for q in p.query_ids],
+                                   parts[0].layer_names,
+                                   *[[torch.cat([getattr(p, field)[l] for p in parts]) for l in range(len(self.layers))]
+                                     for field in ("left", "sigma", "right")])
         scorer = Scorer(self.model, self.layers, gradients, "cpu")
-        out = np.zeros((len(queries), len(self.doc_ids)))
+        out = np.zeros((len(gradients.query_ids), len(self.doc_ids)))
         batch = 32
         for start in range(0, len(self.sequences), batch):
             chunk = self.sequences[start:start + batch]
-            _, per_layer = scorer.score(chunk, self.pad_id, "cpu")
-            totals = per_layer.sum(-1).double().numpy()  # [batch, Q]
+            _, per_layer = scorer.score(chunk, self.pad_id, "cpu", tokens=False)
+            totals = per_layer.sum(-1).double().numpy()  # [batch, Q × settings]
             for seq, row in zip(chunk, totals):
                 out[:, self.doc_index[seq.doc_id]] += row
-        return out
+        return list(out.reshape(len(settings), len(queries), len(self.doc_ids)))
 
     # --- dense references -------------------------------------------------
 
@@ -174,7 +192,13 @@ class Attributor:
         for p in params:
             p.requires_grad_(True)
         generator = torch.Generator().manual_seed(seed)
-        rows, fisher = [], None
+        rows, fisher, sampled = [], None, []
+
+        def accumulate(fisher):  # Σ g gᵀ over the buffered sampled gradients, one GEMM per 256 of them
+            S = torch.stack(sampled)
+            sampled.clear()
+            return S.T @ S if fisher is None else fisher.addmm_(S.T, S)
+
         try:
             for seq in sequences:
                 targets = torch.tensor([seq.targets])
@@ -187,13 +211,17 @@ class Attributor:
                     probs = logp[0, positions].detach().exp()
                     for k in range(fisher_samples):
                         labels = torch.multinomial(probs, 1, generator=generator)[:, 0]
-                        sampled = -logp[0, positions, labels].sum()
-                        g = self._flatten(torch.autograd.grad(sampled, params, retain_graph=k < fisher_samples - 1))
-                        fisher = torch.outer(g, g) if fisher is None else fisher.addr_(g, g)
+                        loss_k = -logp[0, positions, labels].sum()
+                        sampled.append(self._flatten(torch.autograd.grad(loss_k, params,
+                                                                         retain_graph=k < fisher_samples - 1)))
+                        if len(sampled) == 256:
+                            fisher = accumulate(fisher)
         finally:
             for p in params:
                 p.requires_grad_(False)
         G = torch.stack(rows)
+        if sampled:
+            fisher = accumulate(fisher)
         if fisher is not None:
             fisher /= len(sequences) * fisher_samples
         return G, fisher
