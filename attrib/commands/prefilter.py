@@ -54,7 +54,7 @@ def prefilter(
 
     Example: attrib prefilter --corpus C --queries Q --top-k 10000 --out run/candidates
     """
-    from attrib.prefilter import parse_ngram_range, run_prefilter
+    from attrib.prefilter_stage import parse_ngram_range, run_prefilter
 
     run_prefilter(
         corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents),

@@ -190,7 +190,7 @@ def query(
     """
     from attrib.data import check_corpus, default_max_length
     from attrib.errors import InputError
-    from attrib.prefilter import check_candidates_chunking
+    from attrib.prefilter_stage import check_candidates_chunking
     from attrib.query_stage import ScoreRequest, run_query
     from attrib.scoring import ScoreSettings
     from attrib.storage import open_input
