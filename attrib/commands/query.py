@@ -108,7 +108,7 @@ def print_top(out: str, per_query: int = 3, queries_shown: int = 5, report: str 
     snippets = {}
     for row in read_token_rows(out, [(r["query_id"], r["doc_id"]) for r in top]).to_pylist():
         snippets.setdefault((row["query_id"], row["doc_id"]), " ".join(row["text"].split())[:70])
-    title = f"top {per_query} documents of {len(shown)} of {len(query_ids)} queries ({out})"
+    title = f"top documents per query ({len(shown)} of {len(query_ids)} queries; {out})"
     table = Table(title=Text(title))
     for column in ("query", "rank", "document", "score", "text"):
         table.add_column(column, overflow="fold")
