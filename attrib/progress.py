@@ -95,6 +95,13 @@ def duration(seconds: float) -> str:
     return f"{minutes} min {rest:02d} s"
 
 
+def _plural(unit: str, count: int) -> str:
+    """'1 step', '2 steps', '2 queries'; abbreviations ('seq') and plurals ('docs') stay as they are."""
+    if count == 1 or unit.endswith("s") or unit == "seq":
+        return unit
+    return unit[:-1] + "ies" if unit.endswith("y") else unit + "s"
+
+
 @contextlib.contextmanager
 def progress(description: str, total: int | None = None, unit: str = "seq") -> Iterator[Bar]:
     """Show one bar while the block runs; where stderr is no terminal (a log file, CI), one line
@@ -107,7 +114,7 @@ def progress(description: str, total: int | None = None, unit: str = "seq") -> I
         yield bar
         seconds = time.perf_counter() - started
         rate = f", {bar.tokens / seconds:,.0f} tok/s" if bar.tokens and seconds > 0 else ""
-        print(f"{description}: {bar.items:,} {unit} in {duration(seconds)}{rate}", file=sys.stderr)
+        print(f"{description}: {bar.items:,} {_plural(unit, bar.items)} in {duration(seconds)}{rate}", file=sys.stderr)
         return
     from rich.console import Console
     from rich.progress import (

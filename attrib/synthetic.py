@@ -92,11 +92,11 @@ DEMO_SIZES = {
     # seq_len 96 holds every document whole, in training and when attrib scores it.
     "tiny": DemoSize(n_facts=40, n_filler=150, vocab_size=512, hidden_size=64, num_layers=2, steps=800,
                      seq_len=96, batch_size=16, lr=3e-3),
-    # For `attrib demo`: the whole demo in about two minutes on 2 quiet CPU cores (docs/benchmarks.md,
-    # "Demo wall time"); ~24 epochs. Recall of the facts rises steeply with epochs (14 epochs: ~0.3,
-    # 21: ~0.93), so more documents would need proportionally more steps.
-    "small": DemoSize(n_facts=120, n_filler=680, vocab_size=1536, hidden_size=96, num_layers=2, steps=600,
-                      seq_len=96, batch_size=32, lr=2e-3),
+    # For `attrib demo`: the whole demo in well under two minutes on 2 quiet CPU cores (docs/benchmarks.md,
+    # "Demo wall time"). ~51 epochs: the Llama recalls all 100 facts (at this width 24 epochs over
+    # 800 documents gave 0.23), so more documents would need proportionally more steps.
+    "small": DemoSize(n_facts=100, n_filler=400, vocab_size=1536, hidden_size=96, num_layers=2, steps=800,
+                      seq_len=96, batch_size=32, lr=3e-3),
 }
 
 ARCHITECTURES = ("llama", "gpt2")
