@@ -29,7 +29,9 @@ Inputs:
 Library log lines and progress bars (transformers, datasets) are off during a call and
 restored after it; attrib's own progress goes to stderr (`attrib.progress`).
 
-The self-influence stage gets its function here too (`attrib.self_influence`).
+A new stage (self-influence) gets its function here and its name in `attrib.API`; its module
+needs another name than the function's (`attrib.prefilter` is this module's function because
+the stage module is `attrib.prefilter_stage`; an imported submodule would shadow it).
 """
 
 from __future__ import annotations
