@@ -132,6 +132,7 @@ def _main(argv: list[str] | None) -> None:
     no_args_is_help = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click >= 8.2 (typer's vendored click)
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # CSV and hub corpora: our bars, not theirs
     argv = _hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
     command = typer.main.get_command(app)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 
 QUIET = False
@@ -50,13 +51,17 @@ def silent() -> bool:
 
 
 class Bar:
-    """A handle to advance one progress bar; a no-op when quiet."""
+    """A handle to advance one progress bar (a no-op when quiet); it counts what it was advanced by."""
 
     def __init__(self, progress=None, task=None):
         self._progress = progress
         self._task = task
+        self.items = 0
+        self.tokens = 0
 
     def advance(self, items: int = 1, tokens: int = 0) -> None:
+        self.items += items
+        self.tokens += tokens
         if self._progress is not None:
             task = self._progress.tasks[self._task]
             self._progress.update(
@@ -82,11 +87,34 @@ def _rate_columns():
     return ItemRate(), TokenRate()
 
 
+def duration(seconds: float) -> str:
+    """'42.0 s' or '3 min 05 s'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s"
+
+
+def _plural(unit: str, count: int) -> str:
+    """'1 step', '2 steps', '2 queries'; abbreviations ('seq') and plurals ('docs') stay as they are."""
+    if count == 1 or unit.endswith("s") or unit == "seq":
+        return unit
+    return unit[:-1] + "ies" if unit.endswith("y") else unit + "s"
+
+
 @contextlib.contextmanager
 def progress(description: str, total: int | None = None, unit: str = "seq") -> Iterator[Bar]:
-    """Show one bar while the block runs."""
+    """Show one bar while the block runs; where stderr is no terminal (a log file, CI), one line
+    when the block ends instead, with its count, time and rate."""
     if silent():
         yield Bar()
+        return
+    if not sys.stderr.isatty():
+        bar, started = Bar(), time.perf_counter()
+        yield bar
+        seconds = time.perf_counter() - started
+        rate = f", {bar.tokens / seconds:,.0f} tok/s" if bar.tokens and seconds > 0 else ""
+        print(f"{description}: {bar.items:,} {_plural(unit, bar.items)} in {duration(seconds)}{rate}", file=sys.stderr)
         return
     from rich.console import Console
     from rich.progress import (
@@ -116,3 +144,33 @@ def message(text: str) -> None:
     if not silent():
         prefix = f"[rank {current_rank()}] " if current_rank() != 0 else ""
         print(prefix + text, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def libraries_quiet(*load: str) -> Iterator[None]:
+    """Log lines, warnings and progress bars of transformers and datasets off while attrib works.
+
+    Their notices (the `loss_type=None` notice, save_pretrained's "Writing model shards" bar)
+    are about their internals, not the user's run. `load` names libraries to import first
+    (those the block is about to use); the others are quieted only if already imported.
+    Everything is restored on exit; attrib's own errors and warnings are untouched.
+    """
+    import importlib
+    import warnings
+
+    restore = []
+    try:
+        for name in ("transformers", "datasets"):
+            if name in load or name in sys.modules:
+                logging = importlib.import_module(name).utils.logging
+                restore.append((logging, logging.get_verbosity(), logging.is_progress_bar_enabled()))
+                logging.set_verbosity_error()
+                logging.disable_progress_bar()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"(transformers|datasets|huggingface_hub)(\.|$)")
+            yield
+    finally:
+        for logging, verbosity, bars in restore:
+            logging.set_verbosity(verbosity)
+            if bars:
+                logging.enable_progress_bar()

@@ -137,7 +137,7 @@ def _cg_solver(lm, tokenizer, layers, curvature, settings: QuerySettings, world,
 def _compute_query_gradients(stage, lm, tokenizer, layers, factors, queries, settings: QuerySettings, world, record,
                              factors_manifest, sample_spec):
     from attrib.curvature import Curvature
-    from attrib.query_gradients import iter_query_gradient_batches, part_name, save_part, solve_records
+    from attrib.preconditioned_gradients import iter_query_gradient_batches, part_name, save_part, solve_records
     from attrib.storage import atomic_path
 
     curvature = Curvature(factors, layers, settings.damping, settings.damping_scale, record["fingerprint"])
@@ -247,7 +247,7 @@ def check_corpus_chat(request: ScoreRequest, tokenizer) -> None:
 
 def _score(stage, out, model_spec, lm, tokenizer, layers, request, query_list, query_settings, score_settings, world,
            record):
-    from attrib.query_gradients import QueryGradientStore
+    from attrib.preconditioned_gradients import QueryGradientStore
     from attrib.scoring import discard_parts, score_documents_and_tokens
     from attrib.storage import open_input
 
@@ -304,7 +304,7 @@ def _unscored_candidates(stage, candidates) -> dict:
 def _run_prefilter(out, spec, gradients_dir: str, top_k: int, store, world):
     """`--prefilter K`: the TF-IDF stage over the same corpus and the query-gradients' queries."""
     from attrib.candidates import open_candidates
-    from attrib.prefilter import run_prefilter
+    from attrib.prefilter_stage import run_prefilter
 
     if world.is_main:
         run_prefilter(corpus=spec, queries=f"{gradients_dir}/{QUERIES_FILE}", out=str(out), top_k=top_k)

@@ -279,7 +279,7 @@ def build_report(run: ScoresRun, top_k: int = 10, query_ids: list[str] | None = 
         _query_section(index, run.query(q), ranked[q], run.layers, score_distribution(run, q))
         for index, q in enumerate(selected, start=1)
     ]
-    body = _header(run, top_k) + ("" if run.self_influence else _contents(selected)) + "".join(sections)
+    body = _header(run, top_k) + ("" if run.self_influence else _contents(selected, run, ranked)) + "".join(sections)
     return _page(f"attrib report: {run.manifest.get('model', {}).get('spec', run.path.name)}", body)
 
 
@@ -300,6 +300,10 @@ dl.settings dt { color: #555; }
 dl.settings dd { margin: 0; font-family: ui-monospace, monospace; overflow-wrap: anywhere; }
 .prompt { background: #f4f4f4; padding: .5rem .8rem; border-radius: 4px; white-space: pre-wrap; overflow-wrap: anywhere; }
 .completion { font-weight: 600; text-decoration: underline #888; }
+ol.index li { margin: .3rem 0; }
+ol.index .said { white-space: pre-wrap; overflow-wrap: anywhere; }
+ol.index .top { font-size: .85rem; color: #555; overflow-wrap: anywhere; }
+ol.index .top b { font-family: ui-monospace, monospace; }
 .charts { display: flex; flex-wrap: wrap; gap: 2rem; align-items: flex-start; }
 .charts figure { margin: 0; }
 .charts figcaption { font-size: .85rem; color: #555; max-width: 480px; }
@@ -341,21 +345,25 @@ def _page(title: str, body: str) -> str:
 def _header(run: ScoresRun, top_k: int) -> str:
     model = run.manifest.get("model", {})
     settings = run.manifest.get("settings", {})
+    gradients = run.manifest.get("query_gradients_settings") or settings.get("query_gradients") or {}
     counts = run.manifest.get("counts", {})
     rows = {
         "model": model.get("spec", "?"),
         "model type": model.get("model_type", "?"),
         "fingerprint": str(model.get("fingerprint", "?"))[:16],
-        "strategy": settings.get("strategy", "?"),
-        "query rank": settings.get("query_rank", "?"),
+        "strategy": run.manifest.get("strategy") or settings.get("strategy", "?"),
+        "query rank": gradients.get("query_rank", settings.get("query_rank", "?")),
+        "damping": _damping(gradients or settings),
         "tracked layers": len(run.layers),
-        **{k.replace("_", " "): f"{v:,}" if isinstance(v, int) else v for k, v in counts.items()},
+        **{k.replace("_", " "): f"{v:,}" if isinstance(v, int) else v
+           for k, v in counts.items() if not isinstance(v, dict)},
+        "rows skipped": _skipped(counts.get("rows_skipped")),
         "shown": f"top {top_k} documents per query",
     }
     if run.self_influence:
         del rows["query rank"]
         rows["shown"] = f"top {top_k} training sequences"
-    items = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in rows.items())
+    items = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in rows.items() if v is not None)
     others = {k: v for k, v in settings.items() if k not in ("strategy", "query_rank")}
     more = "".join(f"<dt>{_esc(k)}</dt><dd>{_esc(v)}</dd>" for k, v in sorted(others.items()))
     details = f"<details><summary>all settings</summary><dl class=\"settings\">{more}</dl></details>" if more else ""
@@ -371,11 +379,41 @@ def _header(run: ScoresRun, top_k: int) -> str:
     )
 
 
-def _contents(selected: list[str]) -> str:
-    links = "".join(
-        f"<li><a href=\"#q{i}\">{_esc(q)}</a></li>" for i, q in enumerate(selected, start=1)
-    )
-    return f"<nav><h3>Queries</h3><ol>{links}</ol></nav>\n"
+def _damping(gradients: dict) -> str | None:
+    """'0.1 × mean eigenvalue per layer' or the absolute value; None when the manifest does not say."""
+    if gradients.get("damping") is not None:
+        return f"{gradients['damping']:g} (every layer)"
+    if gradients.get("damping_scale") is not None:
+        return f"{gradients['damping_scale']:g} × mean eigenvalue, per layer"
+    return None
+
+
+def _skipped(skipped) -> str | None:
+    """'3 empty text, 1 missing field', or None (not shown) when no row was skipped."""
+    if not isinstance(skipped, dict) or not any(skipped.values()):
+        return None
+    return ", ".join(f"{count:,} {reason}" for reason, count in sorted(skipped.items()) if count)
+
+
+def _contents(selected: list[str], run: ScoresRun, ranked: dict[str, list[RankedDocument]]) -> str:
+    """Every query with its prompt, completion and top document, so the page reads from the top."""
+    entries = []
+    for index, query_id in enumerate(selected, start=1):
+        query = run.query(query_id)
+        text = (
+            f"<span class=\"said\">{_esc(query['prompt'])}<span class=\"completion\">{_esc(query['completion'])}"
+            "</span></span>" if query.get("prompt") is not None else ""
+        )
+        documents = ranked.get(query_id) or []
+        if documents:
+            best = documents[0]
+            line = snippet(best)
+            top = (f"<span class=\"top\">top: <b>{_esc(best.doc_id)}</b> {_esc(_fmt(best.score))}"
+                   f"{' · ' + _esc(line) if line else ''}</span>")
+        else:
+            top = "<span class=\"top\">no documents scored</span>"
+        entries.append(f"<li><a href=\"#q{index}\">{_esc(query_id)}</a> {text}<br>{top}</li>")
+    return f"<nav><h3>Queries</h3><ol class=\"index\">{''.join(entries)}</ol></nav>\n"
 
 
 def _query_section(

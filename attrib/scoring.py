@@ -26,7 +26,7 @@ from attrib.errors import InputError
 from attrib.memory import DENSE_BYTES
 from attrib.models import TrackedLayer
 from attrib.progress import progress
-from attrib.query_gradients import QueryGradients, QueryGradientStore
+from attrib.preconditioned_gradients import QueryGradients, QueryGradientStore
 from attrib.score_tables import DOCUMENTS, SUMMARY, TOKENS_DIR, documents_schema, tokens_schema
 from attrib.storage import StageDir
 

@@ -25,7 +25,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from attrib.progress import progress
+from attrib.progress import libraries_quiet, progress
+from attrib.storage import atomic_path
 
 # Bump whenever the corpus, tokenizer or training changes, so cached demos are rebuilt.
 VERSION = 2
@@ -91,11 +92,11 @@ DEMO_SIZES = {
     # seq_len 96 holds every document whole, in training and when attrib scores it.
     "tiny": DemoSize(n_facts=40, n_filler=150, vocab_size=512, hidden_size=64, num_layers=2, steps=800,
                      seq_len=96, batch_size=16, lr=3e-3),
-    # For `attrib demo`: under 3 minutes per model on 2 idle CPU cores; ~24 epochs. Recall of
-    # the facts rises steeply with epochs (14 epochs: ~0.3, 21: ~0.93), so more documents
-    # would need proportionally more steps.
-    "small": DemoSize(n_facts=300, n_filler=1700, vocab_size=2048, hidden_size=128, num_layers=2, steps=1500,
-                      seq_len=96, batch_size=32, lr=2e-3),
+    # For `attrib demo`: the whole demo in well under two minutes on 2 quiet CPU cores (docs/benchmarks.md,
+    # "Demo wall time"). ~51 epochs: the Llama recalls all 100 facts (at this width 24 epochs over
+    # 800 documents gave 0.23), so more documents would need proportionally more steps.
+    "small": DemoSize(n_facts=100, n_filler=400, vocab_size=1536, hidden_size=96, num_layers=2, steps=800,
+                      seq_len=96, batch_size=32, lr=3e-3),
 }
 
 ARCHITECTURES = ("llama", "gpt2")
@@ -335,6 +336,12 @@ def train_causal_lm(
     `attrib` scores it: a document's tokens only ever see that document.
     AdamW with warm-up and cosine decay and no weight decay, so that facts are memorised.
     """
+    with libraries_quiet("transformers"):  # its notices (loss_type, "Writing model shards") are not the user's
+        return _train_causal_lm(arch, tokenizer, texts, out_dir, hidden_size, num_layers, steps, seq_len, batch_size,
+                                lr, seed)
+
+
+def _train_causal_lm(arch, tokenizer, texts, out_dir, hidden_size, num_layers, steps, seq_len, batch_size, lr, seed):
     torch.manual_seed(seed)
     model = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}[arch](
         _model_config(arch, tokenizer, hidden_size, num_layers, seq_len)
@@ -396,27 +403,44 @@ def fact_accuracy(model, tokenizer, queries: list[dict], batch_size: int = 64) -
 # --- demo --------------------------------------------------------------------
 
 
-def build_demo(out_dir: str | Path, *, size: str = "small", seed: int = 0) -> DemoPaths:
-    """Corpus, queries, tokenizer, and a Llama and a GPT-2 that memorised the facts, in `out_dir`."""
+def build_demo(out_dir: str | Path, *, size: str = "small", seed: int = 0,
+               architectures: Iterable[str] = ARCHITECTURES) -> DemoPaths:
+    """Corpus, queries, tokenizer, and models of `architectures` that memorised the facts, in `out_dir`.
+
+    A demo already in `out_dir` (same version, size and seed) is kept: only the models it lacks
+    are trained, so `attrib demo` trains just the model it attributes.
+    """
     if size not in DEMO_SIZES:
         raise ValueError(f"unknown demo size {size!r}; expected one of {sorted(DEMO_SIZES)}")
     settings = DEMO_SIZES[size]
     paths = DemoPaths.at(out_dir)
     corpus = generate_fact_corpus(settings.n_facts, settings.n_filler, seed)
-    write_fact_corpus(corpus, paths.root)
     texts = [document["text"] for document in corpus.documents]
-    tokenizer = train_tokenizer(texts, settings.vocab_size, paths.root / "tokenizer")
-    info = {
-        "version": VERSION,
-        "size": size,
-        "seed": seed,
-        "settings": asdict(settings),
-        "num_documents": len(corpus.documents),
-        "num_queries": len(corpus.queries),
-        "vocab_size": len(tokenizer),
-        "models": {},
-    }
-    for arch in ARCHITECTURES:
+    info = paths.load_info() if (paths.root / "demo.json").is_file() else None
+    if info is not None and (info.get("version"), info.get("size"), info.get("seed"), info.get("settings")) != (
+            VERSION, size, seed, asdict(settings)):
+        raise ValueError(f"{paths.root} holds another demo (version {info.get('version')}, size {info.get('size')}, "
+                         f"seed {info.get('seed')}, or older settings)")
+    if info is None:
+        started = time.perf_counter()
+        write_fact_corpus(corpus, paths.root)
+        tokenizer = train_tokenizer(texts, settings.vocab_size, paths.root / "tokenizer")
+        info = {
+            "version": VERSION,
+            "size": size,
+            "seed": seed,
+            "settings": asdict(settings),
+            "num_documents": len(corpus.documents),
+            "num_queries": len(corpus.queries),
+            "vocab_size": len(tokenizer),
+            "data_seconds": round(time.perf_counter() - started, 2),
+            "models": {},
+        }
+    else:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(paths.root / "tokenizer")
+    for arch in architectures:
+        if arch in info["models"]:
+            continue
         started = time.perf_counter()
         model = train_causal_lm(
             arch, tokenizer, texts, paths.root / arch,
@@ -428,7 +452,8 @@ def build_demo(out_dir: str | Path, *, size: str = "small", seed: int = 0) -> De
             "fact_accuracy": fact_accuracy(model, tokenizer, corpus.queries),
             "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
         }
-    (paths.root / "demo.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        with atomic_path(paths.root / "demo.json") as tmp:
+            tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return paths
 
 

@@ -26,7 +26,7 @@ STREAMING_CHILD = """
 import json, resource, sys, time
 from attrib.data import CorpusSpec
 from attrib.progress import set_quiet
-from attrib.prefilter import run_prefilter
+from attrib.prefilter_stage import run_prefilter
 corpus, queries, out, backend, top_k = sys.argv[1:6]
 set_quiet(True)
 start = time.perf_counter()

@@ -83,7 +83,7 @@ def truncate(gradients, rank: int, queries: int):
     """The first `queries` queries at rank `rank` (0 = as stored), tiled when more are asked for."""
     import torch
 
-    from attrib.query_gradients import QueryGradients
+    from attrib.preconditioned_gradients import QueryGradients
 
     have = len(gradients.query_ids)
     index = torch.arange(queries) % have
@@ -160,7 +160,7 @@ def main() -> None:
     from attrib.curvature import load_curvature
     from attrib.fit import FitSettings, fit_factors
     from attrib.models import find_tracked_layers, load_model, model_record
-    from attrib.query_gradients import compute_query_gradients
+    from attrib.preconditioned_gradients import compute_query_gradients
     from attrib.scoring import ScoreSettings, score_documents_and_tokens
     from attrib.storage import StageDir
 

@@ -103,7 +103,7 @@ def load_gradients(path: str, query_ids: list[str], rank: int):
     """Query factors from a plain safetensors file (U/sigma/V per layer), truncated to `rank` (0 = as stored)."""
     from safetensors.torch import load_file
 
-    from attrib.query_gradients import QueryGradients
+    from attrib.preconditioned_gradients import QueryGradients
 
     meta = json.loads(Path(path + ".json").read_text())
     tensors = load_file(path)
@@ -211,7 +211,7 @@ def worker_many(spec: dict) -> dict:
 
         candidates = open_candidates(spec["candidates"], query_ids)
     else:  # before: a Python object per pair
-        from attrib.prefilter import load_candidates
+        from attrib.prefilter_stage import load_candidates
         from attrib.scoring import Candidates
 
         loaded = load_candidates(spec["candidates"])
@@ -400,7 +400,7 @@ def write_query_factors(path: Path, model_dir: Path, factors: Path, queries: lis
     """Query factors of `queries` (this worktree's code) in a plain safetensors file + a JSON sidecar."""
     from attrib.curvature import Curvature
     from attrib.models import find_tracked_layers, load_model
-    from attrib.query_gradients import compute_query_gradients
+    from attrib.preconditioned_gradients import compute_query_gradients
     from attrib.storage import save_tensors
 
     model, tokenizer = load_model(str(model_dir), dtype="float32", device="cpu")

@@ -14,7 +14,7 @@ from attrib.distributed import World
 from attrib.curvature import load_curvature
 from attrib.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
-from attrib.query_gradients import compute_query_gradients
+from attrib.preconditioned_gradients import compute_query_gradients
 from attrib.scoring import ScoreSettings, score_documents_and_tokens
 from attrib.storage import StageDir
 from tests.conftest import run_cli, write_jsonl

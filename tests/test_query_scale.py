@@ -19,7 +19,7 @@ from attrib.data import CorpusSpec, Query
 from attrib.distributed import World
 from attrib.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
-from attrib.query_gradients import compute_query_gradients, low_rank, randomized_low_rank
+from attrib.preconditioned_gradients import compute_query_gradients, low_rank, randomized_low_rank
 from attrib.storage import StageDir
 from tests.conftest import TEXTS, build_model, run_cli, write_jsonl
 

@@ -43,7 +43,7 @@ def build_scores(directory: Path, documents_per_query: int = 30, seed: int = 0, 
     from attrib.storage import StageDir
 
     rng = np.random.default_rng(seed)
-    stage = StageDir(directory, "query", {"strategy": "ekfac", "query_rank": 32, "top_k": None},
+    stage = StageDir(directory, "query", {"top_k": None, "query_gradients": {"query_rank": 32}},
                      {"spec": "tiny-gpt2", "model_type": "gpt2", "fingerprint": "f" * 64, "tracked_modules": LAYERS})
     docs = {c: [] for c in documents_schema().names}
     tokens = {c: [] for c in tokens_schema().names}
@@ -89,9 +89,11 @@ def build_scores(directory: Path, documents_per_query: int = 30, seed: int = 0, 
         write_table(directory / TOKENS_DIR / f"part-{part:05d}.parquet",
                     {k: v[rows] for k, v in tokens.items()}, tokens_schema())
     if complete:
-        stage.complete({"documents": documents_per_query, "queries": len(QUERIES)},
+        stage.complete({"documents": documents_per_query, "queries": len(QUERIES),
+                        "rows_skipped": {"empty text": 2, "missing field": 0}},
                        [DOCUMENTS, f"{TOKENS_DIR}/part-00000.parquet", f"{TOKENS_DIR}/part-00001.parquet"],
-                       queries=QUERIES, layers=LAYERS)
+                       queries=QUERIES, layers=LAYERS, strategy="ekfac",
+                       query_gradients_settings={"query_rank": 32, "damping": None, "damping_scale": 0.1})
     return directory
 
 
@@ -141,6 +143,26 @@ def test_one_section_per_query_with_prompt_ranks_and_documents(page, scores_dir)
         assert [(int(rank), html.unescape(doc_id)) for rank, doc_id in headers] == [(r["rank"], r["doc_id"]) for r in top]
         assert section.count("(no token scores stored)") == 10 - TOKEN_SCORES_TOP
         assert ("TF-IDF rank" in section) == (query["id"] == "capital")
+
+
+def test_header_and_query_index_read_from_the_top(page, scores_dir):
+    """The header names the strategy and the skipped rows from the manifest; the index shows each query's
+    prompt, completion and top document, linked to its section."""
+    import pyarrow.parquet as pq
+
+    header = page[: page.index("<nav>")]
+    assert "<dt>strategy</dt><dd>ekfac</dd>" in header and "<dt>query rank</dt><dd>32</dd>" in header
+    assert "<dt>rows skipped</dt><dd>2 empty text</dd>" in header and "{}" not in header and "?" not in header
+    index = page[page.index("<nav>") : page.index("</nav>")]
+    table = pq.read_table(scores_dir / "documents.parquet").to_pylist()
+    for number, query in enumerate(QUERIES, start=1):
+        top = next(r for r in table if r["query_id"] == query["id"] and r["rank"] == 1)
+        entry = re.search(rf'<li><a href="#q{number}">{re.escape(html.escape(query["id"]))}</a>(.*?)</li>', index,
+                          flags=re.S)
+        assert entry, query["id"]
+        text = html.unescape(re.sub(r"<[^>]+>", "", entry.group(1)))
+        assert query["prompt"] + query["completion"] in text and "top: " + top["doc_id"] in text
+        assert f'id="q{number}"' in sections(page)[number - 1]
 
 
 def test_every_nonempty_token_has_one_span_and_the_text_is_complete(page, scores_dir):

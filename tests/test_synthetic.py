@@ -130,3 +130,22 @@ def test_tiny_demo_models_memorised_the_facts_and_load_back():
         assert accuracy == pytest.approx(info["models"][arch]["fact_accuracy"])
         assert accuracy >= minimum_accuracy
     assert cached_demo("tiny") == demo
+
+
+def test_build_demo_trains_only_the_asked_models_and_says_nothing_else(tmp_path, monkeypatch, capfd):
+    """The demo trains the model it attributes; another is added on a rerun; library chatter stays out."""
+    micro = synthetic.DemoSize(n_facts=4, n_filler=8, vocab_size=300, hidden_size=16, num_layers=1, steps=3,
+                               seq_len=96, batch_size=4, lr=1e-3)
+    monkeypatch.setitem(synthetic.DEMO_SIZES, "micro", micro)
+    synthetic.build_demo(tmp_path, size="micro", architectures=["gpt2"])
+    first = json.loads((tmp_path / "demo.json").read_text())
+    assert list(first["models"]) == ["gpt2"] and not (tmp_path / "llama").exists()
+    corpus = (tmp_path / "corpus.jsonl").read_bytes()
+    synthetic.build_demo(tmp_path, size="micro", architectures=["llama", "gpt2"])
+    second = json.loads((tmp_path / "demo.json").read_text())
+    assert sorted(second["models"]) == ["gpt2", "llama"] and second["models"]["gpt2"] == first["models"]["gpt2"]
+    assert (tmp_path / "corpus.jsonl").read_bytes() == corpus and (tmp_path / "llama" / "config.json").is_file()
+    err = capfd.readouterr().err
+    assert err.splitlines() == [line for line in err.splitlines() if line.startswith("training ")], err
+    with pytest.raises(ValueError, match="another demo"):
+        synthetic.build_demo(tmp_path, size="micro", seed=1, architectures=["llama"])

@@ -8,10 +8,9 @@ import typer
 
 from attrib.commands.options import (
     ChatTemplate, Corpus, Device, IdField, Lines, LongDocuments, LossOn, MaxDocs, MaxLength, Model, Modules, Out,
-    Overwrite, Seed, SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode, checked_max_length, corpus_spec,
-    parse_duration,
+    Overwrite, Seed,
+    SkipBadRows, Split, TextField, TokensPerBatch, TrustRemoteCode,
 )
-from attrib.memory import parse_bytes
 
 
 def fit_factors(
@@ -64,107 +63,27 @@ def fit_factors(
 
     Example: attrib fit-factors --model M --corpus C --out run/factors
     """
-    from dataclasses import asdict
+    options = dict(locals())
+    from attrib.api import fit_factors as run
 
-    from attrib.data import chat_format, check_corpus, default_max_length
-    from attrib.distributed import detect_world
-    from attrib.errors import InputError
-    from attrib.fit import FitSettings
-    from attrib.fit import fit_factors as run_fit
-    from attrib.models import find_tracked_layers, load_model, model_record, model_source
+    result = run(**options)
+    if not result.already_complete:
+        _report(result.manifest, out)
+
+
+def _report(manifest: dict, out: str) -> None:
+    """One line for people: what was fitted, on how much, what was skipped."""
     from attrib.progress import message
-    from attrib.storage import StageDir, input_identity
 
-    max_length = checked_max_length(max_length)
-    if dtype == "float16":
-        raise InputError(
-            "--dtype float16 is refused for fit-factors: without loss scaling its gradients underflow to zero "
-            "or overflow; use --dtype bfloat16 (same memory, float32's range)"
-        )
-    spec = corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents,
-                       chat_template, loss_on)
-    model_source(model)  # a mistyped --model path is named before the corpus is read
-    check_corpus(spec)  # a missing path, a wrong --text-field or a bad first row fail before any output exists
-    every = parse_duration(checkpoint_every, "--checkpoint-every")
-    timeout = parse_duration(collective_timeout, "--collective-timeout")
-    budget = parse_bytes(max_memory, "--max-memory") if max_memory is not None else None
-    if budget is not None and layers_per_pass is not None:
-        raise InputError("give --layers-per-pass or --max-memory, not both")
-    if timeout <= 0:
-        raise InputError("--collective-timeout must be positive")
-    world = detect_world(device, timeout=timeout)
-    try:
-        dtype = default_dtype(dtype, world.device)
-        lm, tokenizer = load_model(model, dtype, world.device, trust_remote_code)
-        layers = find_tracked_layers(lm, modules)
-        settings = FitSettings(
-            strategy=strategy, fisher=fisher, fisher_samples=fisher_samples,
-            max_length=max_length or default_max_length(lm.config, tokenizer),
-            tokens_per_batch=tokens_per_batch, docs_per_part=docs_per_part,
-            max_sequences=max_sequences, max_tokens=max_tokens, stats_dtype=stats_dtype,
-            covariance_max_tokens=covariance_max_tokens,
-            seed=seed, world_size=world.size, layers_per_pass=layers_per_pass,
-            tf32=str(world.device).startswith("cuda") if tf32 is None else tf32,
-        )
-        settings.validate()
-        if budget is not None:
-            settings.layers_per_pass = layers_for_budget(budget, lm, layers, settings, dtype, world.device)
-        reading = {key: value for key, value in asdict(spec).items() if key not in ("source", "long_documents")}
-        recorded = {**asdict(settings), "modules": modules, "dtype": dtype, "long_documents": long_documents,
-                    "corpus_options": reading,
-                    "chat": {**chat_format(tokenizer, chat_template).identity(), "loss_on": loss_on}}
-        inputs = {"corpus": input_identity(corpus)}
-        record = model_record(model, lm, layers)
-        stage = world.main_first(
-            lambda is_main: StageDir(out, "fit-factors", recorded, record, inputs, overwrite and is_main)
-        )
-        if stage.already_complete:
-            message(f"{out} is already complete; use --overwrite to fit again")
-            return
-        with stage.guard():
-            manifest = run_fit(lm, tokenizer, layers, spec, stage, settings, world, checkpoint_every=every)
-        if world.is_main:
-            counts = manifest["counts"]
-            skipped = counts.get("rows_skipped") or {}
-            empty = skipped.get("empty text", 0)
-            bad = sum(skipped.values()) - empty
-            notes = [f"{empty:,} empty documents skipped"] if empty else []
-            notes += [f"{bad:,} bad rows skipped"] if bad else []
-            message(
-                f"factors ({strategy}) for {len(layers)} layers written to {out} "
-                f"({counts.get('covariance_tokens', counts.get('correction_sequences', 0)):,} "
-                f"{'tokens' if 'covariance_tokens' in counts else 'sequences'}"
-                f"{''.join('; ' + note for note in notes)})"
-            )
-    finally:
-        world.close()
-
-
-def default_dtype(dtype: str, device: str) -> str:
-    """`auto`: bfloat16 compute on CUDA (statistics stay float32), float32 on CPU."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if str(device).startswith("cuda") else "float32"
-
-
-def layers_for_budget(budget: int, lm, layers, settings, dtype: str, device: str) -> int | None:
-    """--layers-per-pass from --max-memory through attrib.memory's model of fit-factors."""
-    from attrib import memory
-    from attrib.errors import InputError
-
-    shape, shapes = memory.model_shape(lm), memory.layer_shapes(layers)
-    kind = "cpu" if str(device) == "cpu" else "cuda"
-
-    def predict(layers_per_pass):
-        return memory.fit_factors(
-            shape, shapes, tokens_per_batch=settings.tokens_per_batch, dtype=dtype, device=kind,
-            layers_per_pass=layers_per_pass, strategy=settings.strategy, fisher=settings.fisher,
-            stats_dtype=settings.stats_dtype,
-        )
-
-    try:
-        return memory.choose_layers_per_pass(budget, predict, len(layers), kind)
-    except ValueError as exc:
-        raise InputError(
-            f"--max-memory {budget / memory.GiB:.1f} GiB is too small: {exc}; lower --tokens-per-batch or raise --max-memory"
-        ) from None
+    counts = manifest.get("counts", {})
+    skipped = counts.get("rows_skipped") or {}
+    empty = skipped.get("empty text", 0)
+    bad = sum(skipped.values()) - empty
+    notes = [f"{empty:,} empty documents skipped"] if empty else []
+    notes += [f"{bad:,} bad rows skipped"] if bad else []
+    message(
+        f"factors ({manifest['settings']['strategy']}) for {len(manifest['model']['tracked_modules'])} layers "
+        f"written to {out} ({counts.get('covariance_tokens', counts.get('correction_sequences', 0)):,} "
+        f"{'tokens' if 'covariance_tokens' in counts else 'sequences'}"
+        f"{''.join('; ' + note for note in notes)})"
+    )

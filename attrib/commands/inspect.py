@@ -37,7 +37,7 @@ def inspect_model(
     from rich.table import Table
 
     from attrib import memory
-    from attrib.commands.factors import default_dtype
+    from attrib.api import default_dtype
     from attrib.errors import InputError
     from attrib.models import DTYPES, factor_bytes, find_tracked_layers, load_meta_model
 

@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.commands.options import (
-    ChatTemplate, Corpus, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Out, Overwrite, Queries, SkipBadRows,
-    Split, TextField, TrustRemoteCode, checked_max_length, corpus_spec,
+    ChatTemplate, Corpus, IdField, Lines, LongDocuments, MaxDocs, MaxLength, Out, Overwrite, Queries, SkipBadRows, Split,
+    TextField, TrustRemoteCode,
 )
 
 TopK = Annotated[int, typer.Option(help="Candidates kept per query.")]
@@ -55,22 +55,7 @@ def prefilter(
 
     Example: attrib prefilter --corpus C --queries Q --top-k 10000 --out run/candidates
     """
-    from attrib.prefilter import parse_ngram_range, run_prefilter
+    options = dict(locals())
+    from attrib.api import prefilter as run
 
-    run_prefilter(
-        corpus_spec(corpus, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents, chat_template),
-        queries,
-        out,
-        top_k,
-        unit=unit,
-        analyzer=analyzer,
-        ngram_range=parse_ngram_range(ngram_range),
-        scoring=scoring,
-        query_text=query_text,
-        backend=backend,
-        model=model,
-        max_length=checked_max_length(max_length),
-        hash_features=hash_features,
-        trust_remote_code=trust_remote_code,
-        overwrite=overwrite,
-    )
+    run(**options)

@@ -29,7 +29,7 @@ from attrib.fit import FitSettings, fit_factors
 from attrib.memory import DENSE_BYTES
 from attrib.progress import set_quiet
 from attrib.models import find_tracked_layers, load_model, model_record
-from attrib.query_gradients import QueryGradients, compute_query_gradients
+from attrib.preconditioned_gradients import QueryGradients, compute_query_gradients
 from attrib.scoring import Scorer
 from attrib.storage import StageDir
 from attrib.synthetic import (generate_fact_corpus, generic_queries, train_causal_lm, train_tokenizer,
@@ -280,7 +280,7 @@ def correlations(predicted: np.ndarray, reference: np.ndarray) -> dict:
 
 def prefilter_scores(att: Attributor, scoring: str, work: Path) -> np.ndarray:
     """TF-IDF or BM25 scores [queries, documents] from attrib's prefilter (0 where a document shares no term)."""
-    from attrib.prefilter import load_candidates, run_prefilter
+    from attrib.prefilter_stage import load_candidates, run_prefilter
 
     out = Path(work) / f"prefilter-{att.setup_dir.name}-{scoring}"
     run_prefilter(att.corpus, att.setup_dir / "queries.jsonl", out, top_k=len(att.doc_ids), scoring=scoring)

@@ -273,15 +273,18 @@ def run_self_influence(out, model_spec: str, lm, tokenizer, layers: list[Tracked
     host's RAM on CPU, 90% of the GPU) decides whether every layer's curvature stays on the device.
     """
     from attrib import memory
-    from attrib.data import chunking_identity
+    from attrib.data import chat_format, check_chat_agrees, chunking_identity
     from attrib.models import model_record
-    from attrib.storage import input_identity
+    from attrib.storage import input_identity, open_input
 
     world = world or World()
     settings.validate()
     record = model_record(model_spec, lm, layers)
     curvature = Curvature(factors, layers, settings.damping, settings.damping_scale, record["fingerprint"])
-    recorded = {**asdict(settings), "strategy": curvature.strategy.name,
+    chat = {**chat_format(tokenizer, corpus.chat_template).identity(), "loss_on": corpus.loss_on}
+    check_chat_agrees(open_input(factors, "fit-factors", option="--factors")["settings"].get("chat"), chat,
+                      f"--factors {factors}")  # the loss the factors were fitted on
+    recorded = {**asdict(settings), "strategy": curvature.strategy.name, "chat": chat,
                 "chunking": chunking_identity(tokenizer, settings.max_length, corpus.long_documents)}
     inputs = {"factors": input_identity(factors),
               "corpus": {**asdict(corpus), "identity": input_identity(corpus.source)}}
