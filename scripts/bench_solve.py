@@ -61,7 +61,7 @@ def main() -> None:
     from attrib.distributed import World
     from attrib.fit import FitSettings, fit_factors
     from attrib.models import find_tracked_layers, load_model, model_record
-    from attrib.query_gradients import compute_query_gradients
+    from attrib.preconditioned_gradients import compute_query_gradients
     from attrib.scoring import Scorer
     from attrib.solve import CGSolver, GaussNewton, SolveSample
     from attrib.storage import StageDir

@@ -115,10 +115,11 @@ def test_bad_input_raises_the_typed_error_and_writes_nothing(demo, tmp_path):
 def test_every_command_option_is_an_api_argument_with_the_same_default():
     """The commands forward their options to the API unchanged, so both must name and default them alike."""
     from attrib import api
-    from attrib.commands import factors, prefilter, query
+    from attrib.commands import factors, prefilter, query, self_influence
 
     for command, function in ((factors.fit_factors, api.fit_factors), (prefilter.prefilter, api.prefilter),
-                              (query.query_gradients, api.query_gradients), (query.query, api.query)):
+                              (query.query_gradients, api.query_gradients), (query.query, api.query),
+                              (self_influence.self_influence, api.self_influence)):
         api_parameters = inspect.signature(function).parameters
         for name, parameter in inspect.signature(command).parameters.items():
             assert name in api_parameters, f"{function.__name__} lacks {name}"

@@ -14,7 +14,7 @@ from attrib.data import CorpusSpec, Query, Sequence, query_sequence
 from attrib.distributed import World
 from attrib.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
-from attrib.query_gradients import compute_query_gradients
+from attrib.preconditioned_gradients import compute_query_gradients
 from attrib.solve import CGSolver, GaussNewton, SolveSample, preconditioned_cg
 from attrib.storage import StageDir
 from tests.conftest import TEXTS, build_model, run_cli, write_jsonl
