@@ -298,7 +298,7 @@ def fit_factors(
     *,
     tokenizer=None,
     strategy: str = "ekfac",
-    fisher: str = "true",
+    fisher: str = "empirical",
     fisher_samples: int = 1,
     max_sequences: int | None = None,
     max_tokens: int | None = None,
@@ -526,6 +526,10 @@ def _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_b
             raise InputError(f"{', '.join(given)} applies to --solver cg only")
     if solve_iterations is not None:
         settings.solve_iterations = solve_iterations
+    elif settings.solver == "cg":
+        from attrib.solve import DEFAULT_SOLVE_ITERATIONS
+
+        settings.solve_iterations = DEFAULT_SOLVE_ITERATIONS
     if solve_tokens is not None:
         settings.solve_tokens = solve_tokens
     settings.validate()

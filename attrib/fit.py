@@ -60,7 +60,7 @@ class FitSettings:
     """Everything that changes the factors or their files; stored in the manifest and checked on resume."""
 
     strategy: str = "ekfac"
-    fisher: str = "true"
+    fisher: str = "empirical"  # LDS ahead of the true Fisher on every kit, by a little (docs/benchmarks.md)
     fisher_samples: int = 1
     max_length: int = 512
     tokens_per_batch: int = 4096

@@ -150,7 +150,7 @@ def fit_factors(
     device: str = "cpu",
     layers_per_pass: int | None = None,
     strategy: str = "ekfac",
-    fisher: str = "true",
+    fisher: str = "empirical",
     stats_dtype: str = "float32",
 ) -> StagePeak:
     """Peak of `attrib fit-factors`: the largest of its steps (covariance pass, one-layer

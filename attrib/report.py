@@ -380,7 +380,7 @@ def _header(run: ScoresRun, top_k: int) -> str:
 
 
 def _damping(gradients: dict) -> str | None:
-    """'0.1 × mean eigenvalue per layer' or the absolute value; None when the manifest does not say."""
+    """'0.001 × mean eigenvalue per layer' or the absolute value; None when the manifest does not say."""
     if gradients.get("damping") is not None:
         return f"{gradients['damping']:g} (every layer)"
     if gradients.get("damping_scale") is not None:

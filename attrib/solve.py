@@ -32,6 +32,9 @@ from attrib.models import TrackedLayer
 
 SOLVERS = ("ekfac", "cg")
 DEFAULT_SOLVE_TOKENS = 262_144
+# --solver cg without --solve-iterations: 3 reached the dense ceiling's LDS on real text, and more
+# iterations over a small sample over-solve (docs/benchmarks.md, "CG solve: LDS vs iterations")
+DEFAULT_SOLVE_ITERATIONS = 3
 
 
 @dataclass

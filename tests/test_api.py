@@ -77,7 +77,7 @@ def test_api_and_cli_write_the_same_bytes(demo, tmp_path, capsys):
     settings = ["--tokens-per-batch", "1024", "--max-length", "64"]
     cli, api = tmp_path / "cli", tmp_path / "api"
     code, _, err = run_cli(capsys, "fit-factors", "--model", demo.gpt2, "--corpus", corpus_file, "--out",
-                           cli / "factors", "--fisher-samples", "2", *settings)
+                           cli / "factors", "--fisher", "true", "--fisher-samples", "2", *settings)
     assert code == 0, err
     code, out, err = run_cli(capsys, "query", "--model", demo.gpt2, "--factors", cli / "factors", "--queries",
                              queries_file, "--corpus", corpus_file, "--out", cli / "scores", *settings)
@@ -86,7 +86,7 @@ def test_api_and_cli_write_the_same_bytes(demo, tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(demo.gpt2)
     tokenizer = AutoTokenizer.from_pretrained(demo.gpt2)
     corpus = datasets.Dataset.from_list(corpus_rows)
-    attrib.fit_factors(model, corpus, out=api / "factors", tokenizer=tokenizer, fisher_samples=2,
+    attrib.fit_factors(model, corpus, out=api / "factors", tokenizer=tokenizer, fisher="true", fisher_samples=2,
                        tokens_per_batch=1024, max_length=64)
     attrib.query(model, api / "factors", iter(query_rows), corpus, out=api / "scores", tokenizer=tokenizer,
                  tokens_per_batch=1024, max_length=64)

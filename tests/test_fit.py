@@ -93,9 +93,9 @@ def test_padding_does_not_change_factors(tmp_path, model_dirs, corpus_file):
 
 def test_true_fisher_is_seeded_and_batch_invariant(tmp_path, model_dirs, corpus_file):
     """Sampled labels come from per-sequence seeds: same seed → same factors, whatever the batching."""
-    _, _, _, first = fit(tmp_path, model_dirs["llama"], corpus_file, "a", seed=3, tokens_per_batch=200)
-    _, _, _, second = fit(tmp_path, model_dirs["llama"], corpus_file, "b", seed=3, tokens_per_batch=48)
-    _, _, _, other = fit(tmp_path, model_dirs["llama"], corpus_file, "c", seed=4, tokens_per_batch=200)
+    _, _, _, first = fit(tmp_path, model_dirs["llama"], corpus_file, "a", seed=3, tokens_per_batch=200, fisher="true")
+    _, _, _, second = fit(tmp_path, model_dirs["llama"], corpus_file, "b", seed=3, tokens_per_batch=48, fisher="true")
+    _, _, _, other = fit(tmp_path, model_dirs["llama"], corpus_file, "c", seed=4, tokens_per_batch=200, fisher="true")
     a, b, c = (load_tensors(p / "lambda.safetensors") for p in (first, second, other))
     key = next(k for k in a if k.endswith(".lambda"))
     assert_close(a[key], b[key].double(), 1e-9)
@@ -113,7 +113,7 @@ def test_sampled_fisher_approaches_softmax_expectation(tmp_path, model_dirs, tok
     corpus.write_text(json.dumps({"text": "The capital of Vorlia"}) + "\n")
     samples = 100
     model, tokenizer, layers, out = fit(
-        tmp_path, model_dirs["gpt2"], corpus, modules=r"^lm_head$", fisher_samples=samples
+        tmp_path, model_dirs["gpt2"], corpus, modules=r"^lm_head$", fisher="true", fisher_samples=samples
     )
     sequence = corpus_sequences(tokenizer, corpus)[0]
     with torch.no_grad():

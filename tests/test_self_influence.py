@@ -139,7 +139,7 @@ def shuffled_copy(text: str, rng: random.Random) -> str:
 @pytest.mark.slow
 def test_shuffled_copies_rank_at_the_top_on_the_demo_model(tmp_path, capsys):
     """On the tiny demo's trained Llama, shuffled-word copies of two documents of median length rank 1 and 2
-    of 65 sequences (measured: 1 and 2; asserted: 1 and 2, above 10× every original document's score); three exact
+    of 65 sequences (measured: 1 and 2; asserted: 1 and 2, above 5× every original document's score); three exact
     duplicates score as their original does. scripts/bench_self_influence.py measures the whole corpus."""
     from attrib.synthetic import cached_demo
 
@@ -162,7 +162,9 @@ def test_shuffled_copies_rank_at_the_top_on_the_demo_model(tmp_path, capsys):
     print(f"shuffled copies rank {ranks} of {len(table)}")
     assert sorted(ranks) == [1, 2], ranks
     originals = table.drop(index=[p["id"] for p in planted])
-    assert table.loc[["shuffled-0", "shuffled-1"], "score"].min() > 10 * originals["score"].max()
+    # 9.5× at the default damping 0.001 (13× at the former 0.1): small damping lifts every score's
+    # low-curvature part, the originals' relatively more
+    assert table.loc[["shuffled-0", "shuffled-1"], "score"].min() > 5 * originals["score"].max()
     same = table.loc[[d["id"] for d in duplicates] + [typical[2]["id"]], "score"]
     assert same.max() == pytest.approx(same.min(), rel=1e-5)  # float32 model: batches pad differently
     assert "shuffled-" in out  # the command ends with the top sequences

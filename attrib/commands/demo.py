@@ -53,7 +53,7 @@ def demo(
     message(f"demo model {model}: fact accuracy {info['models'][architecture]['fact_accuracy']:.2f}")
     corpus = {"corpus": str(data.corpus), "id_field": "id"}
     with clock.stage("fit-factors"):
-        attrib.fit_factors(model, **corpus, out=root / "factors", strategy=strategy, seed=seed, fisher_samples=4,
+        attrib.fit_factors(model, **corpus, out=root / "factors", strategy=strategy, seed=seed, fisher="true", fisher_samples=4,
                            tokens_per_batch=2048)
     with clock.stage("prefilter"):
         attrib.prefilter(**corpus, queries=str(data.queries), out=root / "candidates", top_k=candidates_per_query)

@@ -18,7 +18,7 @@ def fit_factors(
     corpus: Corpus,
     out: Out,
     strategy: Annotated[str, typer.Option(help="ekfac, kfac, diagonal or identity (gradient dot product).")] = "ekfac",
-    fisher: Annotated[str, typer.Option(help="true (labels sampled from the model) or empirical (the data's labels).")] = "true",
+    fisher: Annotated[str, typer.Option(help="empirical (the data's labels) or true (labels sampled from the model); see docs/benchmarks.md.")] = "empirical",
     fisher_samples: Annotated[int, typer.Option(help="Sampled labels per position (true Fisher); more = less noise.")] = 1,
     max_sequences: Annotated[Optional[int], typer.Option(help="Fit on at most this many sequences.")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="Fit on at most this many tokens.")] = None,

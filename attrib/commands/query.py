@@ -16,10 +16,10 @@ Factors = Annotated[str, typer.Option(help="Output directory of `attrib fit-fact
 QueryRank = Annotated[int, typer.Option(help="Rank of each preconditioned query gradient (0 = full).")]
 Damping = Annotated[Optional[float], typer.Option(help="Damping λ, the same for every layer (default: --damping-scale × mean(Λ) per layer).")]
 Solver = Annotated[Optional[str], typer.Option(help="ekfac: H⁻¹∇L_q from the fitted curvature (default); cg: refined by --solve-iterations steps of conjugate gradients on the damped Gauss-Newton system of all tracked layers, preconditioned by it (README: when to use it).")]
-SolveIterations = Annotated[Optional[int], typer.Option(help="--solver cg: CG iterations per batch of queries (default 0 = EK-FAC exactly); each costs a pass over the solve sample.")]
+SolveIterations = Annotated[Optional[int], typer.Option(help="--solver cg: CG iterations per batch of queries (default 3; 0 = EK-FAC exactly); each costs a pass over the solve sample.")]
 SolveTokens = Annotated[Optional[int], typer.Option(help="--solver cg: tokens of the Gauss-Newton sample, the first ones of --solve-corpus in file order (default 262144).")]
 SolveCorpus = Annotated[Optional[str], typer.Option(help="--solver cg: corpus of the Gauss-Newton sample (default: the corpus the factors were fitted on, read with the fit's options and chunking).")]
-DampingScale = Annotated[Optional[float], typer.Option(help="Damping as a multiple of each layer's mean eigenvalue (default 0.1; see docs/benchmarks.md).")]
+DampingScale = Annotated[Optional[float], typer.Option(help="Damping as a multiple of each layer's mean eigenvalue (default 0.001; see docs/benchmarks.md).")]
 MaxMemory = Annotated[Optional[str], typer.Option(help="Memory per process the stage may plan for, e.g. 80GiB: sets the queries per batch and per pass (default: 90% of the GPU, half the RAM on CPU).")]
 
 
