@@ -169,14 +169,17 @@ def _axpy(alpha: torch.Tensor, xs: list[torch.Tensor], ys: list[torch.Tensor]) -
     return [y + alpha.to(y.dtype)[:, None, None] * x for x, y in zip(xs, ys)]
 
 
-def preconditioned_cg(system, precondition, b: list[torch.Tensor], iterations: int):
+def preconditioned_cg(system, precondition, b: list[torch.Tensor], iterations: int, on_iterate=None):
     """x after `iterations` steps of PCG on A x = b from x₀ = M⁻¹ b, for Q right-hand sides at once.
 
     `system(V)` is A V, `precondition(V)` is M⁻¹ V, both on lists of [Q, …] per layer. Returns x and
     the relative residuals ‖b − A x_k‖ / ‖b‖, [iterations + 1, Q] (k = 0 … iterations); with zero
-    iterations x is M⁻¹ b unchanged and nothing else is computed (no residual).
+    iterations x is M⁻¹ b unchanged and nothing else is computed (no residual). `on_iterate(k, x_k)`,
+    if given, sees every iterate from x₀ on (the evaluation reads several iteration counts from one run).
     """
     x = precondition(b)
+    if on_iterate is not None:
+        on_iterate(0, x)
     if iterations == 0:
         return x, torch.zeros(0, b[0].shape[0], dtype=torch.float64)
     b_norm = _dot(b, b).sqrt()
@@ -191,6 +194,8 @@ def preconditioned_cg(system, precondition, b: list[torch.Tensor], iterations: i
         curvature = _dot(p, ap)
         alpha = torch.where(curvature > 0, rz / safe(curvature), torch.zeros_like(rz))
         x = _axpy(alpha, p, x)
+        if on_iterate is not None:
+            on_iterate(step + 1, x)
         r = _axpy(-alpha, ap, r)
         residuals.append(_dot(r, r).sqrt() / safe(b_norm))
         if step == iterations - 1:

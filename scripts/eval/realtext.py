@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
 import re
 import sys
@@ -51,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from attrib.storage import load_tensors, tensor_metadata, write_tensors  # noqa: E402
 
 import lds  # noqa: E402
 from common import (MAX_LENGTH, Attributor, Setup, build_setup, correlations, default_work,  # noqa: E402
@@ -185,14 +186,13 @@ class Dense:
     @classmethod
     def of(cls, att: Attributor, samples: int) -> "Dense":
         """Formed once per model and K, then read from the work directory."""
-        path = att.work / f"dense-{att.record['fingerprint'][:12]}-K{samples}.pt"
+        path = att.work / f"dense-{att.record['fingerprint'][:12]}-K{samples}.safetensors"
         if path.is_file():
-            return cls(**torch.load(path), slices=att.layer_slices())
+            return cls(**load_tensors(path), slices=att.layer_slices())
         G, F_true = att.gradients(att.sequences, fisher_samples=samples, seed=12345)
         parts = dict(D=att.doc_matrix(G), V=att.query_gradients(), gauss_newton=F_true,
                      empirical=G.T @ G / len(att.sequences))
-        torch.save(parts, path.with_suffix(".tmp"))
-        os.replace(path.with_suffix(".tmp"), path)
+        write_tensors(path, parts)
         return cls(**parts, slices=att.layer_slices())
 
     def influence(self, F: torch.Tensor, dampings: list[float]) -> np.ndarray:
@@ -212,34 +212,18 @@ def dense_references(dense: Dense, samples: int, scales=(0.1, 0.01, 0.001)) -> d
 
 
 def cg_iterates(system, precondition, b: list[torch.Tensor], checkpoints: tuple[int, ...]):
-    """{k: x_k} of preconditioned CG for each k of `checkpoints`, and the relative residuals [max k + 1, Q].
+    """{k: x_k} of one run of attrib.solve.preconditioned_cg for each k of `checkpoints`, and the
+    relative residuals [max k + 1, Q]: one run instead of one per iteration count."""
+    from attrib.solve import preconditioned_cg
 
-    The recurrences of attrib.solve.preconditioned_cg (x₀ = M⁻¹ b), kept here only to read the
-    intermediate iterates of one run instead of one run per iteration count (tests/test_eval.py
-    checks that they equal attrib's own solve).
-    """
-    from attrib.solve import _axpy, _dot
+    out = {}
 
-    x = precondition(b)
-    out = {0: x} if 0 in checkpoints else {}
-    b_norm = _dot(b, b).sqrt()
-    r = [bi - ai for bi, ai in zip(b, system(x))]
-    residuals = [_dot(r, r).sqrt() / b_norm]
-    z = precondition(r)
-    p, rz = z, _dot(r, z)
-    for step in range(1, max(checkpoints) + 1):
-        ap = system(p)
-        alpha = rz / _dot(p, ap)
-        x = _axpy(alpha, p, x)
-        r = _axpy(-alpha, ap, r)
-        residuals.append(_dot(r, r).sqrt() / b_norm)
-        if step in checkpoints:
-            out[step] = x
-        z = precondition(r)
-        rz_next = _dot(r, z)
-        p = _axpy(rz_next / rz, p, z)
-        rz = rz_next
-    return out, torch.stack(residuals)
+    def keep(k, x):
+        if k in checkpoints:
+            out[k] = x
+
+    _, residuals = preconditioned_cg(system, precondition, b, max(checkpoints), keep)
+    return out, residuals
 
 
 def cg_solve(att: Attributor, solve_tokens: int, checkpoints: tuple[int, ...], damping_scale: float = 0.1) -> dict:
@@ -250,9 +234,9 @@ def cg_solve(att: Attributor, solve_tokens: int, checkpoints: tuple[int, ...], d
     from attrib.solve import CGSolver, GaussNewton, SolveSample
 
     path = att.work / (f"cg-{att.record['fingerprint'][:12]}-t{solve_tokens}-c{damping_scale:g}-"
-                       + "-".join(map(str, checkpoints)) + ".pt")
+                       + "-".join(map(str, checkpoints)) + ".safetensors")
     if path.is_file():
-        return torch.load(path)
+        return _read_cg_result(path)
     curvature = load_curvature(str(att.fit("ekfac", "true")), att.layers, None, damping_scale=damping_scale)
     sample = SolveSample.read(att.corpus, att.tokenizer, MAX_LENGTH, solve_tokens)
     solver = CGSolver(curvature, GaussNewton(att.model, att.layers, sample, 4096, att.pad_id, "cpu"), 1, "cpu",
@@ -270,9 +254,16 @@ def cg_solve(att: Attributor, solve_tokens: int, checkpoints: tuple[int, ...], d
               "cost": {"solve_tokens": sample.tokens, "solve_sequences": sample.sequences,
                        "iterations": max(checkpoints), "gn_products": max(checkpoints) + 1,
                        "seconds": round(seconds, 1), "seconds_per_gn_product": round(seconds / (max(checkpoints) + 1), 2)}}
-    torch.save(result, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
+    write_tensors(path, {f"scores.{k}": scores for k, scores in result["scores"].items()},
+                  {key: json.dumps(result[key]) for key in ("residuals", "dampings", "cost")})
     return result
+
+
+def _read_cg_result(path: Path) -> dict:
+    """cg_solve's cached result: scores per checkpoint as tensors, the rest as JSON metadata."""
+    metadata = tensor_metadata(path)
+    scores = {int(name.split(".")[1]): tensor for name, tensor in load_tensors(path).items()}
+    return {"scores": dict(sorted(scores.items())), **{key: json.loads(value) for key, value in metadata.items()}}
 
 
 def cg_entries(att: Attributor, dense: Dense, solve_tokens: int, checkpoints: tuple[int, ...],
