@@ -45,9 +45,10 @@ def self_influence(
     """
     options = dict(locals())
     from attrib.api import self_influence as run
+    from attrib.progress import current_rank
 
     result = run(**options)
-    if not result.already_complete:
+    if current_rank() == 0 and not result.already_complete:
         from attrib.commands.report import _print_table
         from attrib.report import open_scores, top_rows
 
