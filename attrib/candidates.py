@@ -64,7 +64,7 @@ def open_candidates(directory: str | Path, query_ids: list[str]) -> CandidateInd
     """The candidates of a finished prefilter stage, indexed for `query_ids`."""
     import pyarrow.parquet as pq
 
-    from attrib.prefilter_stage import CANDIDATES_FILE
+    from attrib.stages.prefilter import CANDIDATES_FILE
     from attrib.storage import open_input
 
     open_input(directory, "prefilter", option="--candidates")

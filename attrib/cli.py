@@ -12,8 +12,8 @@ import sys
 
 import typer
 
-from attrib import __version__
-from attrib.commands import demo, factors, inspect, prefilter, query, report, self_influence
+from attrib import __version__, runtime
+from attrib.commands import demo, inspect, report, stages
 from attrib.errors import AttribError, InputError
 
 app = typer.Typer(
@@ -25,11 +25,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("inspect")(inspect.inspect_model)
-app.command("fit-factors")(factors.fit_factors)
-app.command("prefilter")(prefilter.prefilter)
-app.command("query-gradients")(query.query_gradients)
-app.command("query")(query.query)
-app.command("self-influence")(self_influence.self_influence)
+stages.register(app)  # fit-factors, prefilter, query-gradients, query, self-influence: from attrib.options
 app.command("report")(report.report)
 app.command("top")(report.top)
 app.command("demo")(demo.demo)
@@ -53,16 +49,14 @@ def root(
     quiet: bool = typer.Option(False, "--quiet", help="Hide progress bars and status lines."),
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
 ) -> None:
-    """Global options; `--config`, `--debug` and `--quiet` may also follow the command name."""
-    from attrib.progress import set_debug, set_quiet
+    """Global options; `--config`, `--debug` and `--quiet` may also follow the command name.
 
-    set_quiet(quiet)
-    set_debug(debug)
+    `--debug` and `--quiet` are read by `main` (they hold for the whole run, as a runtime session)."""
     if config and ctx.invoked_subcommand:
         from attrib.recipes import load_recipe
 
-        command = typer.main.get_command(app).get_command(ctx, ctx.invoked_subcommand)
-        ctx.default_map = {ctx.invoked_subcommand: load_recipe(config, ctx.invoked_subcommand, command)}
+        group = typer.main.get_command(app)
+        ctx.default_map = {ctx.invoked_subcommand: load_recipe(config, ctx.invoked_subcommand, group)}
 
 
 def _hoist_global_options(argv: list[str]) -> list[str]:
@@ -136,8 +130,10 @@ def _main(argv: list[str] | None) -> None:
     argv = _hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
     command = typer.main.get_command(app)
+    session = runtime.session(caller="cli", quiet="--quiet" in argv, debug=debug)
     try:
-        status = command.main(argv, prog_name="attrib", standalone_mode=False)
+        with session:
+            status = command.main(argv, prog_name="attrib", standalone_mode=False)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

@@ -15,7 +15,9 @@ from pathlib import Path
 import torch
 
 from attrib.errors import InputError
-from attrib.factors import DEFAULT_DAMPING_SCALE, STRATEGY, LayerCurvature, default_damping
+from attrib.factors import LayerCurvature, default_damping
+from attrib.options import DEFAULT_DAMPING_SCALE
+from attrib.strategies import STRATEGY
 from attrib.models import TrackedLayer
 from attrib.storage import open_input
 
@@ -80,7 +82,7 @@ class Curvature:
             raise InputError("--damping-scale must be positive (Λ + λ is divided by)")
         self.layers = layers
         self.damping, self.damping_scale = damping, damping_scale
-        self.files = FactorFiles(directory, self.manifest) if self.strategy.name != "identity" else None
+        self.files = FactorFiles(directory, self.manifest) if self.strategy.has_factors else None
         self.dampings: dict[str, float] = {}  # per layer, filled as layers are loaded
 
     def __len__(self) -> int:
@@ -89,7 +91,7 @@ class Curvature:
     def layer(self, index: int, device="cpu", dtype: torch.dtype = torch.float32) -> LayerCurvature:
         """Layer `index`'s curvature on `device` in `dtype` (stored factors are float32)."""
         name = self.layers[index].name
-        if self.strategy.name == "identity":
+        if not self.strategy.has_factors:
             return LayerCurvature(None, None, None, 0.0)
         eigenvalues = self.files.read(f"{name}.lambda", device).to(dtype)
         damping = self._damping(name, eigenvalues)
@@ -105,7 +107,7 @@ class Curvature:
     def damping_of(self, index: int) -> float:
         """Layer `index`'s λ (reads only its Λ, once)."""
         name = self.layers[index].name
-        if self.strategy.name == "identity":
+        if not self.strategy.has_factors:
             return 0.0
         if name not in self.dampings:
             self._damping(name, self.files.read(f"{name}.lambda"))

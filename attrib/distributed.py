@@ -100,7 +100,7 @@ def detect_world(device: str, timeout: float = DEFAULT_COLLECTIVE_TIMEOUT) -> Wo
     resolved = state.device.type if device == "auto" else resolve_device(device)
     if resolved == "cuda":
         resolved = f"cuda:{state.local_process_index}"
-    from attrib.progress import set_rank
+    from attrib.runtime import configure
 
-    set_rank(state.process_index)  # only rank 0 prints progress (others with --debug)
+    configure(rank=state.process_index)  # only rank 0 prints progress (others with --debug)
     return World(state.process_index, state.num_processes, resolved)

@@ -11,25 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """What a curvature strategy needs fitted."""
-
-    name: str
-    covariances: bool  # pass 1: A and S
-    rotates: bool  # eigenbases of A and S (else the identity basis)
-    corrects: bool  # pass 2: Λ from per-sequence gradients (else from the covariance spectra)
-
-
-STRATEGY = {
-    "ekfac": Strategy("ekfac", covariances=True, rotates=True, corrects=True),
-    "kfac": Strategy("kfac", covariances=True, rotates=True, corrects=False),
-    "diagonal": Strategy("diagonal", covariances=False, rotates=False, corrects=True),
-    "identity": Strategy("identity", covariances=False, rotates=False, corrects=False),
-}
+from attrib.options import DEFAULT_DAMPING_SCALE
 
 
 class CovarianceSums:
@@ -119,7 +101,6 @@ def kfac_eigenvalues(gradient_values, activation_values, tokens_per_sequence: fl
 
 # 0.001, not DESIGN.md §2's 0.1: LDS on real text and the synthetic kits (docs/benchmarks.md,
 # "Defaults chosen on real text"); it matches kronfluence's absolute 1e-8 on every kit measured.
-DEFAULT_DAMPING_SCALE = 0.001
 
 
 def default_damping(eigenvalues: torch.Tensor, scale: float = DEFAULT_DAMPING_SCALE) -> float:

@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from attrib.strategies import STRATEGY
+
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 GiB = 2**30
 
@@ -136,7 +138,7 @@ def logit_bytes(model: ModelShape, tokens: int, dtype: str, sampled: bool) -> in
 
 
 def layer_groups(count: int, layers_per_pass: int | None) -> list[list[int]]:
-    """The same consecutive groups as attrib.fit.layer_groups."""
+    """The same consecutive groups as attrib.stages.fit.layer_groups."""
     size = count if layers_per_pass is None else max(1, min(layers_per_pass, count))
     return [list(range(start, min(start + size, count))) for start in range(0, count, size)]
 
@@ -162,8 +164,8 @@ def fit_factors(
     )
     steps: dict[str, dict[str, int]] = {}
     groups = [[layers[i] for i in group] for group in layer_groups(len(layers), layers_per_pass)]
-    covariances = strategy in ("ekfac", "kfac")
-    if covariances:
+    kind = STRATEGY[strategy]
+    if kind.covariances:
         steps["covariance"] = max(
             (
                 {
@@ -185,8 +187,8 @@ def fit_factors(
             # beside the other side's float32 result
             "eigendecomposition": widest**2 * (4 + 4 * 8) + smaller**2 * 4,
         }
-    if strategy in ("ekfac", "diagonal"):
-        rotates = strategy == "ekfac"
+    if kind.corrects:
+        rotates = kind.rotates
 
         def correction(group):
             per_step = max(

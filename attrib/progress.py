@@ -1,53 +1,23 @@
 """Progress bars on stderr with items/s, tokens/s and ETA; `--quiet` turns them off.
 
-Under torchrun or accelerate only rank 0 speaks (the rank comes from the RANK or
-LOCAL_RANK environment variable, or `set_rank`); the other ranks do with `--debug`.
+Under torchrun or accelerate only rank 0 speaks (the rank comes from the World a stage
+started, else the RANK or LOCAL_RANK environment variable; attrib.runtime); the other
+ranks do with `--debug`.
 Errors and warnings are not affected.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from collections.abc import Iterator
 
-QUIET = False
-DEBUG = False
-RANK: int | None = None  # None: read the environment
-
-
-def set_quiet(quiet: bool) -> None:
-    global QUIET
-    QUIET = quiet
-
-
-def set_debug(debug: bool) -> None:
-    """With --debug every rank prints its progress, not only rank 0."""
-    global DEBUG
-    DEBUG = debug
-
-
-def set_rank(rank: int | None) -> None:
-    """This process's rank (None: from the RANK / LOCAL_RANK environment variables)."""
-    global RANK
-    RANK = rank
-
-
-def current_rank() -> int:
-    if RANK is not None:
-        return RANK
-    for variable in ("RANK", "LOCAL_RANK"):
-        value = os.environ.get(variable, "")
-        if value.strip().isdigit():
-            return int(value)
-    return 0
-
-
 def silent() -> bool:
-    """No bars or status lines: --quiet, or a rank other than 0 without --debug."""
-    return QUIET or (current_rank() != 0 and not DEBUG)
+    """No bars or status lines: quiet, or a rank other than 0 without debug (attrib.runtime)."""
+    from attrib import runtime
+
+    return runtime.current().quiet or (runtime.rank() != 0 and not runtime.current().debug)
 
 
 class Bar:
@@ -142,7 +112,9 @@ def progress(description: str, total: int | None = None, unit: str = "seq") -> I
 def message(text: str) -> None:
     """A status line for people (stderr), hidden by --quiet and on ranks other than 0."""
     if not silent():
-        prefix = f"[rank {current_rank()}] " if current_rank() != 0 else ""
+        from attrib.runtime import rank
+
+        prefix = f"[rank {rank()}] " if rank() != 0 else ""
         print(prefix + text, file=sys.stderr)
 
 

@@ -17,12 +17,9 @@ def _option_names(command) -> set[str]:
     return {param.name for param in command.params if param.name}
 
 
-def load_recipe(path: str, command_name: str, command) -> dict:
-    """The default_map for `command_name` from the recipe at `path`."""
-    import typer
-
-    from attrib.cli import app
-
+def load_recipe(path: str, command_name: str, group) -> dict:
+    """The default_map for `command_name` from the recipe at `path`; `group` is the click group of
+    every command (a recipe's top-level keys may belong to any of them)."""
     recipe_path = Path(path)
     if not recipe_path.is_file():
         raise InputError(f"--config {path}: no such file")
@@ -30,8 +27,8 @@ def load_recipe(path: str, command_name: str, command) -> dict:
         recipe = tomllib.loads(recipe_path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise InputError(f"--config {path} is not valid TOML: {exc}") from exc
-    group = typer.main.get_command(app)
     commands = {name: group.commands[name] for name in group.commands}
+    command = commands[command_name]
     known_anywhere = set().union(*(_option_names(c) for c in commands.values()))
     defaults: dict = {}
     for key, value in recipe.items():

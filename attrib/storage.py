@@ -427,3 +427,8 @@ def load_into(path: str | Path, tensors: dict) -> None:
     with safe_open(str(path), framework="pt", device=device) as handle:
         for name, tensor in tensors.items():
             tensor.copy_(handle.get_tensor(name))
+
+
+def stage_finished(out) -> bool:
+    """Whether `out` holds a finished stage: a call that then succeeds without overwrite leaves it as it was."""
+    return Path(out).is_dir() and (read_manifest(out) or {}).get("status") == "complete"

@@ -92,7 +92,7 @@ def worker(args) -> dict:
 
     from attrib.data import CorpusSpec, SequenceCaps, collate, iter_sequence_parts, pack_batches
     from attrib.distributed import World
-    from attrib.fit import FitSettings, fit_factors
+    from attrib.stages.fit import FitSettings, fit_factors
     from attrib.models import find_tracked_layers, load_model, model_record
     from attrib.storage import StageDir
 
@@ -189,7 +189,7 @@ def profile_fit(model, tokenizer, layers, corpus, settings, work) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     from attrib.distributed import World
-    from attrib.fit import fit_factors
+    from attrib.stages.fit import fit_factors
     from attrib.models import model_record
     from attrib.storage import StageDir
 

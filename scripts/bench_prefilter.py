@@ -25,10 +25,10 @@ N_QUERIES = 100
 STREAMING_CHILD = """
 import json, resource, sys, time
 from attrib.data import CorpusSpec
-from attrib.progress import set_quiet
-from attrib.prefilter_stage import run_prefilter
+from attrib.runtime import configure
+from attrib.stages.prefilter import run_prefilter
 corpus, queries, out, backend, top_k = sys.argv[1:6]
-set_quiet(True)
+configure(quiet=True)
 start = time.perf_counter()
 manifest = run_prefilter(CorpusSpec(corpus, id_field="id"), queries, out, int(top_k), backend=backend, overwrite=True)
 print(json.dumps({"seconds": time.perf_counter() - start, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -158,7 +158,7 @@ def main() -> None:
     from attrib.data import CorpusSpec, Query, collate, iter_sequence_parts, pack_batches
     from attrib.distributed import World
     from attrib.curvature import load_curvature
-    from attrib.fit import FitSettings, fit_factors
+    from attrib.stages.fit import FitSettings, fit_factors
     from attrib.models import find_tracked_layers, load_model, model_record
     from attrib.preconditioned_gradients import compute_query_gradients
     from attrib.scoring import ScoreSettings, score_documents_and_tokens

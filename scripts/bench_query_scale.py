@@ -211,7 +211,7 @@ def worker_many(spec: dict) -> dict:
 
         candidates = open_candidates(spec["candidates"], query_ids)
     else:  # before: a Python object per pair
-        from attrib.prefilter_stage import load_candidates
+        from attrib.stages.prefilter import load_candidates
         from attrib.scoring import Candidates
 
         loaded = load_candidates(spec["candidates"])

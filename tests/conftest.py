@@ -127,15 +127,3 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
 @pytest.fixture(autouse=True)
 def _hf_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path_factory.getbasetemp() / "hf_home"))
-
-
-@pytest.fixture(autouse=True)
-def _loud_by_default():
-    """`--quiet` sets a process-wide flag; in-process CLI runs must not leak it into later tests."""
-    from attrib.progress import set_debug, set_quiet, set_rank
-
-    set_quiet(False)
-    yield
-    set_quiet(False)
-    set_debug(False)
-    set_rank(None)

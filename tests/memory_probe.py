@@ -20,8 +20,8 @@ def main(model_dir: str, corpus: str, out: str, step: str, layers_per_pass: str,
     from attrib import memory
     from attrib.data import CorpusSpec
     from attrib.distributed import World
-    from attrib.fit import FitSettings, _PassRunner, correction_step, covariance_step
-    from attrib.factors import STRATEGY
+    from attrib.stages.fit import FitSettings, _PassRunner, correction_step, covariance_step
+    from attrib.strategies import STRATEGY
     from attrib.memory import layer_groups
     from attrib.models import find_tracked_layers, load_model, model_record, shared_activation_sources
     from attrib.storage import StageDir

@@ -245,7 +245,7 @@ def test_fit_and_query_on_chat_data(tmp_path, capsys):
 
 def test_prefilter_searches_conversations(tmp_path):
     """Without --model the prefilter searches the conversations' contents; chat queries alike."""
-    from attrib.prefilter_stage import load_candidates, run_prefilter
+    from attrib.stages.prefilter import load_candidates, run_prefilter
 
     corpus = write_jsonl(tmp_path / "chat.jsonl", [
         {"id": f"c{i}", "messages": [{"role": "user", "content": "Tell me something."},

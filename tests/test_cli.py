@@ -111,7 +111,7 @@ def test_shipped_recipes_are_valid(capsys):
     for recipe in recipes:
         tables = [k for k, v in tomllib.loads(recipe.read_text()).items() if isinstance(v, dict)]
         for command in tables or ["fit-factors"]:
-            load_recipe(str(recipe), command, group.commands[command])
+            load_recipe(str(recipe), command, group)
 
 
 def test_fit_factors_cli_end_to_end_and_rerun(tmp_path, capsys, model_dirs, corpus_file):
@@ -130,18 +130,18 @@ def test_fit_factors_cli_end_to_end_and_rerun(tmp_path, capsys, model_dirs, corp
 
 
 def test_only_rank_zero_prints_progress(monkeypatch, capsys):
-    from attrib.progress import message, progress, set_debug
+    from attrib import runtime
+    from attrib.progress import message, progress
 
     monkeypatch.setenv("RANK", "1")
     message("status line")
     with progress("a bar", total=3) as bar:
         bar.advance(3)
     assert capsys.readouterr().err == ""
-    set_debug(True)  # --debug: every rank speaks, saying which it is
-    message("status line")
+    with runtime.session(debug=True):  # --debug: every rank speaks, saying which it is
+        message("status line")
     assert capsys.readouterr().err == "[rank 1] status line\n"
     monkeypatch.setenv("RANK", "0")
-    set_debug(False)
     message("status line")
     assert capsys.readouterr().err == "status line\n"
 

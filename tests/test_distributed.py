@@ -68,7 +68,7 @@ def test_two_processes_with_layer_groups_equal_one(tmp_path, model_dirs, corpus_
     """Two groups of layers, checkpoints after every part, eigendecompositions spread over the
     ranks (layer i on rank i mod 2): the factors equal one process's, and each eigenbasis is
     bit for bit what one process computes from the same covariance file."""
-    from attrib.fit import decompose_layer
+    from attrib.stages.fit import decompose_layer
     from attrib.models import find_tracked_layers, load_model
 
     outs = {}

@@ -12,7 +12,7 @@ from attrib.data import CorpusSpec, SequenceCaps, iter_sequence_parts
 from attrib.distributed import World
 from attrib.factors import CorrectionSums, CovarianceSums, LayerCurvature, kfac_eigenvalues, symmetric_eigh
 from attrib.curvature import load_curvature
-from attrib.fit import FitSettings, fit_factors
+from attrib.stages.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.storage import StageDir, load_tensors
 from tests.oracle import dense_curvature, describe_difference, sequence_gradient, token_statistics
@@ -280,7 +280,7 @@ def test_interval_checkpoints_resume_to_identical_files(tmp_path, model_dirs, co
     """Checkpoints on a wall-clock interval (a fake clock that ticks once per part): a run killed
     in pass 1 resumes from the last checkpoint (or from the start) and writes the same bytes."""
     import attrib.factors as factors_module
-    import attrib.fit as fit_module
+    import attrib.stages.fit as fit_module
 
     seconds = {"each part": 0.0, "every third part": 1.5, "never": 1e9}[every]
     clock = {"now": 0.0}

@@ -11,7 +11,7 @@ import pytest
 
 from attrib.data import CorpusSpec
 from attrib.errors import InputError
-from attrib.prefilter_stage import CANDIDATES_FILE, FREQUENCIES_FILE, TopK, load_candidates, run_prefilter
+from attrib.stages.prefilter import CANDIDATES_FILE, FREQUENCIES_FILE, TopK, load_candidates, run_prefilter
 
 FILLER_WORDS = (
     "the farmer baker child sailor teacher dog cat merchant old young quiet tired happy small carried found "
@@ -221,7 +221,7 @@ def test_top_k_keeps_best_and_breaks_ties_by_order():
 
 
 def test_resume_after_crash_reuses_first_pass(planted, tmp_path, monkeypatch, capsys):
-    import attrib.prefilter_stage as stage
+    import attrib.stages.prefilter as stage
 
     def crash(*args, **kwargs):
         raise RuntimeError("killed")
@@ -248,7 +248,7 @@ def test_resume_after_crash_reuses_first_pass(planted, tmp_path, monkeypatch, ca
 
 
 def test_auto_backend_by_size(tmp_path, monkeypatch):
-    import attrib.prefilter_stage as stage
+    import attrib.stages.prefilter as stage
 
     corpus = write_rows(tmp_path / "c.jsonl", [{"text": "some words here"}] * 10)
     assert stage.choose_backend(CorpusSpec(str(corpus)), "auto") == "exact"
@@ -366,7 +366,7 @@ def test_resume_refuses_a_changed_corpus(planted, tmp_path, monkeypatch):
     """An unfinished run on corpus A is not continued on corpus B (nor on edited queries)."""
     import shutil
 
-    import attrib.prefilter_stage as stage
+    import attrib.stages.prefilter as stage
 
     corpus, queries, _ = planted
     copy = shutil.copy(corpus, tmp_path / "corpus.jsonl")
@@ -390,7 +390,7 @@ def test_sequence_candidates_refuse_other_chunking(planted, tokenizer_model, tok
     """Chunk k is the same text only with the same tokenizer, --max-length and --long-documents."""
     from transformers import AutoTokenizer
 
-    from attrib.prefilter_stage import check_candidates_chunking
+    from attrib.stages.prefilter import check_candidates_chunking
 
     manifest = prefilter(planted, tmp_path / "seq", unit="sequence", model=str(tokenizer_model), max_length=16)
     own = AutoTokenizer.from_pretrained(tokenizer_model)

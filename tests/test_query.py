@@ -12,7 +12,7 @@ import torch
 from attrib.data import CorpusSpec, Query, SequenceCaps, iter_sequence_parts, query_sequence
 from attrib.distributed import World
 from attrib.curvature import load_curvature
-from attrib.fit import FitSettings, fit_factors
+from attrib.stages.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.preconditioned_gradients import compute_query_gradients
 from attrib.scoring import ScoreSettings, score_documents_and_tokens

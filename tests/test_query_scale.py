@@ -17,7 +17,7 @@ import torch
 from attrib.curvature import load_curvature
 from attrib.data import CorpusSpec, Query
 from attrib.distributed import World
-from attrib.fit import FitSettings, fit_factors
+from attrib.stages.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.preconditioned_gradients import compute_query_gradients, low_rank, randomized_low_rank
 from attrib.storage import StageDir

@@ -12,9 +12,9 @@ import torch
 
 from attrib.data import CorpusSpec, SequenceCaps, iter_sequence_parts
 from attrib.distributed import World
-from attrib.fit import FitSettings, fit_factors
+from attrib.stages.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
-from attrib.self_influence_stage import SelfInfluenceSettings, run_self_influence
+from attrib.stages.self_influence import SelfInfluenceSettings, run_self_influence
 from attrib.storage import StageDir
 from tests.conftest import run_cli, write_jsonl
 from tests.oracle import describe_difference, sequence_gradient
@@ -103,7 +103,7 @@ def test_layer_self_influence_is_the_dense_quadratic_form(strategy, length):
     whichever way the batch is rotated (short batches rotate a and g, long ones each G), several sequences per
     step, and padding (zero a and g) contributing nothing. Exact orthogonal bases: agreement to rounding."""
     from attrib.factors import LayerCurvature
-    from attrib.self_influence_stage import layer_self_influence
+    from attrib.stages.self_influence import layer_self_influence
 
     generator = torch.Generator().manual_seed(0)
     d_in, d_out, batch = 6, 5, 3
@@ -183,7 +183,7 @@ def factors_dir(tmp_path, capsys, model_dirs, corpus_file):
 
 def test_cli_resumes_after_a_crash_and_top_and_report_read_the_output(tmp_path, capsys, model_dirs, corpus_file,
                                                                       factors_dir):
-    import attrib.self_influence_stage as stage
+    import attrib.stages.self_influence as stage
 
     args = ["--quiet", "self-influence", "--model", model_dirs["llama"], "--factors", factors_dir, "--corpus", corpus_file,
             "--max-length", MAX_LENGTH, "--docs-per-part", 4, "--token-scores-top", 3]

@@ -6,25 +6,30 @@ from typing import Annotated, Optional
 
 import typer
 
-from attrib.commands.options import Modules, Model, TokensPerBatch, TrustRemoteCode
 from attrib.memory import parse_bytes
+from attrib.options import DEFAULT_QUERY_RANK, MODEL, BatchOptions, FitOptions, ModelOptions, help_of
+
+
+def _option(group, name: str, **changes):
+    """A flag of the planned run, with the help of the stage option of the same name."""
+    return typer.Option(help=changes.pop("help", help_of(group, name)), **changes)
 
 
 def inspect_model(
-    model: Model,
-    modules: Modules = None,
-    tokens_per_batch: TokensPerBatch = 4096,
+    model: Annotated[str, typer.Option(*MODEL.flags, help=MODEL.help)],
+    modules: Annotated[Optional[str], _option(FitOptions, "modules")] = None,
+    tokens_per_batch: Annotated[int, _option(BatchOptions, "tokens_per_batch")] = 4096,
     layers_per_pass: Annotated[Optional[int], typer.Option(help="Layers per pass of fit-factors (default: all).")] = None,
     max_memory: Annotated[Optional[str], typer.Option(
         help="Memory per process (device memory on a GPU, RAM on CPU), e.g. 80GiB: suggest --layers-per-pass.")] = None,
-    strategy: Annotated[str, typer.Option(help="ekfac, kfac, diagonal or identity.")] = "ekfac",
+    strategy: Annotated[str, _option(FitOptions, "strategy")] = "ekfac",
     queries: Annotated[int, typer.Option(help="Queries of the planned query stages.")] = 16,
-    query_rank: Annotated[int, typer.Option(help="Rank of the query gradients (0 = full).")] = 32,
+    query_rank: Annotated[int, typer.Option(help="Rank of the query gradients (0 = full).")] = DEFAULT_QUERY_RANK,
     max_length: Annotated[int, typer.Option(help="Tokens per sequence of the planned run.")] = 512,
     dtype: Annotated[str, typer.Option(help="Model compute dtype of the planned run: auto (bfloat16 on cuda), "
                                             "float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="Device of the planned run: cuda or cpu (nothing runs on it here).")] = "cuda",
-    trust_remote_code: TrustRemoteCode = False,
+    trust_remote_code: Annotated[bool, _option(ModelOptions, "trust_remote_code")] = False,
 ) -> None:
     """List the tracked layers and predict each stage's peak memory, loading no weights.
 
@@ -37,7 +42,8 @@ def inspect_model(
     from rich.table import Table
 
     from attrib import memory
-    from attrib.api import default_dtype
+    from attrib.runtime import default_dtype
+    from attrib.strategies import STRATEGY
     from attrib.errors import InputError
     from attrib.models import DTYPES, factor_bytes, find_tracked_layers, load_meta_model
 
@@ -86,7 +92,7 @@ def inspect_model(
                           sorted(peak.terms.items(), key=lambda item: -item[1])[:3])
         peaks.add_row("fit-factors", "all" if option is None else str(option), peak.step,
                       f"{peak.device / memory.GiB:.1f}" if kind == "cuda" else "-", f"{peak.host / memory.GiB:.1f}", terms)
-    rotates = strategy in ("ekfac", "kfac")
+    rotates = STRATEGY[strategy].rotates
     per_batch, per_pass = min(64, queries), queries  # what the stages do when everything fits
     if budget is not None:
         per_batch, per_pass = memory.query_batching(

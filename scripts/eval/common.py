@@ -23,11 +23,11 @@ from scipy import stats
 
 from attrib.data import CorpusSpec, Query, iter_sequence_parts, load_queries, query_sequence, special_prefix
 from attrib.distributed import World
-from attrib.factors import DEFAULT_DAMPING_SCALE
+from attrib.options import DEFAULT_DAMPING_SCALE
 from attrib.curvature import load_curvature
-from attrib.fit import FitSettings, fit_factors
+from attrib.stages.fit import FitSettings, fit_factors
 from attrib.memory import DENSE_BYTES
-from attrib.progress import set_quiet
+from attrib.runtime import configure
 from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.preconditioned_gradients import QueryGradients, compute_query_gradients
 from attrib.scoring import Scorer
@@ -36,7 +36,7 @@ from attrib.synthetic import (generate_fact_corpus, generic_queries, train_causa
                               write_fact_corpus)
 
 MAX_LENGTH = 128
-set_quiet(True)
+configure(quiet=True)
 
 
 @dataclass(frozen=True)
@@ -280,7 +280,7 @@ def correlations(predicted: np.ndarray, reference: np.ndarray) -> dict:
 
 def prefilter_scores(att: Attributor, scoring: str, work: Path) -> np.ndarray:
     """TF-IDF or BM25 scores [queries, documents] from attrib's prefilter (0 where a document shares no term)."""
-    from attrib.prefilter_stage import load_candidates, run_prefilter
+    from attrib.stages.prefilter import load_candidates, run_prefilter
 
     out = Path(work) / f"prefilter-{att.setup_dir.name}-{scoring}"
     run_prefilter(att.corpus, att.setup_dir / "queries.jsonl", out, top_k=len(att.doc_ids), scoring=scoring)

@@ -23,6 +23,7 @@ ranks computed from the score column alone.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +33,10 @@ from attrib.curvature import Curvature
 from attrib.data import CorpusSpec, RowStats, Sequence, collate, iter_sequence_parts, pack_batches
 from attrib.distributed import World
 from attrib.errors import InputError
-from attrib.factors import DEFAULT_DAMPING_SCALE, LayerCurvature, correction_sequences_per_step
+from attrib.results import StageResult
+from attrib.runtime import flag
+from attrib.factors import LayerCurvature, correction_sequences_per_step
+from attrib.options import DEFAULT_DAMPING_SCALE
 from attrib.models import TrackedLayer
 from attrib.progress import message, progress
 from attrib.score_tables import SELF_INFLUENCE, SELF_QUERY, self_influence_schema, tokens_schema
@@ -54,15 +58,12 @@ class SelfInfluenceSettings:
     token_scores_top: int = 100  # -1: every sequence; 0: none
     world_size: int = 1
 
-    def validate(self) -> None:
-        if self.damping is not None and self.damping <= 0:
-            raise InputError("--damping must be positive (Λ + λ is divided by)")
-        if self.damping_scale <= 0:
-            raise InputError("--damping-scale must be positive (Λ + λ is divided by)")
-        if self.max_length < 2:
-            raise InputError(f"--max-length {self.max_length} must be at least 2")
-        if self.tokens_per_batch < 1 or self.docs_per_part < 1:
-            raise InputError("--tokens-per-batch and --docs-per-part must be positive")
+    @classmethod
+    def of(cls, options, max_length: int, world_size: int) -> SelfInfluenceSettings:
+        reading = options.batch
+        return cls(damping=options.damping.damping, damping_scale=options.damping.scale, max_length=max_length,
+                   tokens_per_batch=reading.tokens_per_batch, docs_per_part=reading.docs_per_part,
+                   token_scores_top=options.scores.token_scores, world_size=world_size)
 
 
 def layer_self_influence(curvature: LayerCurvature, a: torch.Tensor, g: torch.Tensor, tokens: bool = False,
@@ -278,19 +279,18 @@ def run_self_influence(out, model_spec: str, lm, tokenizer, layers: list[Tracked
     from attrib.storage import input_identity, open_input
 
     world = world or World()
-    settings.validate()
     record = model_record(model_spec, lm, layers)
     curvature = Curvature(factors, layers, settings.damping, settings.damping_scale, record["fingerprint"])
     chat = {**chat_format(tokenizer, corpus.chat_template).identity(), "loss_on": corpus.loss_on}
-    check_chat_agrees(open_input(factors, "fit-factors", option="--factors")["settings"].get("chat"), chat,
-                      f"--factors {factors}")  # the loss the factors were fitted on
+    check_chat_agrees(open_input(factors, "fit-factors", option=flag("factors"))["settings"].get("chat"), chat,
+                      flag("factors", factors))  # the loss the factors were fitted on
     recorded = {**asdict(settings), "strategy": curvature.strategy.name, "chat": chat,
                 "chunking": chunking_identity(tokenizer, settings.max_length, corpus.long_documents)}
     inputs = {"factors": input_identity(factors),
               "corpus": {**asdict(corpus), "identity": input_identity(corpus.source)}}
     stage = world.main_first(lambda is_main: StageDir(out, STAGE, recorded, record, inputs, overwrite and is_main))
     if stage.already_complete:
-        message(f"{out} is already complete; use --overwrite to score again")
+        message(f"{out} is already complete; use {flag('overwrite')} to score again")
         return None
     budget = max_memory or memory.default_budget(world.device)
     peak = memory.self_influence(memory.model_shape(lm), memory.layer_shapes(layers),
@@ -306,7 +306,7 @@ def run_self_influence(out, model_spec: str, lm, tokenizer, layers: list[Tracked
 
         parts = stage.parts(f"{PARTS_DIR}/scores-*.parquet")  # every rank sees the same directory
         if not sum(pq.read_metadata(stage.file(p)).num_rows for p in parts):
-            raise InputError(f"nothing was scored: --corpus {corpus.source} yields no sequence of at least 2 tokens")
+            raise InputError(f"nothing was scored: {flag('corpus', corpus.source)} yields no sequence of at least 2 tokens")
         counts = write_self_influence(stage) if world.is_main else {}
         world.barrier()
         top = settings.token_scores_top
@@ -328,3 +328,22 @@ def run_self_influence(out, model_spec: str, lm, tokenizer, layers: list[Tracked
         )
         discard_parts(stage)
         return manifest
+
+
+def run(model, factors: str, corpus: str, out, *, options, tokenizer=None) -> StageResult:
+    """The stage as `attrib.self_influence` runs it: the corpus checked before any output exists, then scored."""
+    from attrib.data import check_corpus, default_max_length
+    from attrib.runtime import borrowed_model
+    from attrib.stages.query_gradients import tracked_layers_of_factors
+    from attrib.storage import read_manifest, stage_finished
+
+    spec = options.corpus.spec(corpus)
+    check_corpus(spec)  # a missing path, a wrong text field or a bad first row fail before any output exists
+    finished = stage_finished(out) and not options.run.overwrite
+    with borrowed_model(model, tokenizer, options.model) as (world, model_spec, lm, tokenizer):
+        layers = tracked_layers_of_factors(lm, model_spec, factors)
+        max_length = options.batch.max_length or default_max_length(lm.config, tokenizer)
+        settings = SelfInfluenceSettings.of(options, max_length, world.size)
+        run_self_influence(out, model_spec, lm, tokenizer, layers, factors, spec, settings, world,
+                           options.run.overwrite, options.run.memory_budget)
+        return StageResult(Path(out), read_manifest(out), finished, world.is_main)

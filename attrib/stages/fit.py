@@ -20,6 +20,7 @@ import contextlib
 import shutil
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -27,23 +28,21 @@ from attrib.capture import Capture, sample_labels, sequence_seed, summed_nll
 from attrib.data import CorpusSpec, RowStats, SequenceCaps, collate, iter_sequence_parts, pack_batches
 from attrib.distributed import World
 from attrib.errors import InputError, RunError
+from attrib.results import StageResult
+from attrib.runtime import flag
 from attrib.factors import (
-    STRATEGY,
     CorrectionSums,
     CovarianceSums,
-    Strategy,
     kfac_eigenvalues,
     symmetric_eigh,
 )
 from attrib.memory import layer_groups
+from attrib.strategies import STRATEGY, Strategy
 from attrib.models import TrackedLayer, shared_activation_sources
 from attrib.progress import message, progress
 from attrib.storage import StageDir, load_into, merge_tensor_files, tensor_metadata, write_tensors
 
 COVARIANCE, EIGEN, LAMBDA = "covariance", "eigen", "lambda"
-COVARIANCE_FILE = "covariance.safetensors"
-EIGEN_FILE = "eigen.safetensors"
-LAMBDA_FILE = "lambda.safetensors"
 EIGEN_PARTS = "eigen-parts"  # one file per decomposed layer until its group's file is assembled
 CHECKPOINTS = "checkpoints"  # running sums of unfinished passes, one file per pass and group
 PASS_SEED = {"covariance": 1, "correction": 2}
@@ -74,26 +73,26 @@ class FitSettings:
     tf32: bool = False  # TF32 matmuls for the float32 statistics (CUDA only; a no-op on CPU)
     covariance_max_tokens: int | None = None  # A and S from the first this many tokens; Λ still from all
 
+    @classmethod
+    def of(cls, options, max_length: int, world) -> FitSettings:
+        """The settings of a run with these stage options; what depends on the model and device resolved."""
+        fit, reading = options.fit, options.batch
+        settings = cls(strategy=fit.strategy, fisher=fit.fisher, fisher_samples=fit.fisher_samples,
+                       max_length=max_length, tokens_per_batch=reading.tokens_per_batch,
+                       docs_per_part=reading.docs_per_part, max_sequences=fit.max_sequences, max_tokens=fit.max_tokens,
+                       stats_dtype=fit.stats_dtype, seed=fit.seed, world_size=world.size,
+                       layers_per_pass=fit.layers_per_pass, covariance_max_tokens=fit.covariance_max_tokens,
+                       tf32=str(world.device).startswith("cuda") if fit.tf32 is None else fit.tf32)
+        settings.validate()
+        return settings
+
     def validate(self) -> None:
-        if self.strategy not in STRATEGY:
-            raise InputError(f"--strategy {self.strategy} is not one of {', '.join(STRATEGY)}")
-        if self.fisher not in ("true", "empirical"):
-            raise InputError(f"--fisher {self.fisher} is not 'true' or 'empirical'")
-        if self.fisher_samples < 1:
-            raise InputError("--fisher-samples must be at least 1")
-        if self.fisher == "empirical" and self.fisher_samples != 1:
-            raise InputError("--fisher-samples applies to --fisher true only (the data has one label)")
-        if self.stats_dtype not in ("float32", "float64"):
-            raise InputError("--stats-dtype must be float32 or float64")
-        for name in ("max_length", "tokens_per_batch", "docs_per_part"):
-            if getattr(self, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be positive")
+        """What the options cannot check alone: the sequence length resolved from the model."""
         if self.max_length > self.tokens_per_batch:
-            raise InputError("--tokens-per-batch must be at least --max-length")
-        if self.layers_per_pass is not None and self.layers_per_pass < 1:
-            raise InputError("--layers-per-pass must be at least 1")
+            raise InputError(f"{flag('tokens_per_batch')} must be at least {flag('max_length')} ({self.max_length})")
         if self.covariance_max_tokens is not None and self.covariance_max_tokens < self.max_length:
-            raise InputError("--covariance-max-tokens must be at least --max-length")
+            raise InputError(f"{flag('covariance_max_tokens')} must be at least {flag('max_length')} "
+                             f"({self.max_length})")
 
 
 @dataclass
@@ -491,7 +490,7 @@ def _fit_factors(model, tokenizer, layers, corpus, stage, settings, world, check
         files += [group_file(COVARIANCE, g, len(groups)) for g in range(len(groups))]
         eigendecomposition_step(layers, groups, sources, stage, world)
         files += [group_file(EIGEN, g, len(groups)) for g in range(len(groups))]
-    if strategy.name != "identity":
+    if strategy.has_factors:
         correction_counts = correction_step(runner, layers, groups, sources, strategy, covariance_counts)
         if correction_counts is not None:
             counts["correction_sequences"] = correction_counts.sequences
@@ -506,3 +505,65 @@ def _fit_factors(model, tokenizer, layers, corpus, stage, settings, world, check
         manifest = stage.complete(counts, files, layer_groups=layer_names, activation_alias=alias)
     world.barrier()
     return manifest
+
+
+def run(model, corpus: str, out, *, options, tokenizer=None) -> StageResult:
+    """The stage as `attrib.fit_factors` runs it: the corpus checked before any output exists, the model
+    borrowed, --layers-per-pass chosen for a memory budget, then the factors fitted (or resumed)."""
+    from attrib.data import chat_format, check_corpus, default_max_length
+    from attrib.models import find_tracked_layers, model_record
+    from attrib.runtime import borrowed_model
+    from attrib.storage import input_identity, read_manifest
+
+    spec = options.corpus.spec(corpus)
+    check_corpus(spec)  # a missing path, a wrong text field or a bad first row fail before any output exists
+    fit = options.fit
+    with borrowed_model(model, tokenizer, options.model, fit.collective_timeout_seconds) as (
+            world, model_spec, lm, tokenizer):
+        dtype = str(next(lm.parameters()).dtype).removeprefix("torch.")
+        if dtype == "float16":
+            raise InputError("the model is in float16, which fit-factors refuses (no loss scaling); "
+                             "convert it to bfloat16 or float32")
+        layers = find_tracked_layers(lm, fit.modules)
+        settings = FitSettings.of(options, options.batch.max_length or default_max_length(lm.config, tokenizer), world)
+        if options.run.memory_budget is not None:
+            settings.layers_per_pass = layers_for_budget(options.run.memory_budget, lm, layers, settings, dtype,
+                                                         world.device)
+        reading = {key: value for key, value in asdict(spec).items() if key not in ("source", "long_documents")}
+        recorded = {**asdict(settings), "modules": fit.modules, "dtype": dtype, "long_documents": spec.long_documents,
+                    "corpus_options": reading,
+                    "chat": {**chat_format(tokenizer, spec.chat_template).identity(), "loss_on": spec.loss_on}}
+        inputs = {"corpus": input_identity(spec.source)}
+        record = model_record(model_spec, lm, layers)
+        stage = world.main_first(
+            lambda is_main: StageDir(out, "fit-factors", recorded, record, inputs, options.run.overwrite and is_main)
+        )
+        if stage.already_complete:
+            message(f"{out} is already complete; use {flag('overwrite')} to fit again")
+        else:
+            with stage.guard():
+                fit_factors(lm, tokenizer, layers, spec, stage, settings, world, fit.checkpoint_seconds)
+        return StageResult(Path(out), read_manifest(out), stage.already_complete, world.is_main)
+
+
+def layers_for_budget(budget: int, lm, layers, settings: FitSettings, dtype: str, device: str) -> int | None:
+    """--layers-per-pass for a memory budget, through attrib.memory's model of fit-factors."""
+    from attrib import memory
+
+    shape, shapes = memory.model_shape(lm), memory.layer_shapes(layers)
+    kind = "cpu" if str(device) == "cpu" else "cuda"
+
+    def predict(layers_per_pass):
+        return memory.fit_factors(
+            shape, shapes, tokens_per_batch=settings.tokens_per_batch, dtype=dtype, device=kind,
+            layers_per_pass=layers_per_pass, strategy=settings.strategy, fisher=settings.fisher,
+            stats_dtype=settings.stats_dtype,
+        )
+
+    try:
+        return memory.choose_layers_per_pass(budget, predict, len(layers), kind)
+    except ValueError as exc:
+        raise InputError(
+            f"{flag('max_memory')} {budget / memory.GiB:.1f} GiB is too small: {exc}; lower "
+            f"{flag('tokens_per_batch')} or raise {flag('max_memory')}"
+        ) from None

@@ -38,6 +38,8 @@ import numpy as np
 
 from attrib.data import EMPTY_TEXT, CorpusSpec, RowStats, corpus_files, iter_documents
 from attrib.errors import InputError
+from attrib.results import StageResult
+from attrib.runtime import flag
 from attrib.models import load_tokenizer
 
 CANDIDATES_FILE = "candidates.parquet"
@@ -82,27 +84,11 @@ class PrefilterSettings:
     hash_features: int = DEFAULT_HASH_FEATURES
 
     def check(self) -> None:
-        for option, value, allowed in (
-            ("--unit", self.unit, UNITS),
-            ("--analyzer", self.analyzer, ANALYZERS),
-            ("--scoring", self.scoring, SCORINGS),
-            ("--query-text", self.query_text, QUERY_TEXTS),
-            ("--backend", self.backend, BACKENDS),
-        ):
-            if value not in allowed:
-                raise InputError(f"{option} {value} is not one of {', '.join(allowed)}")
-        if self.top_k < 1:
-            raise InputError(f"--top-k {self.top_k} must be at least 1")
-        low, high = self.ngram_range
-        if not 1 <= low <= high:
-            raise InputError(f"--ngram-range {low},{high} needs 1 <= MIN <= MAX")
-        if self.hash_features < 2**10:
-            raise InputError(f"--hash-features {self.hash_features} is too small; use at least 1024")
-        if self.max_length is not None and self.max_length < 2:
-            raise InputError(f"--max-length {self.max_length} must be at least 2")
-        if self.model is None and (self.unit == "sequence" or self.analyzer == "model"):
-            needs = "--unit sequence" if self.unit == "sequence" else "--analyzer model"
-            raise InputError(f"{needs} needs --model (its tokenizer cuts and reads the text)")
+        """The checks of the command's options (attrib.options.PrefilterOptions), for callers of run_prefilter."""
+        from attrib.options import STAGES
+
+        given = {**asdict(self), "ngram_range": ",".join(map(str, self.ngram_range))}
+        STAGES["prefilter"].parse({name: value for name, value in given.items() if value is not None})
 
     @property
     def needs_tokenizer(self) -> bool:
@@ -632,3 +618,18 @@ def load_candidates(directory: str | Path) -> dict[str, list[Candidate]]:
 
 
 __all__ = ["Candidate", "PrefilterSettings", "TopK", "check_candidates_chunking", "choose_backend", "load_candidates", "parse_ngram_range", "run_prefilter"]
+
+
+def run(corpus: str, queries: str, out, *, options, tokenizer=None) -> StageResult:
+    """The stage as `attrib.prefilter` runs it (`tokenizer` is unused: `model=` names the tokenizer to load)."""
+    from attrib.progress import libraries_quiet
+    from attrib.storage import stage_finished
+
+    chosen = options.prefilter
+    finished = stage_finished(out) and not options.run.overwrite
+    keywords = {**asdict(chosen), "ngram_range": chosen.ngrams}
+    with libraries_quiet(*(("transformers",) if chosen.model is not None else ())):
+        manifest = run_prefilter(options.corpus.spec(corpus), queries, out, **keywords,
+                                 max_length=options.batch.max_length, trust_remote_code=options.model.trust_remote_code,
+                                 overwrite=options.run.overwrite)
+    return StageResult(Path(out), manifest, finished)
