@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from attrib.errors import InputError
+from attrib.runtime import flag
 
 
 class CandidateIndex:
@@ -67,10 +68,10 @@ def open_candidates(directory: str | Path, query_ids: list[str]) -> CandidateInd
     from attrib.stages.prefilter import CANDIDATES_FILE
     from attrib.storage import open_input
 
-    open_input(directory, "prefilter", option="--candidates")
+    open_input(directory, "prefilter", option=flag("candidates"))
     path = Path(directory) / CANDIDATES_FILE
     try:
         table = pq.read_table(path, columns=["query_id", "doc_id", "chunk", "rank"])
     except Exception as exc:  # pyarrow raises several types for a missing, damaged or incomplete file
-        raise InputError(f"--candidates {directory}: {CANDIDATES_FILE} is unreadable ({exc}); rerun the prefilter") from exc
+        raise InputError(f"{flag('candidates', directory)}: {CANDIDATES_FILE} is unreadable ({exc}); rerun the prefilter") from exc
     return CandidateIndex(table, query_ids, str(directory))

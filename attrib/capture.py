@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from attrib.models import TrackedLayer
+from attrib.runtime import flag
 
 # (layer index, a [batch, seq, d_in_folded]) -> what to keep for that layer until backward
 ForwardHandler = Callable[[int, torch.Tensor], Any]
@@ -103,7 +104,7 @@ class Capture:
             names = f"{self.layers[source].name} and {self.layers[index].name}"
             raise InputError(
                 f"{names} do not read the same input tensor, so they cannot share one activation covariance; "
-                "this model's MLP is not a standard gated MLP: choose its layers with --modules"
+                f"this model's MLP is not a standard gated MLP: choose its layers with {flag('modules')}"
             )
 
     def _check_input(self, index: int, layer: TrackedLayer, x: torch.Tensor) -> None:
@@ -114,12 +115,12 @@ class Capture:
         if self._calls[index] > 1:
             raise InputError(
                 f"module {layer.name} is called more than once per forward pass; attrib can track only layers "
-                "that see each token once: leave it out of --modules"
+                f"that see each token once: leave it out of {flag('modules')}"
             )
         if x.dim() != 3 or tuple(x.shape[:2]) != tuple(self._mask.shape):
             raise InputError(
                 f"module {layer.name} sees inputs of shape {list(x.shape)}, not [batch, seq, d] with [batch, seq] = "
-                f"{list(self._mask.shape)} (mixture-of-experts layers see routed tokens); leave it out of --modules"
+                f"{list(self._mask.shape)} (mixture-of-experts layers see routed tokens); leave it out of {flag('modules')}"
             )
 
     def __enter__(self) -> Capture:

@@ -16,10 +16,11 @@ import torch
 
 from attrib.errors import InputError
 from attrib.factors import LayerCurvature, default_damping
-from attrib.options import DEFAULT_DAMPING_SCALE
-from attrib.strategies import STRATEGY
 from attrib.models import TrackedLayer
+from attrib.options import DEFAULT_DAMPING_SCALE
+from attrib.runtime import flag
 from attrib.storage import open_input
+from attrib.strategies import STRATEGY
 
 
 class FactorFiles:
@@ -40,7 +41,7 @@ class FactorFiles:
                     for key in handle.keys():
                         self.where[key] = path
             except Exception as exc:  # safetensors raises several types for a missing or truncated file
-                raise InputError(f"--factors {directory}: {name} is unreadable ({exc}); rerun `attrib fit-factors`") from exc
+                raise InputError(f"{flag('factors', directory)}: {name} is unreadable ({exc}); rerun `attrib fit-factors`") from exc
 
     def read(self, name: str, device="cpu") -> torch.Tensor:
         from safetensors import safe_open
@@ -49,7 +50,7 @@ class FactorFiles:
         if name not in self.where and kind.startswith("activation_") and layer in self.aliases:
             name = f"{self.aliases[layer]}.{kind}"
         if name not in self.where:
-            raise InputError(f"--factors {self.directory} lacks the tensor {name}; refit with the same --modules")
+            raise InputError(f"{flag('factors', self.directory)} lacks the tensor {name}; refit with the same {flag('modules')}")
         with safe_open(str(self.where[name]), framework="pt", device=str(device)) as handle:
             return handle.get_tensor(name)
 
@@ -69,17 +70,17 @@ class Curvature:
         damping_scale: float = DEFAULT_DAMPING_SCALE,
         fingerprint: str | None = None,
     ):
-        self.manifest = open_input(directory, "fit-factors", fingerprint, option="--factors")
+        self.manifest = open_input(directory, "fit-factors", fingerprint, option=flag("factors"))
         self.strategy = STRATEGY[self.manifest["settings"]["strategy"]]
         missing = [l.name for l in layers if l.name not in self.manifest["model"]["tracked_modules"]]
         if missing:
             raise InputError(
-                f"--factors {directory} has no factors for {', '.join(missing[:3])}; refit with the same --modules"
+                f"{flag('factors', directory)} has no factors for {', '.join(missing[:3])}; refit with the same {flag('modules')}"
             )
         if damping is not None and damping <= 0:
-            raise InputError("--damping must be positive (Λ + λ is divided by)")
+            raise InputError(f"{flag('damping')} must be positive (Λ + λ is divided by)")
         if damping is None and damping_scale <= 0:
-            raise InputError("--damping-scale must be positive (Λ + λ is divided by)")
+            raise InputError(f"{flag('damping_scale')} must be positive (Λ + λ is divided by)")
         self.layers = layers
         self.damping, self.damping_scale = damping, damping_scale
         self.files = FactorFiles(directory, self.manifest) if self.strategy.has_factors else None
@@ -120,8 +121,8 @@ class Curvature:
             damping = default_damping(eigenvalues, self.damping_scale)
             if not damping > 0:
                 raise InputError(
-                    f"--factors: layer {name} has Λ with mean {damping / self.damping_scale:g}, so "
-                    "--damping-scale × mean(Λ) is not positive; give an absolute --damping"
+                    f"{flag('factors')}: layer {name} has Λ with mean {damping / self.damping_scale:g}, so "
+                    f"{flag('damping_scale')} × mean(Λ) is not positive; give an absolute {flag('damping')}"
                 )
         self.dampings[name] = damping
         return damping

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attrib.errors import InputError
+from attrib.runtime import flag
 
 # model_type -> regex over module names that selects the MLP projections of every block
 # (module names checked against transformers' modeling files on tiny configs; tests/test_models.py).
@@ -81,7 +82,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device} asked for, but no CUDA device is available; use --device cpu")
+        raise InputError(f"{flag('device', device)} asked for, but no CUDA device is available; use {flag('device')} cpu")
     return device
 
 
@@ -98,7 +99,7 @@ def _loading(spec: str, what: str = ""):
     except (OSError, ValueError) as exc:
         where = "the directory" if Path(spec).expanduser().exists() else "the hub (is the network reachable?)"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"--model {spec}{what} could not be loaded from {where}: {first_line}") from exc
+        raise InputError(f"{flag('model', spec)}{what} could not be loaded from {where}: {first_line}") from exc
 
 
 def model_source(spec: str) -> str:
@@ -109,9 +110,9 @@ def model_source(spec: str) -> str:
     transformers.utils.logging.disable_progress_bar()
     path = Path(spec).expanduser()
     if not path.exists() and not looks_like_hub_id(spec):
-        raise InputError(f"--model {spec}: no such directory (and not a hub id)")
+        raise InputError(f"{flag('model', spec)}: no such directory (and not a hub id)")
     if path.exists() and not (path / "config.json").is_file():
-        raise InputError(f"--model {spec} has no config.json; give a directory saved with save_pretrained")
+        raise InputError(f"{flag('model', spec)} has no config.json; give a directory saved with save_pretrained")
     return str(path) if path.exists() else spec
 
 
@@ -137,7 +138,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
-        raise InputError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+        raise InputError(f"{flag('dtype', dtype)} is not one of {', '.join(DTYPES)}")
     source = model_source(spec)
     with _loading(spec):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -169,15 +170,15 @@ def find_tracked_layers(model, pattern: str | None = None) -> list[TrackedLayer]
         if routed:
             raise InputError(
                 f"{model_type} is a mixture-of-experts model: its expert layers ({routed[0]}, …) see only the "
-                "tokens routed to them, which attrib cannot attribute; pass --modules REGEX for layers outside "
-                r"the experts (e.g. --modules 'self_attn\.o_proj$')"
+                f"tokens routed to them, which attrib cannot attribute; pass {flag('modules')} REGEX for layers outside "
+                fr"the experts (e.g. {flag('modules')} 'self_attn\.o_proj$')"
             )
         fallback = model_type not in MLP_PATTERNS
         pattern = FALLBACK_PATTERN if fallback else MLP_PATTERNS[model_type]
     try:
         regex = re.compile(pattern)
     except re.error as exc:
-        raise InputError(f"--modules {pattern!r} is not a valid regular expression: {exc}") from exc
+        raise InputError(f"{flag('modules', pattern)} is not a valid regular expression: {exc}") from exc
     layers = []
     for name, module in model.named_modules():
         if not regex.search(name):
@@ -192,24 +193,24 @@ def find_tracked_layers(model, pattern: str | None = None) -> list[TrackedLayer]
     experts = [layer.name for layer in layers if EXPERTS.search(layer.name)]
     if experts:
         raise InputError(
-            f"--modules {pattern!r} matches expert layers of a mixture-of-experts model ({experts[0]}, …), which "
-            "see only the tokens routed to them; leave them out of --modules"
+            f"{flag('modules', pattern)} matches expert layers of a mixture-of-experts model ({experts[0]}, …), which "
+            f"see only the tokens routed to them; leave them out of {flag('modules')}"
         )
     if not layers:
         if fallback:
             raise InputError(
                 f"attrib does not know the MLP layers of model type '{model_type}' and found no Linear layer in a "
                 "module named mlp, feed_forward or ffn; pass --modules REGEX (see `attrib inspect --modules '.*' "
-                "--model M` for names) and please report the architecture"
+                f"{flag('model')} M` for names) and please report the architecture"
             )
         raise InputError(
-            f"--modules {pattern!r} matches no nn.Linear or Conv1D module of this {model_type} model"
+            f"{flag('modules', pattern)} matches no nn.Linear or Conv1D module of this {model_type} model"
         )
     if fallback:
         message(
             f"model type '{model_type}' is not in attrib's list: tracking the {len(layers)} Linear layers inside "
             "modules named mlp, feed_forward or ffn (structural fallback); check them with `attrib inspect` "
-            "or choose with --modules"
+            f"or choose with {flag('modules')}"
         )
     return layers
 

@@ -110,6 +110,14 @@ class CorpusOptions(Group):
         if self.chat_template not in CHAT_TEMPLATES and not Path(self.chat_template).expanduser().is_file():
             raise InputError(f"{flag('chat_template', self.chat_template)}: not auto, none or a template file")
 
+    @classmethod
+    def checked(cls, **reading) -> "CorpusOptions":
+        """These options checked as a stage checks them, for callers that build a CorpusSpec themselves."""
+        options = cls(**reading)
+        options.check_fields(set(reading))
+        options.check(None)
+        return options
+
     def spec(self, source: str):
         """The CorpusSpec reading `source` with these options."""
         from attrib.data import CorpusSpec

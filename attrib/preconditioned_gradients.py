@@ -24,6 +24,7 @@ from attrib.curvature import Curvature
 from attrib.data import Query, collate, pack_batches, query_sequence, special_prefix
 from attrib.models import TrackedLayer
 from attrib.progress import progress
+from attrib.runtime import flag
 
 PART_PREFIX = "query_gradients-"
 EXACT_SVD_FRACTION = 4  # rank r ≥ min(d_out, d_in) / 4: the exact SVD costs about as much as the randomized one
@@ -240,7 +241,7 @@ class QueryGradientStore:
         if missing:
             from attrib.errors import InputError
 
-            raise InputError(f"--query-gradients {directory} lacks the factors of queries {', '.join(missing[:3])}; recompute it")
+            raise InputError(f"{flag('query_gradients_dir', directory)} lacks the factors of queries {', '.join(missing[:3])}; recompute it")
 
     def load(self, layer_name: str, query_ids: list[str], device="cpu", dtype=None):
         """U [q, d_out, r], σ [q, r], V [q, d_in, r] of `query_ids` for one layer."""

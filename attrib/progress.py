@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+
 def silent() -> bool:
     """No bars or status lines: quiet, or a rank other than 0 without debug (attrib.runtime)."""
     from attrib import runtime

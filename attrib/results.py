@@ -39,8 +39,8 @@ class StageResult:
         """
         import pyarrow.parquet as pq
 
-        from attrib.stages.prefilter import CANDIDATES_FILE
         from attrib.score_tables import DOCUMENTS, SELF_INFLUENCE
+        from attrib.stages.prefilter import CANDIDATES_FILE
 
         names = {"query": DOCUMENTS, "prefilter": CANDIDATES_FILE, "self-influence": SELF_INFLUENCE}
         if self.stage not in names:

@@ -15,7 +15,7 @@ import contextlib
 import contextvars
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from attrib.errors import InputError
 
@@ -26,6 +26,7 @@ class Runtime:
     quiet: bool = False
     debug: bool = False  # every rank prints progress, not only rank 0
     rank: int | None = None  # None: from the RANK / LOCAL_RANK environment variables
+    said: set = field(default_factory=set, compare=False)  # keys of the warnings given once in this session
 
 
 _CURRENT: contextvars.ContextVar[Runtime] = contextvars.ContextVar("attrib_runtime", default=Runtime())
@@ -38,7 +39,8 @@ def current() -> Runtime:
 @contextlib.contextmanager
 def session(**changes) -> Iterator[Runtime]:
     """The current runtime with `changes` (None values leave a setting as it is) for the block."""
-    runtime = replace(current(), **{key: value for key, value in changes.items() if value is not None})
+    changes = {key: value for key, value in changes.items() if value is not None}
+    runtime = replace(current(), said=set(), **changes)
     token = _CURRENT.set(runtime)
     try:
         yield runtime
@@ -50,6 +52,16 @@ def configure(**changes) -> None:
     """Change the runtime for the rest of the current session (a stage learns its rank when its World
     starts; a script may set quiet once for all its calls)."""
     _CURRENT.set(replace(current(), **changes))
+
+
+def warn_once(key: str, text: str) -> None:
+    """A warning line (attrib.progress.message) the first time `key` comes up in this session."""
+    from attrib.progress import message
+
+    said = current().said
+    if key not in said:
+        said.add(key)
+        message(f"warning: {text}")
 
 
 def rank() -> int:

@@ -20,14 +20,29 @@ import torch
 
 from attrib.candidates import CandidateIndex
 from attrib.capture import Capture, summed_nll
-from attrib.data import CorpusSpec, Part, RowStats, Sequence, collate, iter_sequence_parts, pack_batches
+from attrib.data import (
+    CorpusSpec,
+    Part,
+    RowStats,
+    Sequence,
+    collate,
+    iter_sequence_parts,
+    pack_batches,
+)
 from attrib.distributed import World
 from attrib.errors import InputError
 from attrib.memory import DENSE_BYTES
 from attrib.models import TrackedLayer
-from attrib.progress import progress
 from attrib.preconditioned_gradients import QueryGradients, QueryGradientStore
-from attrib.score_tables import DOCUMENTS, SUMMARY, TOKENS_DIR, documents_schema, tokens_schema
+from attrib.progress import progress
+from attrib.runtime import flag
+from attrib.score_tables import (
+    DOCUMENTS,
+    SUMMARY,
+    TOKENS_DIR,
+    documents_schema,
+    tokens_schema,
+)
 from attrib.storage import StageDir
 
 PARTS_DIR = "parts"
@@ -460,9 +475,9 @@ def score_documents_and_tokens(model, tokenizer, layers, store, corpus, stage: S
     world.barrier()
     if not stage.parts(f"{PARTS_DIR}/documents-q*.parquet"):  # every rank sees the same directory
         raise InputError(
-            f"nothing was scored: none of the {len(candidates.doc_number)} candidate documents is in --corpus "
-            f"{corpus.source} (check --corpus and --id-field)" if candidates is not None else
-            f"nothing was scored: --corpus {corpus.source} yields no sequence of at least 2 tokens"
+            f"nothing was scored: none of the {len(candidates.doc_number)} candidate documents is in {flag('corpus')} "
+            f"{corpus.source} (check {flag('corpus')} and {flag('id_field')})" if candidates is not None else
+            f"nothing was scored: {flag('corpus', corpus.source)} yields no sequence of at least 2 tokens"
         )
     counts = write_documents(stage, store.query_ids, candidates, settings.documents_top) if world.is_main else {}
     world.barrier()

@@ -29,6 +29,7 @@ import torch
 from attrib.data import CorpusSpec, SequenceCaps, iter_sequence_parts
 from attrib.errors import InputError
 from attrib.models import TrackedLayer
+from attrib.runtime import flag
 
 SOLVERS = ("ekfac", "cg")
 DEFAULT_SOLVE_TOKENS = 262_144
@@ -56,8 +57,8 @@ class SolveSample:
         for part in iter_sequence_parts(spec, tokenizer, max_length, 1000, SequenceCaps(max_tokens=tokens)):
             ids += [torch.tensor(sequence.input_ids, dtype=torch.long) for _, sequence in part.sequences]
         if not ids:
-            raise InputError(f"--solve-corpus {spec.source} yields no sequence of at least 2 tokens within "
-                             f"--solve-tokens {tokens}")
+            raise InputError(f"{flag('solve_corpus', spec.source)} yields no sequence of at least 2 tokens within "
+                             f"{flag('solve_tokens', tokens)}")
         return cls(ids, sum(len(i) for i in ids), sum(len(i) - 1 for i in ids))
 
     def batches(self, tokens_per_batch: int, pad_id: int, device):

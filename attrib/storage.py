@@ -22,6 +22,7 @@ from typing import Any
 
 from attrib import __version__
 from attrib.errors import InputError
+from attrib.runtime import flag
 
 MANIFEST = "manifest.json"
 IDENTITY_BYTES = 2**20  # hashed at each end of an input file
@@ -169,7 +170,7 @@ def open_input(
         raise InputError(
             f"{what} was computed for another model (fingerprint "
             f"{manifest.get('model', {}).get('fingerprint', '?')[:12]} != {fingerprint[:12]}); "
-            "use the same --model, or recompute it"
+            f"use the same {flag('model')}, or recompute it"
         )
     return manifest
 
@@ -207,20 +208,20 @@ class StageDir:
         self.created: str | None = None  # "directory" or "contents": what a failed run may remove
         existing = read_manifest(self.path) if self.path.is_dir() else None
         if self.path.exists() and not self.path.is_dir():
-            raise InputError(f"--out {self.path} is a file; give a directory")
+            raise InputError(f"{flag('out', self.path)} is a file; give a directory")
         if existing is not None and not overwrite:
             self._check_resumable(existing)
             self.already_complete = existing.get("status") == "complete"
             self.timings = existing.get("timings", {})
         elif existing is None and self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
             raise InputError(
-                f"--out {self.path} is a non-empty directory without a manifest; "
+                f"{flag('out', self.path)} is a non-empty directory without a manifest; "
                 "choose an empty or new directory"
             )
         if overwrite and self.path.is_dir():
             if existing is None and any(self.path.iterdir()):
                 raise InputError(
-                    f"--out {self.path} is not an attrib stage directory; refusing to overwrite it"
+                    f"{flag('out', self.path)} is not an attrib stage directory; refusing to overwrite it"
                 )
             shutil.rmtree(self.path)
         if not self.already_complete:
@@ -234,26 +235,26 @@ class StageDir:
     def _check_resumable(self, existing: dict) -> None:
         if existing.get("stage") != self.stage:
             raise InputError(
-                f"--out {self.path} holds the output of `attrib {existing.get('stage')}`; "
+                f"{flag('out', self.path)} holds the output of `attrib {existing.get('stage')}`; "
                 "choose another directory"
             )
         if existing.get("model", {}).get("fingerprint") != self.model.get("fingerprint"):
             raise InputError(
-                f"--out {self.path} holds a run for another model; use --overwrite or another --out"
+                f"{flag('out', self.path)} holds a run for another model; use {flag('overwrite')} or another {flag('out')}"
             )
         old, new = existing.get("settings", {}), _as_json(self.settings)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             raise InputError(
-                f"--out {self.path} holds a run with other settings ({', '.join(changed)}); "
-                "use --overwrite to start over or another --out"
+                f"{flag('out', self.path)} holds a run with other settings ({', '.join(changed)}); "
+                f"use {flag('overwrite')} to start over or another {flag('out')}"
             )
         old, new = existing.get("inputs", {}), _as_json(self.inputs)
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             raise InputError(
-                f"--out {self.path} holds a run on other inputs ({', '.join(changed)} changed since); "
-                "use --overwrite to start over or another --out"
+                f"{flag('out', self.path)} holds a run on other inputs ({', '.join(changed)} changed since); "
+                f"use {flag('overwrite')} to start over or another {flag('out')}"
             )
 
     @contextlib.contextmanager

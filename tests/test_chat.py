@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from attrib.data import (
-    GENERATION_BLOCK, CorpusSpec, Document, Query, chat_format, check_corpus, chunk_document, iter_documents,
+    CorpusSpec, Document, Query, chat_format, check_corpus, chunk_document, iter_documents,
     iter_sequence_parts, load_queries, query_sequence, special_prefix,
 )
+from attrib.data.chat import GENERATION_BLOCK
 from attrib.errors import InputError
 from conftest import TEXTS, build_model, run_cli, write_jsonl
 
@@ -76,10 +77,12 @@ def style(request):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_warnings(monkeypatch):
-    import attrib.data
+def _fresh_warnings():
+    """Each test is its own session: a warning said once in one is said again in the next."""
+    from attrib import runtime
 
-    monkeypatch.setattr(attrib.data, "_SAID", set())
+    with runtime.session():
+        yield
 
 
 def marked(style: str) -> str:

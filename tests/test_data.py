@@ -198,12 +198,12 @@ def test_empty_documents_are_skipped_and_counted(tmp_path):
 def test_json_array_files_are_read_as_arrays(tmp_path, indent, monkeypatch):
     import json
 
-    import attrib.data
+    import attrib.data.readers
 
     rows = [{"id": f"d{i}", "text": text} for i, text in enumerate(TEXTS[:5])] + [{"id": 7, "text": "x" * 5000}]
     path = tmp_path / "c.json"
     path.write_text(json.dumps(rows, indent=indent, ensure_ascii=False), encoding="utf-8")
-    monkeypatch.setattr(attrib.data, "JSON_ARRAY_CHUNK", 7)  # elements and numbers straddle reads
+    monkeypatch.setattr(attrib.data.readers, "JSON_ARRAY_CHUNK", 7)  # elements and numbers straddle reads
     assert [(d.doc_id, d.text) for d in docs(path)] == [(str(r["id"]), r["text"]) for r in rows]
     assert [d.text for d in docs(path, skip_bad_rows=True)] == [r["text"] for r in rows]
     lines = tmp_path / "l.json"

@@ -7,7 +7,14 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.memory import parse_bytes
-from attrib.options import DEFAULT_QUERY_RANK, MODEL, BatchOptions, FitOptions, ModelOptions, help_of
+from attrib.options import (
+    DEFAULT_QUERY_RANK,
+    MODEL,
+    BatchOptions,
+    FitOptions,
+    ModelOptions,
+    help_of,
+)
 
 
 def _option(group, name: str, **changes):
@@ -42,10 +49,10 @@ def inspect_model(
     from rich.table import Table
 
     from attrib import memory
-    from attrib.runtime import default_dtype
-    from attrib.strategies import STRATEGY
     from attrib.errors import InputError
     from attrib.models import DTYPES, factor_bytes, find_tracked_layers, load_meta_model
+    from attrib.runtime import default_dtype
+    from attrib.strategies import STRATEGY
 
     kind = "cpu" if device == "cpu" else "cuda"
     dtype = default_dtype(dtype, kind)

@@ -25,11 +25,16 @@ from pathlib import Path
 import torch
 
 from attrib.capture import Capture, sample_labels, sequence_seed, summed_nll
-from attrib.data import CorpusSpec, RowStats, SequenceCaps, collate, iter_sequence_parts, pack_batches
+from attrib.data import (
+    CorpusSpec,
+    RowStats,
+    SequenceCaps,
+    collate,
+    iter_sequence_parts,
+    pack_batches,
+)
 from attrib.distributed import World
 from attrib.errors import InputError, RunError
-from attrib.results import StageResult
-from attrib.runtime import flag
 from attrib.factors import (
     CorrectionSums,
     CovarianceSums,
@@ -37,10 +42,18 @@ from attrib.factors import (
     symmetric_eigh,
 )
 from attrib.memory import layer_groups
-from attrib.strategies import STRATEGY, Strategy
 from attrib.models import TrackedLayer, shared_activation_sources
 from attrib.progress import message, progress
-from attrib.storage import StageDir, load_into, merge_tensor_files, tensor_metadata, write_tensors
+from attrib.results import StageResult
+from attrib.runtime import flag
+from attrib.storage import (
+    StageDir,
+    load_into,
+    merge_tensor_files,
+    tensor_metadata,
+    write_tensors,
+)
+from attrib.strategies import STRATEGY, Strategy
 
 COVARIANCE, EIGEN, LAMBDA = "covariance", "eigen", "lambda"
 EIGEN_PARTS = "eigen-parts"  # one file per decomposed layer until its group's file is assembled
@@ -118,7 +131,7 @@ def _group_counts(stage: StageDir, names: list[str]) -> PassCounts:
     if len(distinct) > 1:
         raise RunError(
             f"{stage.path}: layer groups were fitted on different data ({', '.join(f'{n}: {c}' for n, c in found.items())}); "
-            "the corpus changed between runs; use --overwrite"
+            f"the corpus changed between runs; use {flag('overwrite')}"
         )
     return next(iter(found.values()))
 
@@ -210,7 +223,7 @@ class _PassRunner:
         world.reduce_sum(list(sums.values()))
         counts = PassCounts(*(int(value) for value in totals.tolist()))
         if counts.sequences == 0:
-            raise InputError(f"--corpus {self.corpus.source} yields no sequence of at least 2 tokens to fit on")
+            raise InputError(f"{flag('corpus', self.corpus.source)} yields no sequence of at least 2 tokens to fit on")
         return counts
 
     def _end_of_part(self, name: str, part_index: int, sums: dict[str, torch.Tensor], since_checkpoint: float) -> bool:
@@ -228,7 +241,7 @@ class _PassRunner:
             where = f"layer {bad[0]}" if bad else f"a layer on another rank than {self.world.rank}"
             raise RunError(
                 f"{name} pass: the running sums of {where} are not finite after part {part_index} of the corpus "
-                "(inf/nan in the model's activations or gradients); fit in --dtype float32 or check that part's documents"
+                f"(inf/nan in the model's activations or gradients); fit in {flag('dtype', 'float32')} or check that part's documents"
             )
         return bool(status[1] > 0)
 

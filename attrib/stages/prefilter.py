@@ -38,9 +38,9 @@ import numpy as np
 
 from attrib.data import EMPTY_TEXT, CorpusSpec, RowStats, corpus_files, iter_documents
 from attrib.errors import InputError
+from attrib.models import load_tokenizer
 from attrib.results import StageResult
 from attrib.runtime import flag
-from attrib.models import load_tokenizer
 
 CANDIDATES_FILE = "candidates.parquet"
 FREQUENCIES_FILE = "frequencies.npz"  # pass 1 of the streaming backend, kept until the stage completes
@@ -99,7 +99,7 @@ def parse_ngram_range(text: str) -> tuple[int, int]:
     """`"1,2"` -> (1, 2); a single number means that n only."""
     parts = [p.strip() for p in text.split(",")]
     if len(parts) not in (1, 2) or not all(p.isdigit() for p in parts):
-        raise InputError(f"--ngram-range {text!r} must look like 1,2 (smallest and largest n)")
+        raise InputError(f"{flag('ngram_range', text)} must look like 1,2 (smallest and largest n)")
     low, high = int(parts[0]), int(parts[-1])
     return low, high
 
@@ -186,7 +186,7 @@ def _query_texts(query_list, query_text: str) -> list[str]:
     for item in query_list:
         text = {"prompt": item.prompt, "completion": item.completion}.get(query_text, item.prompt + item.completion)
         if not text.strip():
-            raise InputError(f"query {item.query_id}: its {query_text} text is empty; choose another --query-text")
+            raise InputError(f"query {item.query_id}: its {query_text} text is empty; choose another {flag('query_text')}")
         texts.append(text)
     return texts
 
@@ -199,7 +199,7 @@ def _check_query_terms(query_ids: list[str], query_texts: list[str], settings: P
         first = query_ids[empty[0]]
         raise InputError(
             f"query {first} has no term the {settings.analyzer} analyzer keeps "
-            f"({len(empty)} such queries); give it words or use --analyzer model"
+            f"({len(empty)} such queries); give it words or use {flag('analyzer', 'model')}"
         )
 
 
@@ -341,7 +341,7 @@ def _weights(settings: PrefilterSettings, frequencies: Frequencies, query_counts
     if frequencies.total_length == 0:
         raise InputError(
             f"no document of the corpus has a term the {settings.analyzer} analyzer keeps; "
-            "check --text-field or use --analyzer model"
+            f"check {flag('text_field')} or use {flag('analyzer', 'model')}"
         )
     if settings.scoring == "bm25":
         return Bm25Weights(frequencies.document_frequency, frequencies.n_items, frequencies.total_length, query_counts)
@@ -507,7 +507,12 @@ def run_prefilter(
     rename), followed by the manifest that marks the stage complete.
     """
     from attrib.data import (
-        chat_format, check_corpus, chunking_identity, default_max_length, load_queries, require_fast_tokenizer,
+        chat_format,
+        check_corpus,
+        chunking_identity,
+        default_max_length,
+        load_queries,
+        require_fast_tokenizer,
     )
     from attrib.progress import message
     from attrib.storage import StageDir, input_identity, read_manifest
@@ -534,7 +539,7 @@ def run_prefilter(
               "tokenizer": chunking["tokenizer"] if chunking else None}
     stage = StageDir(out, "prefilter", recorded, None, inputs, overwrite)
     if stage.already_complete:
-        message(f"{out} is already complete; use --overwrite to compute it again")
+        message(f"{out} is already complete; use {flag('overwrite')} to compute it again")
         return read_manifest(stage.path)
 
     def batch_source(stats: RowStats, counts: ItemCounts) -> Iterator[ItemBatch]:
@@ -561,7 +566,7 @@ def run_prefilter(
 
 
 def check_candidates_chunking(manifest: dict, tokenizer, max_length: int, long_documents: str,
-                              source: str = "--candidates", chat_template: str = "auto") -> None:
+                              source: str | None = None, chat_template: str = "auto") -> None:
     """Refuse sequence-level candidates cut differently from how the scoring stage cuts the corpus.
 
     With another tokenizer, --max-length or --long-documents, chunk k of a document is
@@ -574,6 +579,7 @@ def check_candidates_chunking(manifest: dict, tokenizer, max_length: int, long_d
     if manifest.get("settings", {}).get("unit") != "sequence":
         return
     recorded = manifest.get("chunking")
+    source = source or flag("candidates")
     rerun = ("; rerun `attrib prefilter --unit sequence --overwrite` with the scoring --model, --max-length, "
              "--long-documents and --chat-template, or use --unit document")
     if not recorded:
@@ -583,12 +589,12 @@ def check_candidates_chunking(manifest: dict, tokenizer, max_length: int, long_d
     old_tokenizer, new_tokenizer = recorded.get("tokenizer", {}), current["tokenizer"]
     if any(old_tokenizer.get(key) != new_tokenizer[key] for key in ("vocab_size", "vocab_sha256", "special_prefix")):
         differences.append(f"tokenizer {old_tokenizer.get('name_or_path', '?')} != {new_tokenizer['name_or_path']}")
-    for key, option in (("max_length", "--max-length"), ("long_documents", "--long-documents")):
+    for key, option in (("max_length", flag("max_length")), ("long_documents", flag("long_documents"))):
         if recorded.get(key) != current[key]:
             differences.append(f"{option} {recorded.get(key)} != {current[key]}")
     old_chat = recorded.get("chat")
     if old_chat is not None and old_chat.get("template_sha256") != current["chat"]["template_sha256"]:
-        differences.append(f"--chat-template {old_chat.get('chat_template')} != {current['chat']['chat_template']}")
+        differences.append(f"{flag('chat_template', old_chat.get('chat_template'))} != {current['chat']['chat_template']}")
     if differences:
         raise InputError(f"{source} was cut into sequences differently ({'; '.join(differences)}){rerun}")
 
@@ -599,15 +605,15 @@ def load_candidates(directory: str | Path) -> dict[str, list[Candidate]]:
 
     from attrib.storage import open_input
 
-    manifest = open_input(directory, "prefilter", option="--candidates")
+    manifest = open_input(directory, "prefilter", option=flag("candidates"))
     path = Path(directory) / CANDIDATES_FILE
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for a missing or damaged file
-        raise InputError(f"--candidates {directory}: {CANDIDATES_FILE} is unreadable ({exc}); rerun the prefilter") from exc
+        raise InputError(f"{flag('candidates', directory)}: {CANDIDATES_FILE} is unreadable ({exc}); rerun the prefilter") from exc
     missing = sorted(set(candidates_schema().names) - set(table.column_names))
     if missing:
-        raise InputError(f"--candidates {directory}: {CANDIDATES_FILE} lacks columns {', '.join(missing)}")
+        raise InputError(f"{flag('candidates', directory)}: {CANDIDATES_FILE} lacks columns {', '.join(missing)}")
     result: dict[str, list[Candidate]] = {query_id: [] for query_id in manifest.get("query_ids", [])}
     columns = table.select(candidates_schema().names).to_pydict()
     for query_id, doc_id, chunk, score, rank in zip(*columns.values()):
