@@ -182,7 +182,7 @@ def label_nll(logits: torch.Tensor, labels: torch.Tensor, chunk_tokens: int = 20
 
 
 def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Σ over positions with a label (>= 0) of −log p(label): the loss of DESIGN.md §2."""
+    """Σ over positions with a label (>= 0) of −log p(label): the loss of docs/design.md §2."""
     return label_nll(logits, labels).sum()
 
 

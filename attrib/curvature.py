@@ -1,4 +1,4 @@
-"""Reading fitted curvature one layer at a time (DESIGN.md §2–3).
+"""Reading fitted curvature one layer at a time (docs/design.md §2–3).
 
 A fit-factors directory may hold its tensors in one file per kind or in one file per
 layer group; the manifest lists them. `FactorFiles` indexes tensor names across those

@@ -1,4 +1,4 @@
-"""EK-FAC mathematics (DESIGN.md §2): statistics, eigenbases, eigenvalue correction, H⁻¹V.
+"""EK-FAC mathematics (docs/design.md §2): statistics, eigenbases, eigenvalue correction, H⁻¹V.
 
 Tensors in, tensors out; no I/O. Per layer the curvature is described by
 eigenvectors Q_A [d_in, d_in], Q_S [d_out, d_out] and eigenvalues Λ [d_out, d_in]
@@ -99,7 +99,7 @@ def kfac_eigenvalues(gradient_values, activation_values, tokens_per_sequence: fl
     return tokens_per_sequence * torch.outer(gradient_values, activation_values)
 
 
-# 0.001, not DESIGN.md §2's 0.1: LDS on real text and the synthetic kits (docs/benchmarks.md,
+# 0.001, not docs/design.md §2's 0.1: LDS on real text and the synthetic kits (docs/benchmarks.md,
 # "Defaults chosen on real text"); it matches kronfluence's absolute 1e-8 on every kit measured.
 
 

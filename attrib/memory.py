@@ -1,4 +1,4 @@
-"""Predicted peak memory of each stage, from shapes alone (DESIGN.md §3: a stage's peak is
+"""Predicted peak memory of each stage, from shapes alone (docs/design.md §3: a stage's peak is
 what `attrib inspect` predicts).
 
 Nothing here loads weights or imports torch: a stage is described by a `ModelShape` (read
@@ -251,19 +251,9 @@ def query_factor_bytes(layers: list[LayerShape], rank: int) -> int:
     return total * 4
 
 
-def query_gradients(
-    model: ModelShape,
-    layers: list[LayerShape],
-    *,
-    tokens_per_batch: int,
-    dtype: str,
-    device: str = "cpu",
-    rank: int = 32,
-    queries_per_batch: int = 1,
-    max_length: int = 512,
-    rotates: bool = True,
-    cg: bool = False,
-) -> StagePeak:
+def query_gradients(model: ModelShape, layers: list[LayerShape], *, tokens_per_batch: int, dtype: str,
+                    device: str = "cpu", rank: int = 32, queries_per_batch: int = 1, max_length: int = 512,
+                    rotates: bool = True, cg: bool = False) -> StagePeak:
     """Peak of `attrib query-gradients`: one batch of queries forward and backward, and inside the
     backward one layer at a time its dense gradients, their preconditioning with that layer's
     curvature (read just then) and the compression.

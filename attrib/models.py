@@ -59,7 +59,7 @@ class TrackedLayer:
 
     @property
     def d_in_folded(self) -> int:
-        """Input width with the bias folded in as a column of ones (DESIGN.md §2)."""
+        """Input width with the bias folded in as a column of ones (docs/design.md §2)."""
         return self.d_in + int(self.has_bias)
 
     @property

@@ -1,4 +1,4 @@
-"""Preconditioned, low-rank query gradients (DESIGN.md §2).
+"""Preconditioned, low-rank query gradients (docs/design.md §2).
 
 For each query, V_q = ∇_W(−log p(completion | prompt)) per tracked layer, then
 P_q = H⁻¹ V_q with the fitted curvature, kept as U diag(σ) Vᵀ of rank r. All of it
@@ -160,19 +160,9 @@ def iter_query_gradient_batches(
             bar.advance(len(batch), tokens=sum(len(sequences[i]) for i in batch))
 
 
-def compute_query_gradients(
-    model,
-    tokenizer,
-    layers: list[TrackedLayer],
-    queries: list[Query],
-    curvature: Curvature,
-    rank: int,
-    max_length: int,
-    tokens_per_batch: int,
-    device,
-    max_queries_per_batch: int = 64,
-    solver=None,
-) -> QueryGradients:
+def compute_query_gradients(model, tokenizer, layers: list[TrackedLayer], queries: list[Query], curvature: Curvature,
+                            rank: int, max_length: int, tokens_per_batch: int, device, max_queries_per_batch: int = 64,
+                            solver=None) -> QueryGradients:
     """Every query's factors in memory, in query order (for small models, tests and evaluations)."""
     order, parts = [], []
     for _, batch, factors in iter_query_gradient_batches(

@@ -1,4 +1,4 @@
-"""The tables `attrib query` writes and `attrib report`/`attrib top` read (DESIGN.md §3).
+"""The tables `attrib query` writes and `attrib report`/`attrib top` read (docs/design.md §3).
 
 documents.parquet — one row per scored (query, document); without candidates only each query's
     1,000 most positive and 1,000 most negative documents, at their ranks among all (unless

@@ -1,4 +1,4 @@
-"""Influence scores of training sequences on the queries, streamed to Parquet (DESIGN.md §2–3).
+"""Influence scores of training sequences on the queries, streamed to Parquet (docs/design.md §2–3).
 
 One forward+backward per batch of training sequences with their own labels; at every
 tracked layer the per-token score for query q is Σ_k σ_k (g_tᵀ u_k)(v_kᵀ a_t), so no
@@ -55,7 +55,7 @@ class Scorer:
     T·q·r·(d_in + d_out) per sequence and layer. Document and layer scores alone may instead
     form the sequence's gradient G = Σ_t g_t a_tᵀ once and take ⟨P_q, G⟩ with the dense P_q,
     costing (T + q)·d_in·d_out: far cheaper on narrow layers or with many queries. Each layer
-    of each batch takes the cheaper way (DESIGN.md §2).
+    of each batch takes the cheaper way (docs/design.md §2).
     """
 
     def __init__(self, model, layers: list[TrackedLayer], gradients: QueryGradients, device):
@@ -249,7 +249,7 @@ class _PartScores:
 
 
 def add_token_row(tokens: dict[str, list], query_id: str, sequence: Sequence, text: str, scores) -> None:
-    """Append one tokens-table row (DESIGN.md §3) to column lists: the chunk's text, its tokens and offsets."""
+    """Append one tokens-table row (docs/design.md §3) to column lists: the chunk's text, its tokens and offsets."""
     begin = min((s for s, e in sequence.offsets if e > s), default=0)
     end = max((e for _, e in sequence.offsets), default=0)
     tokens["query_id"].append(query_id)

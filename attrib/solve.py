@@ -1,4 +1,4 @@
-"""`--solver cg`: H⁻¹∇L_q refined by preconditioned conjugate gradients (DESIGN.md §2, "Solve").
+"""`--solver cg`: H⁻¹∇L_q refined by preconditioned conjugate gradients (docs/design.md §2, "Solve").
 
 EK-FAC is block-diagonal by layer and Kronecker-factored within one. CG instead solves
 (G + D) x = b over the tracked weights of all layers together, cross-layer terms
@@ -88,7 +88,7 @@ class SolveSample:
 class GaussNewton:
     """V ↦ G V over a sample: G = (1/N) Σ_n J_nᵀ H_n J_n, J_n the Jacobian of sequence n's logits
     with respect to the tracked weights, H_n the softmax Hessian diag(p) − p pᵀ at each labelled
-    position. Directions are per layer [Q, d_out, d_in(+1)] (bias folded, DESIGN.md §2)."""
+    position. Directions are per layer [Q, d_out, d_in(+1)] (bias folded, docs/design.md §2)."""
 
     def __init__(self, model, layers: list[TrackedLayer], sample: SolveSample, tokens_per_batch: int, pad_id: int,
                  device):

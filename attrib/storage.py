@@ -1,4 +1,4 @@
-"""Stage directories: manifest.json, atomic writes, resumable parts (DESIGN.md §3).
+"""Stage directories: manifest.json, atomic writes, resumable parts (docs/design.md §3).
 
 A stage writes `manifest.json` with status "running" when it starts and "complete"
 when it ends (written last), so a later stage can tell a finished artefact from a
@@ -242,20 +242,13 @@ class StageDir:
             raise InputError(
                 f"{flag('out', self.path)} holds a run for another model; use {flag('overwrite')} or another {flag('out')}"
             )
-        old, new = existing.get("settings", {}), _as_json(self.settings)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            raise InputError(
-                f"{flag('out', self.path)} holds a run with other settings ({', '.join(changed)}); "
-                f"use {flag('overwrite')} to start over or another {flag('out')}"
-            )
-        old, new = existing.get("inputs", {}), _as_json(self.inputs)
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        if changed:
-            raise InputError(
-                f"{flag('out', self.path)} holds a run on other inputs ({', '.join(changed)} changed since); "
-                f"use {flag('overwrite')} to start over or another {flag('out')}"
-            )
+        for key, ours, what in (("settings", self.settings, "with other settings ({})"),
+                                ("inputs", self.inputs, "on other inputs ({} changed since)")):
+            old, new = existing.get(key, {}), _as_json(ours)
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if changed:
+                raise InputError(f"{flag('out', self.path)} holds a run {what.format(', '.join(changed))}; "
+                                 f"use {flag('overwrite')} to start over or another {flag('out')}")
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[StageDir]:
@@ -386,10 +379,6 @@ def _read_header(path: str | Path) -> tuple[dict, int]:
 def tensor_metadata(path: str | Path) -> dict[str, str]:
     """The `__metadata__` of a safetensors file, read from its header alone."""
     return _read_header(path)[0].get("__metadata__", {}) or {}
-
-
-def tensor_names(path: str | Path) -> list[str]:
-    return [name for name in _read_header(path)[0] if name != "__metadata__"]
 
 
 def merge_tensor_files(path: str | Path, sources: list[str | Path], metadata: dict[str, str] | None = None) -> None:

@@ -3,7 +3,7 @@
 Each made-up fact ("The capital of Vorlia is Quendar.") is stated in exactly one
 document, so a query asking it has a known answer to "which document taught the
 model this": the ground truth for `attrib demo` and the fact-tracing tests
-(DESIGN.md §6). Everything is built locally from a seed: corpus, byte-level BPE
+(docs/design.md §6). Everything is built locally from a seed: corpus, byte-level BPE
 tokenizer, and a Llama and a GPT-2 trained on the corpus.
 """
 

@@ -1,4 +1,4 @@
-"""Dense float64 references computed with plain autograd, independent of attrib's hooks (DESIGN.md §6)."""
+"""Dense float64 references computed with plain autograd, independent of attrib's hooks (docs/design.md §6)."""
 
 from __future__ import annotations
 

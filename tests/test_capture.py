@@ -1,4 +1,4 @@
-"""Chunked label log-probabilities and Gumbel-max label sampling against plain references (DESIGN.md §2, §6)."""
+"""Chunked label log-probabilities and Gumbel-max label sampling against plain references (docs/design.md §2, §6)."""
 
 from __future__ import annotations
 

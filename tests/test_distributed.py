@@ -1,4 +1,4 @@
-"""Two CPU processes (torchrun, gloo) give the results of one process (DESIGN.md §4, §6)."""
+"""Two CPU processes (torchrun, gloo) give the results of one process (docs/design.md §4, §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fact tracing on the demo's trained model: the planted document ranks at the top (DESIGN.md §6)."""
+"""Fact tracing on the demo's trained model: the planted document ranks at the top (docs/design.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""EK-FAC fitting against dense float64 oracles, exact K-FAC cases, sampling, resume (DESIGN.md §6)."""
+"""EK-FAC fitting against dense float64 oracles, exact K-FAC cases, sampling, resume (docs/design.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""attrib.memory's predictions against measured peaks; `attrib inspect` without weights (DESIGN.md §3)."""
+"""attrib.memory's predictions against measured peaks; `attrib inspect` without weights (docs/design.md §3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Query gradients and influence scores against dense float64 oracles (DESIGN.md §6)."""
+"""Query gradients and influence scores against dense float64 oracles (docs/design.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Self-influence against a dense float64 oracle, on planted documents, and through the CLI (DESIGN.md §6)."""
+"""Self-influence against a dense float64 oracle, on planted documents, and through the CLI (docs/design.md §6)."""
 
 from __future__ import annotations
 

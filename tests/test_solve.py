@@ -1,4 +1,4 @@
-"""`--solver cg` against dense float64 oracles (DESIGN.md §6): the Gauss-Newton product, the CG
+"""`--solver cg` against dense float64 oracles (docs/design.md §6): the Gauss-Newton product, the CG
 solution, its residuals, zero iterations, sign and scale, and the CLI."""
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def load_queries(path: str | Path, skip_bad_rows: bool = False, chat: ChatFormat
 
 
 def query_sequence(tokenizer, query: Query, max_length: int, prefix: list[int]) -> Sequence:
-    """Prompt + completion tokens; only completion tokens carry loss (DESIGN.md §2).
+    """Prompt + completion tokens; only completion tokens carry loss (docs/design.md §2).
 
     The prefix is not added to a prompt whose tokens already start with it (a pre-rendered
     template: said once), nor to a chat query (its tokens are its template's). A completion

@@ -47,7 +47,7 @@ class CorpusSpec:
     max_docs: int | None = None
     skip_bad_rows: bool = False
     split: str = "train"
-    long_documents: str = "chunk"  # documents longer than max_length: "chunk" or "truncate" (DESIGN.md §2)
+    long_documents: str = "chunk"  # documents longer than max_length: "chunk" or "truncate" (docs/design.md §2)
     chat_template: str = "auto"  # how conversations are rendered: "auto", "none" or a template file
     loss_on: str = "all"  # "all" tokens of a sequence carry loss, or only "assistant" tokens of conversations
 

@@ -120,7 +120,7 @@ def chunk_document(
     twice, and a conversation gets it only where its template writes it: its tokens are the
     template's. With `doc.assistant_spans`, only tokens overlapping them are predicted, and a
     sequence that predicts nothing is left out. `long_documents="truncate"` keeps only the
-    first sequence (models fine-tuned on truncated examples never saw the rest; DESIGN.md §2).
+    first sequence (models fine-tuned on truncated examples never saw the rest; docs/design.md §2).
     """
     if long_documents not in LONG_DOCUMENTS:
         raise InputError(f"{flag('long_documents', long_documents)} is not one of {', '.join(LONG_DOCUMENTS)}")

@@ -1,4 +1,4 @@
-"""The fit-factors stage: covariance, eigendecomposition and correction steps (DESIGN.md §2–3).
+"""The fit-factors stage: covariance, eigendecomposition and correction steps (docs/design.md §2–3).
 
 Each step loops over groups of tracked layers (`--layers-per-pass`; one group unless
 memory asks for more), so peak memory is bounded by a group, not the model; every group

@@ -1,4 +1,4 @@
-"""The self-influence stage: ⟨H⁻¹∇L_m, ∇L_m⟩ of every training sequence m (DESIGN.md §2), streamed to Parquet.
+"""The self-influence stage: ⟨H⁻¹∇L_m, ∇L_m⟩ of every training sequence m (docs/design.md §2), streamed to Parquet.
 
 A training sequence that the fitted curvature finds surprising (corrupted or mislabelled text, an
 outlier, a candidate for memorisation) has a large self-influence. No query gradients are needed:
