@@ -82,7 +82,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"{flag('device', device)} asked for, but no CUDA device is available; use {flag('device')} cpu")
+        raise InputError(f"{flag('device', device)} asked for, but no CUDA device is available; use {flag('device', 'cpu')}")
     return device
 
 
@@ -170,8 +170,8 @@ def find_tracked_layers(model, pattern: str | None = None) -> list[TrackedLayer]
         if routed:
             raise InputError(
                 f"{model_type} is a mixture-of-experts model: its expert layers ({routed[0]}, …) see only the "
-                f"tokens routed to them, which attrib cannot attribute; pass {flag('modules')} REGEX for layers outside "
-                fr"the experts (e.g. {flag('modules')} 'self_attn\.o_proj$')"
+                f"tokens routed to them, which attrib cannot attribute; pass {flag('modules')} for layers outside "
+                f"the experts (e.g. {flag('modules', 'self_attn[.]o_proj$')})"
             )
         fallback = model_type not in MLP_PATTERNS
         pattern = FALLBACK_PATTERN if fallback else MLP_PATTERNS[model_type]
@@ -200,8 +200,8 @@ def find_tracked_layers(model, pattern: str | None = None) -> list[TrackedLayer]
         if fallback:
             raise InputError(
                 f"attrib does not know the MLP layers of model type '{model_type}' and found no Linear layer in a "
-                "module named mlp, feed_forward or ffn; pass --modules REGEX (see `attrib inspect --modules '.*' "
-                f"{flag('model')} M` for names) and please report the architecture"
+                f"module named mlp, feed_forward or ffn; pass {flag('modules')} (see `attrib inspect --modules '.*' "
+                "--model M` for names) and please report the architecture"
             )
         raise InputError(
             f"{flag('modules', pattern)} matches no nn.Linear or Conv1D module of this {model_type} model"

@@ -191,12 +191,12 @@ def test_completion_starting_inside_a_token_is_reported(capsys):
 def test_bad_chat_input_is_one_line(tmp_path):
     plain = chat_tokenizer("qwen", None)
     corpus = write_jsonl(tmp_path / "chat.jsonl", [{"id": "c0", "messages": CONVERSATION}])
-    with pytest.raises(InputError, match="--chat-template is none"):
+    with pytest.raises(InputError, match="chat_template='none' refuses"):
         check_corpus(CorpusSpec(str(corpus), chat_template="none"))
     with pytest.raises(InputError, match="has no chat template"):
         list(iter_sequence_parts(CorpusSpec(str(corpus)), plain, 64, 10))
     text = write_jsonl(tmp_path / "text.jsonl", [{"id": "t0", "text": TEXTS[0]}])
-    with pytest.raises(InputError, match="--loss-on assistant needs conversations"):
+    with pytest.raises(InputError, match="loss_on='assistant' needs conversations"):
         list(iter_sequence_parts(CorpusSpec(str(text), loss_on="assistant"), chat_tokenizer("qwen", QWEN), 64, 10))
     queries = write_jsonl(tmp_path / "q.jsonl", [{"id": "q", "messages": CONVERSATION[:2]}])
     with pytest.raises(InputError, match="last message must be the assistant turn"):
@@ -244,6 +244,36 @@ def test_fit_and_query_on_chat_data(tmp_path, capsys):
     assert code == 0, err
     page = (tmp_path / "report.html").read_text()
     assert "&lt;|im_start|&gt;assistant" in page and "&lt;|im_end|&gt;" in page
+
+
+def test_chat_queries_over_factors_fitted_on_plain_text(tmp_path, capsys):
+    """Grosse et al.'s setting: factors from a plain corpus, dialogue queries rendered with a template file.
+    The factors rendered no conversation, so their template is not compared (query and self-influence);
+    factors that did render conversations still refuse another template."""
+    tokenizer = chat_tokenizer("qwen", QWEN)
+    model = build_model(tmp_path / "model", "llama", tokenizer)
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"id": f"d{i}", "text": TEXTS[i]} for i in range(5)])
+    template_file = tmp_path / "other.jinja"
+    template_file.write_text("{# another template file #}" + QWEN)
+    queries = write_jsonl(tmp_path / "chat-q.jsonl", [{"id": "q", "messages": CONVERSATION[1:3]}])
+    common = ["--quiet", "--model", model, "--max-length", "48"]
+    code, _, err = run_cli(capsys, "fit-factors", *common[1:], "--corpus", plain, "--out", tmp_path / "f")
+    assert code == 0, err
+    assert json.loads((tmp_path / "f" / "manifest.json").read_text())["counts"]["rendered_conversations"] is False
+    with_template = ["--factors", tmp_path / "f", "--corpus", plain, "--chat-template", template_file]
+    code, _, err = run_cli(capsys, *common[:1], "query", *common[1:], *with_template, "--queries", queries,
+                           "--out", tmp_path / "scores")
+    assert code == 0, err
+    assert pq.read_table(tmp_path / "scores" / "documents.parquet").num_rows == 5
+    code, _, err = run_cli(capsys, *common[:1], "self-influence", *common[1:], *with_template, "--out", tmp_path / "s")
+    assert code == 0, err
+    chat_corpus = write_jsonl(tmp_path / "chat.jsonl", [
+        {"id": "c", "messages": [{"role": "user", "content": TEXTS[0][:20]}, {"role": "assistant", "content": TEXTS[1]}]}])
+    code, _, err = run_cli(capsys, "fit-factors", *common[1:], "--corpus", chat_corpus, "--out", tmp_path / "g")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "self-influence", *common[1:], "--factors", tmp_path / "g", "--corpus", chat_corpus,
+                           "--chat-template", template_file, "--out", tmp_path / "refused")
+    assert code == 2 and "pass the same --chat-template" in err and not (tmp_path / "refused").exists(), err
 
 
 def test_prefilter_searches_conversations(tmp_path):

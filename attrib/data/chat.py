@@ -118,7 +118,8 @@ def chat_format(tokenizer, option: str = "auto") -> ChatFormat:
     CorpusOptions.checked(chat_template=option)
     if option == "none":
         return ChatFormat(option, None, tokenizer, "conversations ('messages') need a chat template, but "
-                          f"{flag('chat_template')} is none; pass {flag('chat_template', 'auto')} or the path of a template file")
+                          f"{flag('chat_template', 'none')} refuses them; pass {flag('chat_template', 'auto')} or the "
+                          "path of a template file")
     if option != "auto":
         try:
             template = Path(option).expanduser().read_text(encoding="utf-8")
@@ -132,10 +133,13 @@ def chat_format(tokenizer, option: str = "auto") -> ChatFormat:
                       f"conversations ('messages') cannot be rendered; pass {flag('chat_template')} with a template file")
 
 
-def check_chat_agrees(recorded: dict | None, current: dict, source: str) -> None:
+def check_chat_agrees(input_manifest: dict, current: dict, source: str) -> None:
     """Refuse an input whose conversations were rendered with another template, or whose loss
-    was taken over other tokens (--loss-on); `recorded` None (an older manifest) is not compared."""
-    if not recorded:
+    was taken over other tokens (--loss-on). An input that rendered no conversation (factors fitted
+    on plain text: Grosse et al.'s setting for dialogue queries) and an older manifest that records
+    no chat are not compared: their template and loss_on changed nothing."""
+    recorded = input_manifest.get("settings", {}).get("chat")
+    if not recorded or input_manifest.get("counts", {}).get("rendered_conversations") is False:
         return
     if "loss_on" in recorded and "loss_on" in current and recorded["loss_on"] != current["loss_on"]:
         raise InputError(

@@ -62,6 +62,7 @@ class RowStats:
 
     documents: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    conversations: bool = False  # whether a conversation was rendered (then its template mattered)
 
     def skip(self, reason: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -105,8 +106,9 @@ class _RowChecker:
                 return None
             if spec.chat_template == "none":
                 raise InputError(
-                    f"{where} is a conversation ('{MESSAGES_FIELD}') but {flag('chat_template')} is none; pass {flag('chat_template')} "
-                    "auto (the tokenizer's template) or the path of a template file"
+                    f"{where} is a conversation ('{MESSAGES_FIELD}') but {flag('chat_template', 'none')} refuses "
+                    f"conversations; pass {flag('chat_template', 'auto')} (the tokenizer's template) or the path of a "
+                    "template file"
                 )
             text = conversation_contents(messages)
         elif spec.text_field not in row:

@@ -255,6 +255,8 @@ def iter_sequence_parts(
         if wanted is not None and not wanted(doc_index, doc.doc_id):
             continue
         doc = chat.prepare(doc, spec.loss_on)
+        if stats is not None and doc.messages is not None:
+            stats.conversations = True
         part.texts[doc_index] = doc.text
         part.documents += 1
         for sequence in chunk_document(tokenizer, doc, max_length, prefix, long_documents):

@@ -509,6 +509,7 @@ def _fit_factors(model, tokenizer, layers, corpus, stage, settings, world, check
             counts["correction_sequences"] = correction_counts.sequences
         files += [group_file(LAMBDA, g, len(groups)) for g in range(len(groups))]
     counts["rows_skipped"] = runner.row_stats.skipped
+    counts["rendered_conversations"] = runner.row_stats.conversations
     world.barrier()
     manifest = {}
     if world.is_main:

@@ -69,10 +69,10 @@ def check_corpus_chat(request: ScoreRequest, tokenizer) -> None:
     spec = request.corpus
     current = {**chat_format(tokenizer, spec.chat_template).identity(), "loss_on": spec.loss_on}
     factors = open_input(request.factors, "fit-factors", option=flag("factors"))
-    check_chat_agrees(factors["settings"].get("chat"), current, flag("factors", request.factors))
+    check_chat_agrees(factors, current, flag("factors", request.factors))
     if request.query_gradients is not None:
         gradients = open_input(request.query_gradients, "query-gradients", option=flag("query_gradients_dir"))
-        check_chat_agrees(gradients["settings"].get("chat"), current,
+        check_chat_agrees(gradients, current,
                           flag("query_gradients_dir", request.query_gradients))
 
 

@@ -95,7 +95,7 @@ def run_query_gradients(out, model_spec: str, lm, tokenizer, layers, factors: st
         raise InputError(f"{flag('solver', 'cg')} needs fitted curvature as its preconditioner and damping; these "
                          "factors are 'identity': fit ekfac, kfac or diagonal factors")
     chat = chat_format(tokenizer, settings.chat_template).identity()
-    check_chat_agrees(factors_manifest["settings"].get("chat"), chat, flag("factors", factors))
+    check_chat_agrees(factors_manifest, chat, flag("factors", factors))
     recorded = {**asdict(settings), "strategy": strategy, "chat": chat}
     inputs = {"factors": input_identity(factors), "queries_sha256": queries_digest(queries)}
     sample_spec = None
@@ -164,7 +164,8 @@ def _compute_query_gradients(stage, lm, tokenizer, layers, factors, queries, set
                               "corpus": sample_spec.source if sample_spec is not None else None,
                               **solve_records([stage.file(name) for name in parts])}
         stage.complete(
-            {"queries": len(queries), "layers": len(layers)},
+            {"queries": len(queries), "layers": len(layers),
+             "rendered_conversations": any(q.messages is not None for q in queries)},
             parts + [QUERIES_FILE],
             queries=[q.as_row() for q in queries],
             layers=[layer.name for layer in layers],

@@ -294,7 +294,7 @@ def run_self_influence(out, model_spec: str, lm, tokenizer, layers: list[Tracked
     record = model_record(model_spec, lm, layers)
     curvature = Curvature(factors, layers, settings.damping, settings.damping_scale, record["fingerprint"])
     chat = {**chat_format(tokenizer, corpus.chat_template).identity(), "loss_on": corpus.loss_on}
-    check_chat_agrees(open_input(factors, "fit-factors", option=flag("factors"))["settings"].get("chat"), chat,
+    check_chat_agrees(open_input(factors, "fit-factors", option=flag("factors")), chat,
                       flag("factors", factors))  # the loss the factors were fitted on
     recorded = {**asdict(settings), "strategy": curvature.strategy.name, "chat": chat,
                 "chunking": chunking_identity(tokenizer, settings.max_length, corpus.long_documents)}
