@@ -9,6 +9,7 @@ naming the option in the caller's words (`--max-length` or `max_length=`; attrib
 Nothing here imports torch: `attrib --help` and `import attrib` stay instant.
 """
 
+import functools
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import ClassVar, Optional, Union
 
@@ -189,6 +190,11 @@ class FitOptions(Group):
         if self.collective_timeout_seconds <= 0:
             raise InputError(f"{flag('collective_timeout')} must be positive")
         parse_duration(str(self.checkpoint_every), "checkpoint_every")  # a bad value fails before any work
+        strategy = STRATEGY[self.strategy]
+        if self.covariance_max_tokens is not None and not strategy.covariances:
+            ignored(flag("covariance_max_tokens"), flag("strategy", self.strategy), "which fits no covariances")
+        if self.fisher == "true" and not strategy.has_factors:
+            ignored(flag("fisher", "true"), flag("strategy", self.strategy), "which fits nothing")
 
     @property
     def checkpoint_seconds(self) -> float:
@@ -290,6 +296,11 @@ class ScoreOptions(Group):
     def check(self, options: "StageOptions") -> None:
         if self.candidates is not None and self.prefilter is not None:
             raise InputError(f"give either {flag('candidates')} or {flag('prefilter')}, not both")
+        if self.keep_all_scores and (self.candidates is not None or self.prefilter is not None):
+            ignored(flag("keep_all_scores"), flag("candidates" if self.candidates is not None else "prefilter"),
+                    "which keeps every candidate's score")
+        if self.query_gradients_dir is not None and options.solve.solve_corpus is not None:
+            ignored(flag("solve_corpus"), flag("query_gradients_dir"), "whose gradients are solved already")
         token_scores_count(self.token_scores_top)  # a bad value fails before any work
 
     @property
@@ -323,13 +334,17 @@ class PrefilterOptions(Group):
     backend: str = option("auto", "exact (in memory, TfidfVectorizer), streaming (two passes, flat memory) or auto.",
                           choices=("auto", "exact", "streaming"))
     model: Optional[str] = option(None, "Model whose tokenizer cuts sequences / reads text.", flags=("--model", "-m"))
-    hash_features: int = option(DEFAULT_HASH_FEATURES, "Hashed feature space of the streaming backend.",
-                                minimum=2**10)
+    hash_features: Optional[int] = option(
+        None, f"Hashed feature space of the streaming backend (default {DEFAULT_HASH_FEATURES}).", minimum=2**10)
 
     def check(self, options: "StageOptions") -> None:
         low, high = self.ngrams
         if not 1 <= low <= high:
             raise InputError(f"{flag('ngram_range', self.ngram_range)} needs 1 <= MIN <= MAX")
+        if self.hash_features is not None and self.backend == "exact":
+            ignored(flag("hash_features"), flag("backend", "exact"), "which counts every term exactly")
+        if options.batch.max_length is not None and self.unit != "sequence":
+            ignored(flag("max_length"), flag("unit", self.unit), "which ranks whole documents")
         if self.model is None and (self.unit == "sequence" or self.analyzer == "model"):
             needs = flag("unit", "sequence") if self.unit == "sequence" else flag("analyzer", "model")
             raise InputError(f"{needs} needs {flag('model')} (its tokenizer cuts and reads the text)")
@@ -452,6 +467,18 @@ STAGES = {
 }
 
 
+@functools.cache
+def cli_flag(name: str) -> str:
+    """The command-line flag of an option or input (`query_gradients_dir` is `--query-gradients`)."""
+    declared = [item.metadata["flags"] for group in Group.__subclasses__() for item in fields(group)
+                if item.name == name] + [i.flags for i in (MODEL, FACTORS, CORPUS, QUERIES, OUT) if i.name == name]
+    for flags in declared:
+        for text in flags:
+            if text.startswith("--") and "/" not in text:
+                return text
+    return "--" + name.replace("_", "-")
+
+
 def default_of(group: type, name: str):
     """An option's default (for commands that show it, e.g. `attrib inspect`)."""
     item = group.__dataclass_fields__[name]
@@ -460,6 +487,11 @@ def default_of(group: type, name: str):
 
 def help_of(group: type, name: str) -> str:
     return group.__dataclass_fields__[name].metadata["help"]
+
+
+def ignored(option: str, under: str, why: str) -> None:
+    """Refuse an option that would have no effect under another one (a user who gave it expects one)."""
+    raise InputError(f"{option} has no effect with {under}, {why}; drop it")
 
 
 def parse_duration(text: str, name: str) -> float:

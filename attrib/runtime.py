@@ -78,7 +78,9 @@ def rank() -> int:
 def flag(name: str, value=None) -> str:
     """An option as the caller wrote it: `--max-length 1` on the command line, `max_length=1` in Python."""
     if current().caller == "cli":
-        text = "--" + name.replace("_", "-")
+        from attrib.options import cli_flag  # options imports this module
+
+        text = cli_flag(name)
         return text if value is None else f"{text} {value}"
     return f"{name}=" if value is None else f"{name}={value!r}"
 

@@ -256,3 +256,44 @@ def test_fit_factors_skips_and_counts_empty_documents(tmp_path, capsys, model_di
     assert code == 0, err
     assert "2 empty documents skipped" in err
     assert json.loads((out / "manifest.json").read_text())["counts"]["rows_skipped"] == {"empty text": 2}
+
+
+STAGE_ARGS = {"fit-factors": ["--corpus", "c.jsonl"], "prefilter": ["--corpus", "c.jsonl", "--queries", "q.jsonl"],
+              "query": ["--factors", "f", "--corpus", "c.jsonl"]}
+
+
+@pytest.mark.parametrize("command, flags, fragment", [
+    ("query", ["--query-gradients", "g", "--solve-corpus", "s.jsonl"],
+     "--solve-corpus has no effect with --query-gradients"),
+    ("query", ["--queries", "q.jsonl", "--query-gradients", "g"], "give --queries or --query-gradients, not both"),
+    ("query", ["--queries", "q.jsonl", "--candidates", "cands", "--keep-all-scores"],
+     "--keep-all-scores has no effect with --candidates"),
+    ("query", ["--queries", "q.jsonl", "--prefilter", "5", "--keep-all-scores"],
+     "--keep-all-scores has no effect with --prefilter"),
+    ("fit-factors", ["--strategy", "diagonal", "--covariance-max-tokens", "4096"],
+     "--covariance-max-tokens has no effect with --strategy diagonal"),
+    ("fit-factors", ["--strategy", "identity", "--fisher", "true"], "--fisher true has no effect with --strategy identity"),
+    ("prefilter", ["--backend", "exact", "--hash-features", "4096"], "--hash-features has no effect with --backend exact"),
+    ("prefilter", ["--max-length", "64"], "--max-length has no effect with --unit document"),
+])
+def test_an_option_without_effect_is_refused(capsys, tmp_path, model_dirs, command, flags, fragment):
+    """An option that another option makes moot is refused in one line (the user expected it to act), before
+    anything is read or written; through the API the message names keywords."""
+    model = [] if command == "prefilter" else ["--model", model_dirs["llama"]]
+    code, _, err = run_cli(capsys, command, *model, *STAGE_ARGS[command], *flags, "--out", tmp_path / "out")
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and fragment in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_api_errors_name_keywords(tmp_path, model_dirs):
+    """The same refusal through the API speaks Python: keywords, not flags."""
+    import attrib
+
+    with pytest.raises(attrib.InputError, match="solve_corpus= has no effect with query_gradients_dir="):
+        attrib.query(model_dirs["llama"], "f", None, "c.jsonl", out=tmp_path / "out", query_gradients_dir="g",
+                     solve_corpus="s.jsonl")
+    with pytest.raises(attrib.InputError, match="max_length=1 must be at least 2"):
+        attrib.fit_factors(model_dirs["llama"], "c.jsonl", out=tmp_path / "out", max_length=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'max_lenght'"):
+        attrib.fit_factors(model_dirs["llama"], "c.jsonl", out=tmp_path / "out", max_lenght=64)
+    assert not (tmp_path / "out").exists()

@@ -88,6 +88,8 @@ class PrefilterSettings:
         from attrib.options import STAGES
 
         given = {**asdict(self), "ngram_range": ",".join(map(str, self.ngram_range))}
+        if given["hash_features"] == DEFAULT_HASH_FEATURES:
+            given["hash_features"] = None  # the default, not a choice that the exact backend would ignore
         STAGES["prefilter"].parse({name: value for name, value in given.items() if value is not None})
 
     @property
@@ -633,7 +635,8 @@ def run(corpus: str, queries: str, out, *, options, tokenizer=None) -> StageResu
 
     chosen = options.prefilter
     finished = stage_finished(out) and not options.run.overwrite
-    keywords = {**asdict(chosen), "ngram_range": chosen.ngrams}
+    keywords = {**asdict(chosen), "ngram_range": chosen.ngrams,
+                "hash_features": chosen.hash_features or DEFAULT_HASH_FEATURES}
     with libraries_quiet(*(("transformers",) if chosen.model is not None else ())):
         manifest = run_prefilter(options.corpus.spec(corpus), queries, out, **keywords,
                                  max_length=options.batch.max_length, trust_remote_code=options.model.trust_remote_code,

@@ -167,6 +167,9 @@ def _check_inputs(queries, options) -> None:
     if scores.query_gradients_dir is None and queries is None:
         raise InputError(f"{flag('queries')} is needed unless {flag('query_gradients_dir')} gives computed query "
                          "gradients")
+    if scores.query_gradients_dir is not None and queries is not None:
+        raise InputError(f"give {flag('queries')} or {flag('query_gradients_dir')}, not both: the query gradients "
+                         "hold their own queries")
 
 
 def run(model, factors: str, queries: str | None, corpus: str, out, *, options, tokenizer=None) -> StageResult:
