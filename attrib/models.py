@@ -93,9 +93,13 @@ def looks_like_hub_id(spec: str) -> bool:
 
 @contextlib.contextmanager
 def _loading(spec: str, what: str = ""):
-    """Turn a transformers loading failure into one line that says where attrib looked."""
+    """Turn a transformers loading failure into one line that says where attrib looked; transformers'
+    own log lines and bars are off meanwhile (and restored after: the user's settings are theirs)."""
+    from attrib.progress import libraries_quiet
+
     try:
-        yield
+        with libraries_quiet("transformers"):
+            yield
     except (OSError, ValueError) as exc:
         where = "the directory" if Path(spec).expanduser().exists() else "the hub (is the network reachable?)"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -104,10 +108,6 @@ def _loading(spec: str, what: str = ""):
 
 def model_source(spec: str) -> str:
     """The directory or hub id to load `spec` from; a mistyped path is named plainly, not sent to the hub."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
     path = Path(spec).expanduser()
     if not path.exists() and not looks_like_hub_id(spec):
         raise InputError(f"{flag('model', spec)}: no such directory (and not a hub id)")

@@ -297,3 +297,26 @@ def test_api_errors_name_keywords(tmp_path, model_dirs):
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_lenght'"):
         attrib.fit_factors(model_dirs["llama"], "c.jsonl", out=tmp_path / "out", max_lenght=64)
     assert not (tmp_path / "out").exists()
+
+
+def test_library_logging_is_restored_and_quiet_is_per_call(tmp_path, capsys, model_dirs):
+    """transformers' log level is the user's: attrib quiets it only while it loads (inspect, a stage) and
+    gives it back; `quiet=True` in one API call does not silence the next."""
+    import transformers
+
+    import attrib
+
+    logging = transformers.utils.logging
+    logging.set_verbosity_info()
+    try:
+        code, _, err = run_cli(capsys, "inspect", "--model", model_dirs["gpt2"])
+        assert code == 0, err
+        assert logging.get_verbosity() == logging.INFO
+        queries = [{"id": "q", "prompt": "The capital", "completion": " of rivers."}]
+        corpus = [{"id": "d", "text": "The capital of rivers is a city."}]
+        attrib.prefilter(corpus, queries, out=tmp_path / "quiet", top_k=1, quiet=True)
+        assert capsys.readouterr().err == "" and logging.get_verbosity() == logging.INFO
+        attrib.prefilter(corpus, queries, out=tmp_path / "loud", top_k=1)
+        assert "1 candidates for 1 queries" in capsys.readouterr().err
+    finally:
+        logging.set_verbosity_warning()

@@ -212,7 +212,10 @@ def test_cli_resumes_after_a_crash_and_top_and_report_read_the_output(tmp_path, 
     assert code == 130, (code, err)
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["status"] == "running"
     assert len(list((tmp_path / "b" / "parts").glob("scores-*.parquet"))) == 1
-    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "b")
+    import shutil
+
+    moved = shutil.copytree(model_dirs["llama"], tmp_path / "moved-model")  # the model and tokenizer, elsewhere
+    code, _, err = run_cli(capsys, *[moved if a == model_dirs["llama"] else a for a in args], "--out", tmp_path / "b")
     assert code == 0, err
     resumed = pq.read_table(tmp_path / "b" / "self_influence.parquet").to_pandas()
     assert resumed.equals(whole)

@@ -58,13 +58,12 @@ def special_prefix(tokenizer) -> list[int]:
 def tokenizer_identity(tokenizer) -> dict:
     """What decides how a tokenizer cuts text: its vocabulary (hashed), size and special prefix.
 
-    `name_or_path` is recorded for people and not compared: two copies of one tokenizer
-    cut text alike.
+    Not where it was loaded from: two copies of one tokenizer cut text alike, and a moved model
+    directory must not stop a resume (manifests compare this dict whole).
     """
     vocab = sorted(tokenizer.get_vocab().items())
     digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
     return {
-        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
         "vocab_size": len(tokenizer),
         "vocab_sha256": digest,
         "special_prefix": special_prefix(tokenizer),

@@ -590,7 +590,8 @@ def check_candidates_chunking(manifest: dict, tokenizer, max_length: int, long_d
     differences = []
     old_tokenizer, new_tokenizer = recorded.get("tokenizer", {}), current["tokenizer"]
     if any(old_tokenizer.get(key) != new_tokenizer[key] for key in ("vocab_size", "vocab_sha256", "special_prefix")):
-        differences.append(f"tokenizer {old_tokenizer.get('name_or_path', '?')} != {new_tokenizer['name_or_path']}")
+        differences.append(f"tokenizer vocabulary sha256 {str(old_tokenizer.get('vocab_sha256'))[:12]} != "
+                           f"{new_tokenizer['vocab_sha256'][:12]}")
     for key, option in (("max_length", flag("max_length")), ("long_documents", flag("long_documents"))):
         if recorded.get(key) != current[key]:
             differences.append(f"{option} {recorded.get(key)} != {current[key]}")
