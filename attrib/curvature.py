@@ -17,7 +17,7 @@ import torch
 from attrib.errors import InputError
 from attrib.factors import LayerCurvature, default_damping
 from attrib.models import TrackedLayer
-from attrib.options import DEFAULT_DAMPING_SCALE
+from attrib.options import DEFAULT_DAMPING_SCALE, DampingOptions
 from attrib.runtime import flag
 from attrib.storage import open_input
 from attrib.strategies import STRATEGY
@@ -77,10 +77,7 @@ class Curvature:
             raise InputError(
                 f"{flag('factors', directory)} has no factors for {', '.join(missing[:3])}; refit with the same {flag('modules')}"
             )
-        if damping is not None and damping <= 0:
-            raise InputError(f"{flag('damping')} must be positive (Λ + λ is divided by)")
-        if damping is None and damping_scale <= 0:
-            raise InputError(f"{flag('damping_scale')} must be positive (Λ + λ is divided by)")
+        DampingOptions(damping, None if damping is not None else damping_scale).check_fields({"damping", "damping_scale"})
         self.layers = layers
         self.damping, self.damping_scale = damping, damping_scale
         self.files = FactorFiles(directory, self.manifest) if self.strategy.has_factors else None
