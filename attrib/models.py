@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attrib.errors import InputError
+from attrib.options import DTYPES
 from attrib.runtime import flag
 
 # model_type -> regex over module names that selects the MLP projections of every block
@@ -39,8 +40,6 @@ SHARED_INPUT = ("gate_proj", "up_proj")
 FALLBACK_PATTERN = r"(^|\.)(mlp|feed_forward|ffn)\.[^.]+$"
 # Mixture-of-experts layers: expert modules see only the tokens routed to them, not [batch, seq, d].
 EXPERTS = re.compile(r"(^|\.)(experts|block_sparse_moe)(\.|$)")
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass

@@ -58,6 +58,8 @@ def inspect_model(
     dtype = default_dtype(dtype, kind)
     if dtype not in DTYPES:
         raise InputError(f"--dtype {dtype} is not one of auto, {', '.join(DTYPES)}")
+    if strategy not in STRATEGY:
+        raise InputError(f"--strategy {strategy} is not one of {', '.join(STRATEGY)}")
     if layers_per_pass is not None and layers_per_pass < 1:
         raise InputError("--layers-per-pass must be at least 1")
     budget = parse_bytes(max_memory, "--max-memory") if max_memory is not None else None
