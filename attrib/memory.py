@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from attrib.options import DEFAULT_QUERY_RANK
 from attrib.strategies import STRATEGY
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -252,7 +253,7 @@ def query_factor_bytes(layers: list[LayerShape], rank: int) -> int:
 
 
 def query_gradients(model: ModelShape, layers: list[LayerShape], *, tokens_per_batch: int, dtype: str,
-                    device: str = "cpu", rank: int = 32, queries_per_batch: int = 1, max_length: int = 512,
+                    device: str = "cpu", rank: int = DEFAULT_QUERY_RANK, queries_per_batch: int = 1, max_length: int = 512,
                     rotates: bool = True, cg: bool = False) -> StagePeak:
     """Peak of `attrib query-gradients`: one batch of queries forward and backward, and inside the
     backward one layer at a time its dense gradients, their preconditioning with that layer's
@@ -297,7 +298,7 @@ def query(
     tokens_per_batch: int,
     dtype: str,
     device: str = "cpu",
-    rank: int = 32,
+    rank: int = DEFAULT_QUERY_RANK,
     queries_per_pass: int = 1,
     docs_per_part: int = 2000,
     max_length: int = 512,
