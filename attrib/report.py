@@ -117,11 +117,7 @@ def ranked_documents(
     run: ScoresRun, top_k: int, query_ids: list[str], with_tokens: bool = True
 ) -> dict[str, list[RankedDocument]]:
     """The `top_k` documents of each query, best first, with their chunks' token segments."""
-    from attrib.score_tables import (
-        read_token_rows,
-        read_top_documents,
-        read_top_sequences,
-    )
+    from attrib.score_tables import read_token_rows, read_top_documents, read_top_sequences
 
     if top_k < 1:
         raise InputError("--top-k must be at least 1")

@@ -20,15 +20,7 @@ import torch
 
 from attrib.candidates import CandidateIndex
 from attrib.capture import Capture, summed_nll
-from attrib.data import (
-    CorpusSpec,
-    Part,
-    RowStats,
-    Sequence,
-    collate,
-    iter_sequence_parts,
-    pack_batches,
-)
+from attrib.data import CorpusSpec, Part, RowStats, Sequence, collate, iter_sequence_parts, pack_batches
 from attrib.distributed import World
 from attrib.errors import InputError
 from attrib.memory import DENSE_BYTES
@@ -36,13 +28,7 @@ from attrib.models import TrackedLayer
 from attrib.preconditioned_gradients import QueryGradients, QueryGradientStore
 from attrib.progress import progress
 from attrib.runtime import flag
-from attrib.score_tables import (
-    DOCUMENTS,
-    SUMMARY,
-    TOKENS_DIR,
-    documents_schema,
-    tokens_schema,
-)
+from attrib.score_tables import DOCUMENTS, SUMMARY, TOKENS_DIR, documents_schema, tokens_schema
 from attrib.storage import StageDir
 
 PARTS_DIR = "parts"

@@ -7,14 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.memory import parse_bytes
-from attrib.options import (
-    DEFAULT_QUERY_RANK,
-    MODEL,
-    BatchOptions,
-    FitOptions,
-    ModelOptions,
-    help_of,
-)
+from attrib.options import DEFAULT_QUERY_RANK, MODEL, BatchOptions, FitOptions, ModelOptions, help_of
 
 
 def _option(group, name: str, **changes):

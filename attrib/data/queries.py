@@ -9,13 +9,7 @@ from pathlib import Path
 
 from attrib.data.chat import ChatFormat
 from attrib.data.readers import _json_rows
-from attrib.data.rows import (
-    MESSAGES_FIELD,
-    CorpusSpec,
-    RowStats,
-    _RowChecker,
-    messages_problem,
-)
+from attrib.data.rows import MESSAGES_FIELD, CorpusSpec, RowStats, _RowChecker, messages_problem
 from attrib.data.sequences import Sequence, disjoint_offsets, next_token_targets
 from attrib.errors import InputError
 from attrib.runtime import flag, warn_once

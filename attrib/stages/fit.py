@@ -25,34 +25,16 @@ from pathlib import Path
 import torch
 
 from attrib.capture import Capture, sample_labels, sequence_seed, summed_nll
-from attrib.data import (
-    CorpusSpec,
-    RowStats,
-    SequenceCaps,
-    collate,
-    iter_sequence_parts,
-    pack_batches,
-)
+from attrib.data import CorpusSpec, RowStats, SequenceCaps, collate, iter_sequence_parts, pack_batches
 from attrib.distributed import World
 from attrib.errors import InputError, RunError
-from attrib.factors import (
-    CorrectionSums,
-    CovarianceSums,
-    kfac_eigenvalues,
-    symmetric_eigh,
-)
+from attrib.factors import CorrectionSums, CovarianceSums, kfac_eigenvalues, symmetric_eigh
 from attrib.memory import layer_groups
 from attrib.models import TrackedLayer, shared_activation_sources
 from attrib.progress import message, progress
 from attrib.results import StageResult
 from attrib.runtime import flag
-from attrib.storage import (
-    StageDir,
-    load_into,
-    merge_tensor_files,
-    tensor_metadata,
-    write_tensors,
-)
+from attrib.storage import StageDir, load_into, merge_tensor_files, tensor_metadata, write_tensors
 from attrib.strategies import STRATEGY, Strategy
 
 COVARIANCE, EIGEN, LAMBDA = "covariance", "eigen", "lambda"

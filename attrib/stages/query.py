@@ -13,11 +13,7 @@ from attrib.errors import InputError
 from attrib.progress import message
 from attrib.results import StageResult
 from attrib.runtime import flag
-from attrib.stages.query_gradients import (
-    QUERIES_FILE,
-    QuerySettings,
-    run_query_gradients,
-)
+from attrib.stages.query_gradients import QUERIES_FILE, QuerySettings, run_query_gradients
 
 DOCUMENTS_TOP = 1000  # without candidates: each query's most positive and most negative documents kept
 
@@ -179,11 +175,7 @@ def run(model, factors: str, queries: str | None, corpus: str, out, *, options, 
     from attrib.runtime import borrowed_model
     from attrib.scoring import ScoreSettings
     from attrib.stages.prefilter import check_candidates_chunking
-    from attrib.stages.query_gradients import (
-        batching,
-        checked_queries,
-        tracked_layers_of_factors,
-    )
+    from attrib.stages.query_gradients import batching, checked_queries, tracked_layers_of_factors
     from attrib.storage import open_input, read_manifest
 
     _check_inputs(queries, options)

@@ -11,11 +11,7 @@ from pathlib import Path
 
 from attrib.distributed import World
 from attrib.errors import InputError
-from attrib.options import (
-    DEFAULT_DAMPING_SCALE,
-    DEFAULT_QUERY_RANK,
-    DEFAULT_SOLVE_TOKENS,
-)
+from attrib.options import DEFAULT_DAMPING_SCALE, DEFAULT_QUERY_RANK, DEFAULT_SOLVE_TOKENS
 from attrib.results import StageResult
 from attrib.runtime import flag
 
@@ -131,12 +127,7 @@ def _cg_solver(lm, tokenizer, layers, curvature, settings: QuerySettings, world,
 def _compute_query_gradients(stage, lm, tokenizer, layers, factors, queries, settings: QuerySettings, world, record,
                              factors_manifest, sample_spec):
     from attrib.curvature import Curvature
-    from attrib.preconditioned_gradients import (
-        iter_query_gradient_batches,
-        part_name,
-        save_part,
-        solve_records,
-    )
+    from attrib.preconditioned_gradients import iter_query_gradient_batches, part_name, save_part, solve_records
     from attrib.storage import atomic_path
 
     curvature = Curvature(factors, layers, settings.damping, settings.damping_scale, record["fingerprint"])

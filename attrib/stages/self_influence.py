@@ -30,14 +30,7 @@ import torch
 
 from attrib.capture import Capture, label_nll
 from attrib.curvature import Curvature
-from attrib.data import (
-    CorpusSpec,
-    RowStats,
-    Sequence,
-    collate,
-    iter_sequence_parts,
-    pack_batches,
-)
+from attrib.data import CorpusSpec, RowStats, Sequence, collate, iter_sequence_parts, pack_batches
 from attrib.distributed import World
 from attrib.errors import InputError
 from attrib.factors import LayerCurvature, correction_sequences_per_step
@@ -46,12 +39,7 @@ from attrib.options import DEFAULT_DAMPING_SCALE
 from attrib.progress import message, progress
 from attrib.results import StageResult
 from attrib.runtime import flag
-from attrib.score_tables import (
-    SELF_INFLUENCE,
-    SELF_QUERY,
-    self_influence_schema,
-    tokens_schema,
-)
+from attrib.score_tables import SELF_INFLUENCE, SELF_QUERY, self_influence_schema, tokens_schema
 from attrib.storage import StageDir
 
 STAGE = "self-influence"
