@@ -266,7 +266,7 @@ def run_worker(tree: str, kind: str, spec: dict, threads: int) -> dict:
 def check_tree(tree: str) -> None:
     """Refuse to measure a tree whose `attrib` is not the one imported (cwd, editable installs)."""
     env = {**os.environ, "PYTHONPATH": tree}
-    found = subprocess.run([sys.executable, "-c", "import attrib, attrib.commands.query as q; print(attrib.__file__, q.__file__)"],
+    found = subprocess.run([sys.executable, "-c", "import attrib, attrib.commands.stages as q; print(attrib.__file__, q.__file__)"],
                            env=env, cwd=tree, capture_output=True, text=True, check=True).stdout.split()
     if not all(Path(f).resolve().is_relative_to(Path(tree).resolve()) for f in found):
         raise SystemExit(f"tree {tree} imports attrib from {found}")

@@ -26,10 +26,11 @@ def demo(
     from pathlib import Path
 
     import attrib
-    from attrib.commands.query import print_top
+    from attrib.commands.printing import print_top
     from attrib.errors import InputError
     from attrib.progress import message
     from attrib.report import write_report
+    from attrib.strategies import STRATEGY
     from attrib.synthetic import ARCHITECTURES, DEMO_SIZES, DemoPaths, build_demo
 
     if size not in DEMO_SIZES:
@@ -53,8 +54,10 @@ def demo(
     message(f"demo model {model}: fact accuracy {info['models'][architecture]['fact_accuracy']:.2f}")
     corpus = {"corpus": str(data.corpus), "id_field": "id"}
     with clock.stage("fit-factors"):
-        attrib.fit_factors(model, **corpus, out=root / "factors", strategy=strategy, seed=seed, fisher="true", fisher_samples=4,
-                           tokens_per_batch=2048)
+        fits = strategy not in STRATEGY or STRATEGY[strategy].has_factors  # (an unknown one is refused by the fit)
+        fisher = {"fisher": "true", "fisher_samples": 4} if fits else {}
+        attrib.fit_factors(model, **corpus, out=root / "factors", strategy=strategy, seed=seed, tokens_per_batch=2048,
+                           **fisher)
     with clock.stage("prefilter"):
         attrib.prefilter(**corpus, queries=str(data.queries), out=root / "candidates", top_k=candidates_per_query)
     with clock.stage("query"):
