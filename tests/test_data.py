@@ -66,7 +66,7 @@ def test_bad_rows_name_file_and_line(tmp_path, line, message):
     path.write_text('{"text": "good row"}\n' + line + "\n", encoding="utf-8")
     with pytest.raises(InputError, match=message) as error:
         docs(path)
-    assert f"{path}:2" in str(error.value) and "--skip-bad-rows" in str(error.value)
+    assert f"{path}:2" in str(error.value) and "skip_bad_rows=" in str(error.value)
     stats = RowStats()
     assert [d.text for d in iter_documents(CorpusSpec(str(path), skip_bad_rows=True), stats)] == ["good row"]
     assert sum(stats.skipped.values()) == 1
@@ -129,7 +129,7 @@ def test_queries_and_completion_mask(tmp_path, tokenizer):
     loss_tokens = [seq.input_ids[t + 1] for t, target in enumerate(seq.targets) if target >= 0]
     completion_text = "".join(tokenizer.decode([t]) for t in loss_tokens)
     assert completion_text == " Quendar."
-    with pytest.raises(InputError, match="more than --max-length"):
+    with pytest.raises(InputError, match="more than max_length=4"):
         query_sequence(tokenizer, query, 4, [])
     with pytest.raises(InputError, match="no context"):
         query_sequence(tokenizer, Query("q", "", "hello"), 64, [])
@@ -173,10 +173,10 @@ def test_ids_are_decided_row_by_row_whatever_max_docs(tmp_path):
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [{"id": "a", "text": "one"}, {"id": "b", "text": "two"},
                                                    {"text": "three"}])
     assert [d.doc_id for d in docs(mixed, max_docs=2)] == ["a", "b"]  # the ids do not depend on --max-docs
-    with pytest.raises(InputError, match=r"mixed.jsonl:3 has no 'id' field but .*mixed.jsonl:1 had one.*--id-field none"):
+    with pytest.raises(InputError, match=r"mixed.jsonl:3 has no 'id' field but .*mixed.jsonl:1 had one.*id_field='none'"):
         docs(mixed)
     late = write_jsonl(tmp_path / "late.jsonl", [{"text": "one"}, {"id": "b", "text": "two"}])
-    with pytest.raises(InputError, match=r"late.jsonl:2 has an 'id' field.*--id-field none"):
+    with pytest.raises(InputError, match=r"late.jsonl:2 has an 'id' field.*id_field='none'"):
         docs(late)
     assert [d.doc_id for d in docs(mixed, id_field="none")] == ["0", "1", "2"]
     named = write_jsonl(tmp_path / "named.jsonl", [{"id": 1, "key": "k1", "text": "one"}])
@@ -238,7 +238,7 @@ def test_long_documents_chunk_or_truncate(tokenizer):
     truncated = chunk_document(tokenizer, Document("d", text), 16, [], long_documents="truncate")
     assert len(chunked) > 2 and len(truncated) == 1
     assert truncated[0].input_ids == chunked[0].input_ids and truncated[0].chunk == 0
-    with pytest.raises(InputError, match="--long-documents"):
+    with pytest.raises(InputError, match="long_documents='drop'"):
         chunk_document(tokenizer, Document("d", text), 16, [], long_documents="drop")
 
 

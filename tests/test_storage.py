@@ -126,7 +126,7 @@ def test_resume_refuses_other_inputs(tmp_path):
     (out / "part-00000").write_text("from corpus A")
     assert not stage(out, inputs={"corpus": input_identity(corpus)}).already_complete  # same inputs resume
     corpus.write_text('{"text": "b"}\n')
-    with pytest.raises(InputError, match=r"other inputs \(corpus changed since\); use --overwrite") as error:
+    with pytest.raises(InputError, match=r"other inputs \(corpus changed since\); use overwrite=") as error:
         stage(out, inputs={"corpus": input_identity(corpus)})
     assert "\n" not in str(error.value) and (out / "part-00000").exists()
     done = stage(out, inputs={"corpus": input_identity(corpus)}, overwrite=True)
