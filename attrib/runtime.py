@@ -82,7 +82,9 @@ def flag(name: str, value=None) -> str:
 
         text = cli_flag(name)
         return text if value is None else f"{text} {value}"
-    return f"{name}=" if value is None else f"{name}={value!r}"
+    if value is None:
+        return f"{name}="
+    return f"{name}={value if isinstance(value, (bool, int, float)) else str(value)!r}"
 
 
 # --------------------------------------------------------------------------- the model of a call

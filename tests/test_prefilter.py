@@ -377,7 +377,7 @@ def test_resume_refuses_a_changed_corpus(planted, tmp_path, monkeypatch):
     monkeypatch.undo()
     with open(copy, "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"id": "new", "text": "another document"}) + "\n")
-    with pytest.raises(InputError, match=r"other inputs \(corpus changed since\); use --overwrite"):
+    with pytest.raises(InputError, match=r"other inputs \(corpus changed since\); use overwrite="):
         run_prefilter(spec, queries, tmp_path / "out", top_k=5, backend="streaming")
     edited = write_rows(tmp_path / "q.jsonl", [{"id": "q0", "prompt": "The capital of", "completion": " x"}])
     run_prefilter(spec, edited, tmp_path / "done", top_k=5)
@@ -397,8 +397,8 @@ def test_sequence_candidates_refuse_other_chunking(planted, tokenizer_model, tok
     assert manifest["chunking"]["max_length"] == 16 and manifest["settings"]["long_documents"] == "chunk"
     check_candidates_chunking(manifest, own, 16, "chunk")
     for args, fragment in (
-        ((own, 32, "chunk"), "--max-length 16 != 32"),
-        ((own, 16, "truncate"), "--long-documents chunk != truncate"),
+        ((own, 32, "chunk"), "max_length=16 != 32"),
+        ((own, 16, "truncate"), "long_documents='chunk' != truncate"),
         ((tokenizer, 16, "chunk"), "tokenizer"),
     ):
         with pytest.raises(InputError, match="cut into sequences differently") as error:

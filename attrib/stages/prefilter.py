@@ -592,9 +592,9 @@ def check_candidates_chunking(manifest: dict, tokenizer, max_length: int, long_d
     if any(old_tokenizer.get(key) != new_tokenizer[key] for key in ("vocab_size", "vocab_sha256", "special_prefix")):
         differences.append(f"tokenizer vocabulary sha256 {str(old_tokenizer.get('vocab_sha256'))[:12]} != "
                            f"{new_tokenizer['vocab_sha256'][:12]}")
-    for key, option in (("max_length", flag("max_length")), ("long_documents", flag("long_documents"))):
+    for key in ("max_length", "long_documents"):
         if recorded.get(key) != current[key]:
-            differences.append(f"{option} {recorded.get(key)} != {current[key]}")
+            differences.append(f"{flag(key, recorded.get(key))} != {current[key]}")
     old_chat = recorded.get("chat")
     if old_chat is not None and old_chat.get("template_sha256") != current["chat"]["template_sha256"]:
         differences.append(f"{flag('chat_template', old_chat.get('chat_template'))} != {current['chat']['chat_template']}")
