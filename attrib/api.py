@@ -816,3 +816,177 @@ def self_influence(
         return StageResult(Path(out), read_manifest(out), finished)
     finally:
         world.close()
+
+
+# --------------------------------------------------------------------------- index (issue 20)
+
+
+def index(
+    model,
+    factors,
+    corpus,
+    out: str | Path,
+    *,
+    tokenizer=None,
+    representation: str = "lowrank",
+    rank: int = 8,
+    dims: str = "16",
+    projection: str = "random",
+    seed: int = 0,
+    storage_dtype: str = "bfloat16",
+    damping: float | None = None,
+    damping_scale: float | None = None,
+    docs_per_part: int = 2000,
+    tokens_per_batch: int = 4096,
+    max_length: int | None = None,
+    text_field: str = "text",
+    id_field: str | None = None,
+    lines: bool = False,
+    max_docs: int | None = None,
+    skip_bad_rows: bool = False,
+    split: str = "train",
+    long_documents: str = "chunk",
+    chat_template: str = "auto",
+    loss_on: str = "all",
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> StageResult:
+    """Store a compressed gradient of every sequence of `corpus` in `out` (attrib.stages.index), for
+    `index_scores` and `index_candidates`. `dims` is "16" or "16x32" (k_out x k_in per layer)."""
+    from attrib.data import check_corpus, default_max_length
+    from attrib.distributed import detect_world
+    from attrib.progress import libraries_quiet
+    from attrib.stages.index import IndexSettings, build_index, parse_dims
+    from attrib.storage import read_manifest
+
+    max_length = _checked_max_length(max_length)
+    factors = _stage_path(factors, "factors")
+    if damping is not None and damping_scale is not None:
+        raise InputError("give either --damping (absolute) or --damping-scale (relative), not both")
+    settings = IndexSettings(representation=representation, rank=rank, dims=parse_dims(dims), projection=projection,
+                             seed=seed, storage_dtype=storage_dtype, damping=damping, docs_per_part=docs_per_part,
+                             tokens_per_batch=tokens_per_batch)
+    if damping_scale is not None:
+        settings.damping_scale = damping_scale
+    settings.validate()
+    device = _device_of(model, device)
+    spec = _corpus_spec(corpus, out, text_field, id_field, lines, max_docs, skip_bad_rows, split, long_documents,
+                        chat_template, loss_on)
+    check_corpus(spec)  # a missing path, a wrong --text-field or an empty corpus fail before any output exists
+    _check_model_path(model)
+    finished = _finished(out) and not overwrite
+    world = detect_world(device)
+    try:
+        with libraries_quiet("transformers"), _model_in_use(model, tokenizer, dtype, world, trust_remote_code) as (
+                model_spec, lm, tokenizer):
+            layers = _tracked_layers_of_factors(lm, model_spec, factors)
+            settings.max_length = max_length or default_max_length(lm.config, tokenizer)
+            settings.world_size = world.size
+            build_index(out, model_spec, lm, tokenizer, layers, factors, spec, settings, world, overwrite)
+        return StageResult(Path(out), read_manifest(out), finished)
+    finally:
+        world.close()
+
+
+def _index_scoring(kind: str, model, index, queries, out, tokenizer, query_gradients_dir, query_rank, damping,
+                   damping_scale, max_length, tokens_per_batch, chat_template, dtype, device, trust_remote_code,
+                   overwrite, **options) -> StageResult:
+    """index_scores and index_candidates: the queries' gradients with the index's factors, then the stage."""
+    from attrib.data import check_chat_options, default_max_length
+    from attrib.distributed import detect_world
+    from attrib.progress import libraries_quiet
+    from attrib.stages import index as stage
+    from attrib.storage import open_input, read_manifest
+
+    max_length = _checked_max_length(max_length)
+    check_chat_options(chat_template, "all")
+    index_dir = _stage_path(index, "index")
+    query_gradients_dir = _stage_path(query_gradients_dir, "query_gradients_dir")
+    if query_gradients_dir is None and queries is None:
+        raise InputError("--queries is needed unless --query-gradients gives computed query gradients")
+    index_manifest = open_input(index_dir, stage.STAGE, option="--index")
+    factors = index_manifest["inputs"]["factors"]["path"]
+    queries = None if queries is None else _rows_path(queries, "queries", out)
+    device = _device_of(model, device)
+    _check_model_path(model)
+    finished = _finished(out) and not overwrite
+    world = detect_world(device)
+    try:
+        with libraries_quiet("transformers"), _model_in_use(model, tokenizer, dtype, world, trust_remote_code) as (
+                model_spec, lm, tokenizer):
+            layers = _tracked_layers_of_factors(lm, model_spec, factors)
+            max_length = max_length or default_max_length(lm.config, tokenizer)
+            settings = _query_settings(query_rank, damping, damping_scale, max_length, tokens_per_batch, world,
+                                       chat_template)
+            query_list = None
+            if query_gradients_dir is None:
+                query_list = _checked_queries(queries, tokenizer, max_length, chat_template)
+                settings.queries_per_batch, _ = _batching(lm, layers, factors, len(query_list), settings.query_rank,
+                                                          None, settings, world)
+            run = stage.score_index if kind == "scores" else stage.index_candidates
+            run(out, index_dir, model_spec, lm, tokenizer, layers, query_list, settings, world=world,
+                overwrite=overwrite, query_gradients=query_gradients_dir, queries_source=queries, **options)
+        return StageResult(Path(out), read_manifest(out), finished)
+    finally:
+        world.close()
+
+
+def index_scores(
+    model,
+    index,
+    queries,
+    out: str | Path,
+    *,
+    tokenizer=None,
+    query_gradients_dir=None,
+    keep_all_scores: bool = False,
+    queries_per_pass: int = 0,
+    query_rank: int | None = None,
+    damping: float | None = None,
+    damping_scale: float | None = None,
+    max_length: int | None = None,
+    tokens_per_batch: int = 4096,
+    chat_template: str = "auto",
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> StageResult:
+    """Score every document of an index (a directory or the result of `index`) for every query into `out`:
+    documents.parquet and summary.parquet as `query` writes them, from the compressed gradients."""
+    from attrib.stages.index import IndexScoreSettings
+
+    if queries_per_pass < 0:
+        raise InputError("--queries-per-pass must be at least 0")
+    settings = IndexScoreSettings(0 if keep_all_scores else DOCUMENTS_TOP, queries_per_pass)
+    return _index_scoring("scores", model, index, queries, out, tokenizer, query_gradients_dir, query_rank, damping,
+                          damping_scale, max_length, tokens_per_batch, chat_template, dtype, device, trust_remote_code,
+                          overwrite, settings=settings)
+
+
+def index_candidates(
+    model,
+    index,
+    queries,
+    out: str | Path,
+    *,
+    top_k: int = 10_000,
+    tokenizer=None,
+    query_gradients_dir=None,
+    query_rank: int | None = None,
+    damping: float | None = None,
+    damping_scale: float | None = None,
+    max_length: int | None = None,
+    tokens_per_batch: int = 4096,
+    chat_template: str = "auto",
+    dtype: str = "float32",
+    device: str = "auto",
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+) -> StageResult:
+    """The index's `top_k` documents per query as prefilter candidates in `out`, for `query(candidates=...)`."""
+    return _index_scoring("candidates", model, index, queries, out, tokenizer, query_gradients_dir, query_rank, damping,
+                          damping_scale, max_length, tokens_per_batch, chat_template, dtype, device, trust_remote_code,
+                          overwrite, top_k=top_k)

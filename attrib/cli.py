@@ -13,7 +13,7 @@ import sys
 import typer
 
 from attrib import __version__
-from attrib.commands import demo, factors, inspect, prefilter, query, report, self_influence
+from attrib.commands import demo, factors, index, inspect, prefilter, query, report, self_influence
 from attrib.errors import AttribError, InputError
 
 app = typer.Typer(
@@ -30,6 +30,7 @@ app.command("prefilter")(prefilter.prefilter)
 app.command("query-gradients")(query.query_gradients)
 app.command("query")(query.query)
 app.command("self-influence")(self_influence.self_influence)
+app.command("index")(index.index)
 app.command("report")(report.report)
 app.command("top")(report.top)
 app.command("demo")(demo.demo)
