@@ -8,7 +8,7 @@ correlation of index and exact scores over all documents; bytes per document; an
 token as a ratio to a plain forward+backward (weight gradients) over the same batches, measured in
 the same run in float32 on one thread.
 
-    python scripts/bench_index.py --out scripts/eval/results/index.json
+    python scripts/bench_index.py [--corpus plain|distractors|large] --out scripts/eval/results/index.json
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from attrib.models import find_tracked_layers, load_model  # noqa: E402
 from attrib.query_stage import QuerySettings, run_query_gradients  # noqa: E402
 from attrib.stages.index import IndexScoreSettings, IndexSettings, build_index, score_index  # noqa: E402
 
+# lds.py's two kits (200 documents: 1 % is 2 documents) and a larger one from the same generator
+KITS = {**CORPORA, "large": dict(n_facts=100, n_filler=900, seed=0, generic=20)}
 SHARES = (0.01, 0.05, 0.10)
 TOP = 10
 CONFIGS = ([("lowrank", dict(rank=r)) for r in (1, 2, 4, 8, 16)]
@@ -99,14 +101,14 @@ def plain_step_seconds(model, tokenizer, sequences) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--corpus", default="plain", choices=sorted(CORPORA))
+    parser.add_argument("--corpus", default="plain", choices=sorted(KITS))
     parser.add_argument("--arch", default="llama")
     parser.add_argument("--work", default=str(default_work()))
     parser.add_argument("--repeats", type=int, default=3, help="timings: the best of this many runs")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    setup = Setup(arch=args.arch, **CORPORA[args.corpus], **MODEL)
+    setup = Setup(arch=args.arch, **KITS[args.corpus], **MODEL)
     att = Attributor(build_setup(setup, Path(args.work)), Path(args.work))
     log(f"index benchmark on {setup.name()}: {att.shapes()}")
     factors = att.fit("ekfac", fisher="empirical")

@@ -238,6 +238,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, model_dirs, 
     other = tmp_path / "other-factors"
     attrib.fit_factors(str(model_dirs["llama"]), str(corpus_file), out=other, max_length=MAX_LENGTH)
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"id": "a", "text": "  "}, {"id": "b", "text": ""}])
+    one_token = write_jsonl(tmp_path / "one-token.jsonl", [{"id": "a", "text": "a"}, {"id": "b", "text": "b"}])
     base = ["--quiet", "index", "--model", model_dirs["gpt2"], "--max-length", MAX_LENGTH]
     capsys.readouterr()
     cases = {
@@ -245,6 +246,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, model_dirs, 
         "dims": ["--factors", factors, "--corpus", corpus_file, "--representation", "kronecker", "--dims", "8x999"],
         "rank": ["--factors", factors, "--corpus", corpus_file, "--rank", "17"],
         "empty corpus": ["--factors", factors, "--corpus", empty],
+        "no sequence of 2 tokens": ["--factors", factors, "--corpus", one_token],
         "representation": ["--factors", factors, "--corpus", corpus_file, "--representation", "sketch"],
     }
     for name, args in cases.items():
@@ -271,7 +273,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, model_dirs, 
     assert not (tmp_path / "scores").exists()
 
 
-def test_index_candidates_feed_query_unchanged(tmp_path, model_dirs, corpus_file):
+def test_index_candidates_feed_query_unchanged(tmp_path, capsys, model_dirs, corpus_file):
     """The index's top K per query as a prefilter stage (method "index"): `query --candidates` reads it as it
     reads TF-IDF's, scores exactly those documents, and its scores equal the full corpus's exact scores."""
     import attrib
@@ -292,6 +294,9 @@ def test_index_candidates_feed_query_unchanged(tmp_path, model_dirs, corpus_file
         match = [r for r in index_scores if (r["query_id"], r["doc_id"]) == (row["query_id"], row["doc_id"])]
         assert match[0]["rank"] == row["rank"] and match[0]["score"] == pytest.approx(row["score"], rel=1e-12)
 
+    code, out, err = run_cli(capsys, "top", tmp_path / "index-scores", "--top-k", 2)  # index scores read as query's
+    assert code == 0 and "q1" in out, err
+
     rescored = attrib.query(model, factors, queries, str(corpus_file), out=tmp_path / "rescored", candidates=candidates,
                             max_length=MAX_LENGTH)
     exact = attrib.query(model, factors, queries, str(corpus_file), out=tmp_path / "exact", max_length=MAX_LENGTH,
@@ -302,3 +307,35 @@ def test_index_candidates_feed_query_unchanged(tmp_path, model_dirs, corpus_file
     for row in rows:
         assert row["prefilter_rank"] is not None
         assert row["score"] == pytest.approx(exact_scores[(row["query_id"], row["doc_id"])], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_build_the_index_of_one(tmp_path, model_dirs, corpus_file):
+    """Under torchrun the ranks split the documents, each writing its own shards; scored in one process, the
+    two-process index gives the one-process index's scores (float32 arithmetic in batches of other sizes:
+    agreement to 1e-5 of the largest score)."""
+    import attrib
+    from tests.test_distributed import attrib_command
+
+    model, factors = model_dirs["gpt2"], tmp_path / "factors"
+    fit = attrib_command(["fit-factors", "--model", model, "--corpus", corpus_file, "--out", factors,
+                          "--max-length", MAX_LENGTH], 1)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    scores = {}
+    for processes in (1, 2):
+        out = tmp_path / f"index{processes}"
+        built = attrib_command(["index", "--model", model, "--factors", factors, "--corpus", corpus_file, "--out", out,
+                                "--max-length", MAX_LENGTH, "--docs-per-part", 3, "--rank", 2,
+                                "--storage-dtype", "float32"], processes)
+        assert built.returncode == 0, built.stderr[-3000:]
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["counts"]["documents"] == 12
+        ranks = {name.split("/")[1][:4] for name in manifest["files"] if name.startswith("shards/")}
+        assert ranks == ({"r000"} if processes == 1 else {"r000", "r001"})
+        result = attrib.api.index_scores(str(model), out, [q.as_row() for q in QUERIES], tmp_path / f"scores{processes}",
+                                         keep_all_scores=True, max_length=MAX_LENGTH)
+        scores[processes] = {(r["query_id"], r["doc_id"]): r["score"] for r in result.documents().to_pylist()}
+    scale = max(abs(v) for v in scores[1].values())
+    assert scores[1].keys() == scores[2].keys() and len(scores[1]) == 24
+    for key, value in scores[1].items():
+        assert scores[2][key] == pytest.approx(value, abs=1e-5 * scale), key

@@ -377,6 +377,8 @@ def _write_sequences(stage: StageDir) -> dict:
         tables.append(pa.table({"shard": pa.array([name] * len(doc_ids), pa.string()),
                                 "row": pa.array(np.arange(len(doc_ids), dtype=np.int32)),
                                 "doc_id": pa.array(doc_ids, pa.string()), **columns}))
+    if not tables:  # no part had a sequence of at least 2 tokens
+        return {"documents": 0, "sequences": 0, "tokens": 0}
     table = pa.concat_tables(tables)
     with atomic_path(stage.file(SEQUENCES_FILE)) as tmp:
         pq.write_table(table, tmp)
