@@ -52,7 +52,7 @@ REPRESENTATIONS = ("lowrank", "kronecker")
 PROJECTIONS = ("random", "eigen")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                   "float64": torch.float64}
-SCORE_BLOCK_ELEMENTS = 2**24  # the largest intermediate of one block's product
+SCORE_BLOCK_ELEMENTS = 2**24  # per layer, a block of sequences read and formed at once (W_n for lowrank)
 PASS_BYTES = 2**30  # queries per pass: their transformed gradients of every layer fit this
 
 
@@ -170,18 +170,15 @@ def query_transform(representation: str, preconditioned: torch.Tensor, curvature
 
 
 def block_scores(representation: str, transformed: torch.Tensor, stored: dict[str, torch.Tensor]) -> torch.Tensor:
-    """⟨T_q, stored form of G_n⟩ [q, b] for a block of b sequences.
+    """⟨T_q, stored form of G_n⟩ [q, b] for a block of b sequences: one product [q, k] × [k, b].
 
-    kronecker: one product [q, k_out·k_in] × [k_out·k_in, b]. lowrank: Σ_k L_kᵀ T_q R_k, as the product
-    T [q·d_out, d_in] × R [d_in, b·r] followed by a contraction with L over d_out and r.
+    lowrank: k = d_out·d_in, the block's W_n ≈ L Rᵀ formed first (b·d_out·d_in·r), which serves every
+    query of the pass: r times fewer operations than Σ_k L_kᵀ T_q R_k once a pass has more than r queries.
     """
     if representation == "kronecker":
-        projected = stored["projected"]
-        return transformed.flatten(1) @ projected.flatten(1).T
-    left, right = stored["left"], stored["right"]  # [b, d_out, r], [b, d_in, r]
-    (queries, d_out, d_in), (batch, _, rank) = transformed.shape, left.shape
-    product = transformed.reshape(queries * d_out, d_in) @ right.permute(1, 0, 2).reshape(d_in, batch * rank)
-    return torch.einsum("qobr,bor->qb", product.view(queries, d_out, batch, rank), left)
+        return transformed.flatten(1) @ stored["projected"].flatten(1).T
+    dense = stored["left"] @ stored["right"].mT  # [b, d_out, d_in]
+    return transformed.flatten(1) @ dense.flatten(1).T
 
 
 def make_projections(layers: list[TrackedLayer], curvature: Curvature, settings: IndexSettings, dtype=torch.float32):
@@ -470,8 +467,7 @@ def _score_shard(reader: IndexReader, name: str, layers, transformed: list[torch
         for index, (layer, t) in enumerate(zip(layers, transformed)):
             kinds = ("projected",) if representation == "kronecker" else ("left", "right")
             slices = {kind: handle.get_slice(f"{layer.name}.{kind}") for kind in kinds}
-            per_sequence = sum(int(np.prod(s.get_shape()[1:])) for s in slices.values()) + t.shape[0] * (
-                t.shape[1] * slices["left"].get_shape()[-1] if representation == "lowrank" else 1)
+            per_sequence = sum(int(np.prod(s.get_shape()[1:])) for s in slices.values()) + int(np.prod(t.shape[1:]))
             block = max(1, SCORE_BLOCK_ELEMENTS // per_sequence)
             for start in range(0, count, block):
                 stored = {kind: s[start : start + block].to(dtype) for kind, s in slices.items()}
