@@ -99,6 +99,48 @@ def plain_step_seconds(model, tokenizer, sequences) -> float:
     return time.perf_counter() - started
 
 
+def score_rate(work: Path, queries: int = 1000, sequences: int = 2000, repeats: int = 5) -> list[dict]:
+    """Index scoring throughput (attrib.stages.index._score_shard over a memory-mapped shard of random bfloat16
+    values, the kit's six layer shapes) as a share of this machine's float32 matrix-product rate (2048³),
+    both measured here. Operations counted: the products and, for lowrank, forming W_n = L Rᵀ."""
+    from types import SimpleNamespace
+
+    from attrib.models import TrackedLayer
+    from attrib.stages.index import _score_shard
+    from attrib.storage import save_tensors
+
+    square = torch.randn(2048, 2048)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        square @ square
+    peak = 2 * 2048**3 * repeats / (time.perf_counter() - started)
+    layers = [TrackedLayer(f"layer{i}", None, d_in, d_out, False, False)
+              for i, (d_out, d_in) in enumerate([(256, 64), (256, 64), (64, 256)] * 2)]
+    results = []
+    for representation, options in (("lowrank", dict(rank=8)), ("kronecker", dict(dims=[64, 64]))):
+        settings = IndexSettings(representation=representation, **options)
+        shapes = [settings.shape(layer) for layer in layers]
+        tensors = {f"{layer.name}.{kind}": torch.randn(sequences, *shape).to(torch.bfloat16)
+                   for layer, shape in zip(layers, shapes) for kind, shape in shape.items()}
+        tensors["doc_index"] = torch.arange(sequences)
+        save_tensors(work / "shard.safetensors", tensors)
+        del tensors
+        transformed = [torch.randn(queries, *(shape["projected"] if "projected" in shape else (l.d_out, l.d_in)))
+                       for l, shape in zip(layers, shapes)]
+        operations = sum(2 * queries * sequences * int(np.prod(t.shape[1:])) for t in transformed)
+        if representation == "lowrank":
+            operations += sum(2 * sequences * l.d_out * l.d_in * settings.rank for l in layers)
+        reader = SimpleNamespace(settings=settings, directory=work)
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            _score_shard(reader, "shard.safetensors", layers, transformed, torch.float32)
+            best = min(best, time.perf_counter() - started)
+        results.append({"representation": representation, "queries": queries, "sequences": sequences,
+                        "seconds": best, "rate": operations / best, "peak": peak})
+    return results
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", default="plain", choices=sorted(KITS))
@@ -106,8 +148,18 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=str(default_work()))
     parser.add_argument("--repeats", type=int, default=3, help="timings: the best of this many runs")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--score-rate", action="store_true", help="only the scoring throughput against the matrix-product rate")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.score_rate:
+        with tempfile.TemporaryDirectory() as tmp:
+            rates = score_rate(Path(tmp))
+        for r in rates:
+            print(f"{r['representation']}: {r['queries']} queries × {r['sequences']} sequences in {r['seconds']:.2f} s = "
+                  f"{r['rate'] / 1e9:.1f} GFLOP/s, {r['rate'] / r['peak']:.0%} of the float32 product rate "
+                  f"({r['peak'] / 1e9:.1f} GFLOP/s); {r['sequences'] / r['seconds']:,.0f} sequences/s for all queries")
+        write_json(args.out, {"benchmark": "index score rate", "rows": rates})
+        return 0
     setup = Setup(arch=args.arch, **KITS[args.corpus], **MODEL)
     att = Attributor(build_setup(setup, Path(args.work)), Path(args.work))
     log(f"index benchmark on {setup.name()}: {att.shapes()}")
