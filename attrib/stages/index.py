@@ -155,13 +155,14 @@ def kronecker_projection(projected_a: torch.Tensor, g: torch.Tensor, gradient_pr
     return torch.bmm((g @ gradient_projection).mT, projected_a)
 
 
-def query_transform(representation: str, preconditioned: torch.Tensor, curvature: LayerCurvature | None = None,
-                    projections: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def query_transform(representation: str, preconditioned: torch.Tensor, transform) -> torch.Tensor:
     """T(P) for query directions P [q, d_out, d_in], such that ⟨T(P), stored form of G⟩ stands for ⟨P, G⟩:
-    lowrank (Q_Sᵀ P Q_A) ⊙ √(Λ + λ) [q, d_out, d_in]; kronecker P_Sᵀ P P_A [q, k_out, k_in]."""
+    lowrank (Q_Sᵀ P Q_A) ⊙ √(Λ + λ) [q, d_out, d_in], `transform` the layer's LayerCurvature; kronecker
+    P_Sᵀ P P_A [q, k_out, k_in], `transform` the pair (P_S, P_A)."""
     if representation == "kronecker":
-        gradient_projection, activation_projection = projections
+        gradient_projection, activation_projection = transform
         return gradient_projection.T @ preconditioned @ activation_projection
+    curvature = transform
     if curvature.gradient_basis is not None:
         preconditioned = curvature.gradient_basis.T @ preconditioned @ curvature.activation_basis
     if curvature.eigenvalues is not None:
@@ -449,9 +450,7 @@ def _pass_transforms(store, layers, reader: IndexReader, transforms: list, pass_
     for layer, transform in zip(layers, transforms):
         u, sigma, v = store.load(layer.name, pass_ids, dtype=dtype)
         dense = (u * sigma[:, None, :]) @ v.mT  # [q, d_out, d_in], one layer at a time
-        representation = reader.settings.representation
-        result.append(query_transform(representation, dense, transform if representation == "lowrank" else None,
-                                      transform if representation == "kronecker" else None))
+        result.append(query_transform(reader.settings.representation, dense, transform))
         del dense
     return result
 
