@@ -141,6 +141,17 @@ def test_compressed_forms_equal_their_definitions_on_the_dense_gradient(tmp_path
                 got = stored[f"{layer.name}.left"][row] @ stored[f"{layer.name}.right"][row].T
             assert torch.allclose(got, want, rtol=0, atol=1e-9 * want.abs().max()), describe_difference(got, want)
 
+    if settings.representation == "lowrank":  # curvature read from disk in each hook: the same shards
+        import attrib.memory
+
+        original, attrib.memory.default_budget = attrib.memory.default_budget, lambda device: 0
+        try:
+            build_index(tmp_path / "lazy", "m", model, tokenizer, layers, factors, CorpusSpec(str(corpus_file)), settings)
+        finally:
+            attrib.memory.default_budget = original
+        for name in (tmp_path / "index" / "shards").iterdir():
+            assert name.read_bytes() == (tmp_path / "lazy" / "shards" / name.name).read_bytes()
+
     scores = score_index(tmp_path / "scores", str(tmp_path / "index"), "m", model, tokenizer, layers, QUERIES,
                          query_settings(), IndexScoreSettings(documents_top=0))
     assert scores["index"]["shapes"][layers[0].name] == settings.shape(layers[0])

@@ -209,17 +209,31 @@ def make_projections(layers: list[TrackedLayer], curvature: Curvature, settings:
 
 
 class IndexBuilder:
-    """The stored form of every tracked layer's gradient for batches of sequences, through hooks."""
+    """The stored form of every tracked layer's gradient for batches of sequences, through hooks.
+
+    lowrank keeps every layer's curvature on the device while it takes at most a quarter of the memory
+    budget (attrib.memory.default_budget); otherwise each layer's is read from disk in its hook, every batch.
+    """
 
     def __init__(self, model, layers: list[TrackedLayer], settings: IndexSettings, device,
                  curvature: Curvature | None = None, projections=None):
+        from attrib.memory import default_budget
+
         self.model, self.layers, self.settings, self.device = model, layers, settings, device
         self.compute = torch.promote_types(next(model.parameters()).dtype, torch.float32)
         self.storage = STORAGE_DTYPES[settings.storage_dtype]
+        self.curvature, self.resident = curvature, None
         if settings.representation == "lowrank":
-            self.curvature = [curvature.layer(i, device, self.compute) for i in range(len(layers))]
+            size = sum(l.d_out**2 + l.d_in_folded**2 + l.d_out * l.d_in_folded for l in layers) * self.compute.itemsize
+            if size <= default_budget(device) // 4:
+                self.resident = [curvature.layer(i, device, self.compute) for i in range(len(layers))]
         else:
             self.projections = [(s.to(device, self.compute), a.to(device, self.compute)) for s, a in projections]
+
+    def layer_curvature(self, index: int) -> LayerCurvature:
+        if self.resident is not None:
+            return self.resident[index]
+        return self.curvature.layer(index, self.device, self.compute)
 
     def encode(self, sequences: list[Sequence], pad_id: int) -> dict[str, torch.Tensor]:
         """`{layer}.left`/`{layer}.right` or `{layer}.projected` [batch, …] on the host, in the storage dtype."""
@@ -234,7 +248,7 @@ class IndexBuilder:
         def on_backward(index: int, kept: torch.Tensor, g: torch.Tensor) -> None:
             name, g = self.layers[index].name, g.to(self.compute)
             if lowrank:
-                left, right = whitened_low_rank(self.curvature[index], kept, g, self.settings.rank)
+                left, right = whitened_low_rank(self.layer_curvature(index), kept, g, self.settings.rank)
                 stored[f"{name}.left"], stored[f"{name}.right"] = self._store(left), self._store(right)
             else:
                 stored[f"{name}.projected"] = self._store(kronecker_projection(kept, g, self.projections[index][0]))
