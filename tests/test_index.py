@@ -350,3 +350,17 @@ def test_two_processes_build_the_index_of_one(tmp_path, model_dirs, corpus_file)
     assert scores[1].keys() == scores[2].keys() and len(scores[1]) == 24
     for key, value in scores[1].items():
         assert scores[2][key] == pytest.approx(value, abs=1e-5 * scale), key
+
+
+def test_the_command_forwards_every_option_to_the_api_with_its_default():
+    """`attrib index` passes its options to attrib.api.index unchanged (as tests/test_api.py checks for the others)."""
+    import inspect
+
+    from attrib import api
+    from attrib.commands import index
+
+    api_parameters = inspect.signature(api.index).parameters
+    for name, parameter in inspect.signature(index.index).parameters.items():
+        assert name in api_parameters, name
+        if api_parameters[name].default is not inspect.Parameter.empty:
+            assert str(api_parameters[name].default) == str(parameter.default), name
