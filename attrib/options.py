@@ -282,6 +282,9 @@ class ScoreOptions(Group):
         flags=("--query-gradients",), stage_input=True)
     candidates: Optional[str] = option(None, "Output of `attrib prefilter`: score only these candidates.",
                                        stage_input=True)
+    index: Optional[str] = option(
+        None, "Output of `attrib index`: score every indexed sequence from its compressed gradient (no --corpus or "
+        "--factors: the index's are used).", stage_input=True)
     prefilter: Optional[int] = option(None, "Run the TF-IDF prefilter first and keep this many candidates per query.",
                                       minimum=1)
     token_scores_top: Union[int, str] = option(
@@ -333,7 +336,11 @@ class PrefilterOptions(Group):
                              choices=("prompt", "completion", "both"))
     backend: str = option("auto", "exact (in memory, TfidfVectorizer), streaming (two passes, flat memory) or auto.",
                           choices=("auto", "exact", "streaming"))
-    model: Optional[str] = option(None, "Model whose tokenizer cuts sequences / reads text.", flags=("--model", "-m"))
+    model: Optional[str] = option(None, "Model whose tokenizer cuts sequences / reads text (with --index: whose query "
+                                  "gradients are scored).", flags=("--model", "-m"))
+    index: Optional[str] = option(
+        None, "Output of `attrib index`: the candidates are each query's top K by index scores (needs --model; no "
+        "--corpus).", stage_input=True)
     hash_features: Optional[int] = option(
         None, f"Hashed feature space of the streaming backend (default {DEFAULT_HASH_FEATURES}).", minimum=2**10)
 
@@ -343,7 +350,7 @@ class PrefilterOptions(Group):
             raise InputError(f"{flag('ngram_range', self.ngram_range)} needs 1 <= MIN <= MAX")
         if self.hash_features is not None and self.backend == "exact":
             ignored(flag("hash_features"), flag("backend", "exact"), "which counts every term exactly")
-        if options.batch.max_length is not None and self.unit != "sequence":
+        if options.batch.max_length is not None and self.unit != "sequence" and self.index is None:
             ignored(flag("max_length"), flag("unit", self.unit), "which ranks whole documents")
         if self.model is None and (self.unit == "sequence" or self.analyzer == "model"):
             needs = flag("unit", "sequence") if self.unit == "sequence" else flag("analyzer", "model")
@@ -358,6 +365,24 @@ class PrefilterOptions(Group):
         except (TypeError, ValueError):
             raise InputError(f"{flag('ngram_range', value)} must be two integers like 1,2") from None
         return low, high
+
+
+@dataclass
+class IndexOptions(Group):
+    key = "index"
+    representation: str = option(
+        "lowrank", "lowrank: --rank factors of each sequence's whitened gradient (eigenbasis, ÷√(Λ+λ)); kronecker: a "
+        "--dims projection P_Sᵀ G P_A.", choices=("lowrank", "kronecker"))
+    rank: int = option(8, "lowrank: factors kept per sequence and layer (0 = full rank, exact).", minimum=0)
+    dims: str = option("16", "kronecker: k_out x k_in kept per layer, e.g. 16 or 16x32 (0 = the layer's width).")
+    projection: str = option("random", "kronecker: random (seeded Gaussian) or eigen (top eigenvectors of S and A).",
+                             choices=("random", "eigen"))
+    seed: int = option(0, "Seed of the random projection.")
+    storage_dtype: str = option("bfloat16", "Stored values: bfloat16, float16, float32 or float64 (scores accumulate "
+                                "in float32).", choices=("bfloat16", "float16", "float32", "float64"))
+
+    def check(self, options: "StageOptions") -> None:
+        parse_dims(self.dims)
 
 
 # --------------------------------------------------------------------------- what each stage offers
@@ -434,10 +459,15 @@ class StageOptions:
         except KeyError:
             raise AttributeError(key) from None
 
+    def get(self, group: type) -> Group:
+        """The stage's options of `group`, or that group's defaults where the stage does not take it."""
+        return self.groups.get(group.key) or group()
+
 
 CORPUS_READING = (CorpusOptions, BatchOptions)
 CORPUS_ONLY = frozenset(CorpusOptions.__dataclass_fields__) - {"chat_template"}  # query-gradients reads no corpus
 QUERIES_OR_GRADIENTS = replace(QUERIES, required=False, help=QUERIES.help[:-1] + " (not needed with --query-gradients).")
+UNLESS_INDEX = " (not needed with --index)."
 STAGES = {
     spec.command: spec
     for spec in (
@@ -446,7 +476,8 @@ STAGES = {
                   (MODEL, CORPUS, OUT), (FitOptions, *CORPUS_READING, FitModelOptions, RunOptions)),
         StageSpec("prefilter", "prefilter", "Narrow a corpus to the documents a TF-IDF search finds for each query.",
                   "attrib prefilter --corpus C --queries Q --top-k 10000 --out run/candidates",
-                  (CORPUS, QUERIES, OUT), (PrefilterOptions, *CORPUS_READING, ModelOptions, RunOptions),
+                  (replace(CORPUS, required=False, help=CORPUS.help[:-1] + UNLESS_INDEX), QUERIES, OUT),
+                  (PrefilterOptions, *CORPUS_READING, ModelOptions, RunOptions),
                   frozenset({"loss_on", "tokens_per_batch", "docs_per_part", "dtype", "device", "max_memory"})),
         StageSpec("query-gradients", "query_gradients", "Compute, precondition and compress each query's gradient.",
                   "attrib query-gradients --model M --factors run/factors --queries Q --out run/query",
@@ -455,14 +486,21 @@ STAGES = {
                   CORPUS_ONLY | {"docs_per_part"}),
         StageSpec("query", "query", "Score training sequences against every query: per document, per layer and per "
                   "token.", "attrib query --model M --factors run/factors --queries Q --corpus C --out run/scores",
-                  (MODEL, FACTORS, QUERIES_OR_GRADIENTS, CORPUS, OUT),
+                  (MODEL, replace(FACTORS, required=False, help=FACTORS.help[:-1] + UNLESS_INDEX), QUERIES_OR_GRADIENTS,
+                   replace(CORPUS, required=False, help=CORPUS.help[:-1] + UNLESS_INDEX), OUT),
                   (ScoreOptions, QueryGradientOptions, DampingOptions, SolveOptions, *CORPUS_READING, ModelOptions,
                    RunOptions)),
         StageSpec("self-influence", "self_influence", "Score every training sequence by its self-influence (high: "
                   "surprising, corrupted or memorised).",
                   "attrib self-influence --model M --factors run/factors --corpus C --out run/self",
                   (MODEL, FACTORS, CORPUS, OUT), (ScoreOptions, DampingOptions, *CORPUS_READING, ModelOptions, RunOptions),
-                  frozenset({"query_gradients_dir", "candidates", "prefilter", "keep_all_scores", "queries_per_pass"})),
+                  frozenset({"query_gradients_dir", "candidates", "index", "prefilter", "keep_all_scores",
+                             "queries_per_pass"})),
+        StageSpec("index", "index", "Index the corpus: one pass storing each sequence's compressed gradient, for "
+                  "`attrib query --index` and `attrib prefilter --index`.",
+                  "attrib index --model M --factors run/factors --corpus C --out run/index",
+                  (MODEL, FACTORS, CORPUS, OUT),
+                  (IndexOptions, DampingOptions, *CORPUS_READING, ModelOptions, RunOptions), frozenset({"max_memory"})),
     )
 }
 
@@ -492,6 +530,15 @@ def help_of(group: type, name: str) -> str:
 def ignored(option: str, under: str, why: str) -> None:
     """Refuse an option that would have no effect under another one (a user who gave it expects one)."""
     raise InputError(f"{option} has no effect with {under}, {why}; drop it")
+
+
+def parse_dims(text: str) -> list[int]:
+    """`"16"` -> [16, 16], `"8x32"` -> [8, 32] (k_out × k_in); 0 means the layer's full width."""
+    parts = str(text).lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+        raise InputError(f"{flag('dims', text)} must look like 16 or 16x32 (k_out x k_in per layer)")
+    values = [int(p) for p in parts]
+    return values * 2 if len(values) == 1 else values
 
 
 def parse_duration(text: str, name: str) -> float:

@@ -629,14 +629,23 @@ def load_candidates(directory: str | Path) -> dict[str, list[Candidate]]:
 __all__ = ["Candidate", "PrefilterSettings", "TopK", "check_candidates_chunking", "choose_backend", "load_candidates", "parse_ngram_range", "run_prefilter"]
 
 
-def run(corpus: str, queries: str, out, *, options, tokenizer=None) -> StageResult:
+def run(corpus: str | None, queries: str, out, *, options, tokenizer=None) -> StageResult:
     """The stage as `attrib.prefilter` runs it (`tokenizer` is unused: `model=` names the tokenizer to load)."""
     from attrib.progress import libraries_quiet
     from attrib.storage import stage_finished
 
     chosen = options.prefilter
+    if chosen.index is not None:
+        from attrib.stages.index import score_from_index
+
+        if corpus is not None or chosen.model is None:
+            raise InputError(f"{flag('index')} needs {flag('model')} (whose query gradients it scores) and no "
+                             f"{flag('corpus')} (it holds its own)")
+        return score_from_index(chosen.model, chosen.index, queries, out, options=options, top_k=chosen.top_k)
+    if corpus is None:
+        raise InputError(f"{flag('corpus')} is needed unless {flag('index')} is given")
     finished = stage_finished(out) and not options.run.overwrite
-    keywords = {**asdict(chosen), "ngram_range": chosen.ngrams,
+    keywords = {**{k: v for k, v in asdict(chosen).items() if k != "index"}, "ngram_range": chosen.ngrams,
                 "hash_features": chosen.hash_features or DEFAULT_HASH_FEATURES}
     with libraries_quiet(*(("transformers",) if chosen.model is not None else ())):
         manifest = run_prefilter(options.corpus.spec(corpus), queries, out, **keywords,

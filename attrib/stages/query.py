@@ -158,8 +158,17 @@ def _checked_query_gradients(query_gradients_dir: str, options) -> dict:
     return manifest
 
 
-def _check_inputs(queries, options) -> None:
+def _check_inputs(factors, queries, corpus, options) -> None:
     scores = options.scores
+    if scores.index is not None:
+        given = [flag(name) for name, value in (("factors", factors), ("corpus", corpus), ("candidates", scores.candidates),
+                                                ("prefilter", scores.prefilter), ("solver", options.solve.solver))
+                 if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} has no effect with {flag('index')}, which holds its corpus and "
+                             "factors; drop it")
+    elif factors is None or corpus is None:
+        raise InputError(f"{flag('factors')} and {flag('corpus')} are needed unless {flag('index')} is given")
     if scores.query_gradients_dir is None and queries is None:
         raise InputError(f"{flag('queries')} is needed unless {flag('query_gradients_dir')} gives computed query "
                          "gradients")
@@ -168,7 +177,8 @@ def _check_inputs(queries, options) -> None:
                          "hold their own queries")
 
 
-def run(model, factors: str, queries: str | None, corpus: str, out, *, options, tokenizer=None) -> StageResult:
+def run(model, factors: str | None, queries: str | None, corpus: str | None, out, *, options,
+        tokenizer=None) -> StageResult:
     """The stage as `attrib.query` runs it: inputs checked before any output exists, the model borrowed,
     the query gradients computed unless given, then the corpus scored."""
     from attrib.data import check_corpus, default_max_length
@@ -178,7 +188,11 @@ def run(model, factors: str, queries: str | None, corpus: str, out, *, options, 
     from attrib.stages.query_gradients import batching, checked_queries, tracked_layers_of_factors
     from attrib.storage import open_input, read_manifest
 
-    _check_inputs(queries, options)
+    _check_inputs(factors, queries, corpus, options)
+    if options.scores.index is not None:
+        from attrib.stages.index import score_from_index
+
+        return score_from_index(model, options.scores.index, queries, out, options=options, tokenizer=tokenizer)
     scores, reading = options.scores, options.batch
     candidates = scores.candidates
     candidates_manifest = open_input(candidates, "prefilter", option=flag("candidates")) if candidates else None

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from attrib.distributed import World
 from attrib.errors import InputError
-from attrib.options import DEFAULT_DAMPING_SCALE, DEFAULT_QUERY_RANK, DEFAULT_SOLVE_TOKENS
+from attrib.options import (
+    DEFAULT_DAMPING_SCALE,
+    DEFAULT_QUERY_RANK,
+    DEFAULT_SOLVE_TOKENS,
+    DampingOptions,
+    QueryGradientOptions,
+    SolveOptions,
+)
 from attrib.results import StageResult
 from attrib.runtime import flag
 
@@ -42,11 +49,12 @@ class QuerySettings:
     @classmethod
     def of(cls, options, max_length: int, world_size: int) -> QuerySettings:
         """The settings of a run with these stage options (queries per batch are set from the memory budget)."""
-        return cls(query_rank=options.gradients.rank, damping=options.damping.damping,
-                   damping_scale=options.damping.scale, max_length=max_length,
+        damping, solve = options.get(DampingOptions), options.get(SolveOptions)
+        return cls(query_rank=options.get(QueryGradientOptions).rank, damping=damping.damping,
+                   damping_scale=damping.scale, max_length=max_length,
                    tokens_per_batch=options.batch.tokens_per_batch, world_size=world_size,
-                   chat_template=options.corpus.chat_template, solver=options.solve.name,
-                   solve_iterations=options.solve.iterations, solve_tokens=options.solve.tokens)
+                   chat_template=options.corpus.chat_template, solver=solve.name,
+                   solve_iterations=solve.iterations, solve_tokens=solve.tokens)
 
 
 def queries_digest(queries) -> str:
