@@ -291,19 +291,9 @@ def query_gradients(model: ModelShape, layers: list[LayerShape], *, tokens_per_b
     return _peak({"query gradients": terms}, device, weights, largest_tensor=widest * 4)
 
 
-def query(
-    model: ModelShape,
-    layers: list[LayerShape],
-    *,
-    tokens_per_batch: int,
-    dtype: str,
-    device: str = "cpu",
-    rank: int = DEFAULT_QUERY_RANK,
-    queries_per_pass: int = 1,
-    docs_per_part: int = 2000,
-    max_length: int = 512,
-    token_scores: bool = True,
-) -> StagePeak:
+def query(model: ModelShape, layers: list[LayerShape], *, tokens_per_batch: int, dtype: str, device: str = "cpu",
+          rank: int = DEFAULT_QUERY_RANK, queries_per_pass: int = 1, docs_per_part: int = 2000, max_length: int = 512,
+          token_scores: bool = True) -> StagePeak:
     """Peak of `attrib query`: one pass of queries' factors on the device, a batch of training
     sequences forward and backward with the kept projections, and the token scores of a part."""
     weights = model_terms(model, dtype)
@@ -328,16 +318,8 @@ def self_influence_factor_bytes(layers: list[LayerShape], rotates: bool = True) 
     return sum(l.d_in * l.d_out + (l.d_in**2 + l.d_out**2 if rotates else 0) for l in layers) * 4
 
 
-def self_influence(
-    model: ModelShape,
-    layers: list[LayerShape],
-    *,
-    tokens_per_batch: int,
-    dtype: str,
-    device: str = "cpu",
-    rotates: bool = True,
-    resident_factors: bool = True,
-) -> StagePeak:
+def self_influence(model: ModelShape, layers: list[LayerShape], *, tokens_per_batch: int, dtype: str,
+                   device: str = "cpu", rotates: bool = True, resident_factors: bool = True) -> StagePeak:
     """Peak of `attrib self-influence`: a batch of training sequences forward and backward with every
     layer's inputs kept; inside one layer's backward its rotated inputs and output gradients and the
     dense per-sequence gradients of at most `correction_sequences_per_step` sequences (G, G ⊘ (Λ + λ)

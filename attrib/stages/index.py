@@ -494,7 +494,7 @@ def score_index(out, index_dir: str, model_spec: str, lm, tokenizer, layers: lis
     from attrib.preconditioned_gradients import QueryGradientStore
     from attrib.scoring import PARTS_DIR, _PartScores, _write, discard_parts, write_documents
     from attrib.stages.query_gradients import run_query_gradients
-    from attrib.storage import input_identity, open_input
+    from attrib.storage import open_input
 
     world = world or World()
     record = model_record(model_spec, lm, layers)
@@ -510,11 +510,9 @@ def score_index(out, index_dir: str, model_spec: str, lm, tokenizer, layers: lis
                              f"{index_dir}; recompute them with {flag('factors', reader.factors)}")
     recorded = {**asdict(settings), "scores_from": "index",
                 "query_gradients": None if query_gradients is not None else asdict(query_settings)}
-    inputs = {"index": input_identity(index_dir), "queries": input_identity(queries_source),
-              "query_gradients": input_identity(query_gradients)}
-    stage = world.main_first(lambda is_main: StageDir(out, "query", recorded, record, inputs, overwrite and is_main))
-    if stage.already_complete:
-        message(f"{out} is already complete; use {flag('overwrite')} to score again")
+    stage = _scoring_stage(out, "query", recorded, record, (index_dir, queries_source, query_gradients), world,
+                           overwrite)
+    if stage is None:
         return None
     with stage.guard():
         gradients_dir = query_gradients or str(Path(out) / GRADIENTS_DIR)
@@ -567,6 +565,21 @@ def score_index(out, index_dir: str, model_spec: str, lm, tokenizer, layers: lis
         return manifest
 
 
+def _scoring_stage(out, name: str, recorded: dict, record: dict | None, sources: tuple, world: World,
+                   overwrite: bool) -> StageDir | None:
+    """The stage directory of index scores or candidates; None when it is complete already."""
+    from attrib.storage import input_identity
+
+    index_dir, queries_source, query_gradients = sources
+    inputs = {"index": input_identity(index_dir), "queries": input_identity(queries_source),
+              "query_gradients": input_identity(query_gradients)}
+    stage = world.main_first(lambda is_main: StageDir(out, name, recorded, record, inputs, overwrite and is_main))
+    if stage.already_complete:
+        message(f"{out} is already complete; use {flag('overwrite')} to compute it again")
+        return None
+    return stage
+
+
 def index_candidates(out, index_dir: str, model_spec: str, lm, tokenizer, layers: list[TrackedLayer], queries,
                      query_settings, top_k: int, world: World | None = None, overwrite: bool = False,
                      query_gradients: str | None = None, queries_source: str | None = None) -> dict | None:
@@ -578,18 +591,16 @@ def index_candidates(out, index_dir: str, model_spec: str, lm, tokenizer, layers
 
     from attrib.score_tables import DOCUMENTS
     from attrib.stages.prefilter import CANDIDATES_FILE, candidates_schema
-    from attrib.storage import atomic_path, input_identity, read_manifest
+    from attrib.storage import atomic_path, read_manifest
 
     world = world or World()
     if top_k < 1:
         raise InputError(f"{flag('top_k', top_k)} must be at least 1")
     recorded = {"method": "index", "unit": "document", "top_k": top_k,
                 "query_gradients": None if query_gradients is not None else asdict(query_settings)}
-    inputs = {"index": input_identity(index_dir), "queries": input_identity(queries_source),
-              "query_gradients": input_identity(query_gradients)}
-    stage = world.main_first(lambda is_main: StageDir(out, "prefilter", recorded, None, inputs, overwrite and is_main))
-    if stage.already_complete:
-        message(f"{out} is already complete; use {flag('overwrite')} to compute it again")
+    stage = _scoring_stage(out, "prefilter", recorded, None, (index_dir, queries_source, query_gradients), world,
+                           overwrite)
+    if stage is None:
         return None
     with stage.guard():
         scores_dir = stage.file(SCORES_DIR)
