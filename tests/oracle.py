@@ -65,6 +65,23 @@ def token_statistics(model, layers, sequence) -> dict[str, tuple[torch.Tensor, t
     return result
 
 
+def token_influence(model, layers, sequence, preconditioned: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token scores I_t = Σ_l g_{l,t}ᵀ P_l a_{l,t} [T] of one sequence (DESIGN.md §2), P_l [d_out, d_in(+1)]
+    given densely in float64 (H⁻¹V_q for a query, H⁻¹G_m for self-influence)."""
+    stats = token_statistics(model, layers, sequence)
+    return sum(((g @ preconditioned[layer.name]) * a).sum(-1) for layer, (a, g) in
+               ((layer, stats[layer.name]) for layer in layers))
+
+
+def assert_token_scores(actual, expected: torch.Tensor, rtol: float, what: str = "") -> None:
+    """Each token's score equals the oracle's, relative to the row's largest |score|: a score moved to the next
+    token or spread over the row fails, which a check of the sum cannot see."""
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = float(expected.abs().max())
+    assert torch.allclose(actual, expected, rtol=0, atol=rtol * scale), f"{what}: {describe_difference(actual, expected)}"
+
+
 def dense_curvature(gradients: list[torch.Tensor]) -> torch.Tensor:
     """The empirical Fisher E_n[vec G_n vec G_nᵀ] of one layer (row-major vec)."""
     flat = torch.stack([g.reshape(-1) for g in gradients])

@@ -131,14 +131,32 @@ def _scores(directory):
     return {(r["query_id"], r["doc_id"]): r for r in table}
 
 
-@pytest.mark.parametrize("flags", [["--queries-per-pass", "1"], ["--queries-per-pass", "2"], ["--max-memory", "1KB"]])
-def test_query_passes_and_batches_change_nothing(tmp_path, capsys, cli_setup, flags):
+def _plan(directory) -> tuple[int, int, int, int]:
+    """(queries per pass, passes over the corpus, queries per batch, query-gradient batches) of a query run,
+    as its manifest records them and as its token parts (`part-qNNNN-…`: one pass number each) and
+    query-gradient parts show they were carried out."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    passes = {p.name.split("-")[1] for p in (directory / "tokens").glob("part-*.parquet")}
+    batches = list((directory / "query-gradients").glob("query_gradients-*.safetensors"))
+    return (manifest["settings"]["queries_per_pass"], len(passes),
+            manifest["settings"]["query_gradients"]["queries_per_batch"], len(batches))
+
+
+@pytest.mark.parametrize("flags, plan", [
+    (["--queries-per-pass", "1"], (1, 3, 3, 1)),
+    (["--queries-per-pass", "2"], (2, 2, 3, 1)),
+    (["--max-memory", "1KB"], (1, 3, 1, 3)),
+], ids=["one per pass", "two per pass", "one per batch and pass"])
+def test_query_passes_and_batches_change_nothing(tmp_path, capsys, cli_setup, flags, plan):
     """One query per pass, two per pass, or a budget that forces one query per batch and pass:
-    the same scores as one pass over all queries (float32 model: 1e-5 relative, from summation order)."""
+    the same scores as one pass over all queries (float32 model: 1e-5 relative, from summation order).
+    The split run must really have been split: its manifest and parts show the passes and batches."""
     code, _, err = run_cli(capsys, *cli_setup["base"], "--out", tmp_path / "all")
     assert code == 0, err
+    assert _plan(tmp_path / "all") == (3, 1, 3, 1)  # the default budget holds every query in one pass and batch
     code, _, err = run_cli(capsys, *cli_setup["base"], *flags, "--out", tmp_path / "split")
     assert code == 0, err
+    assert _plan(tmp_path / "split") == plan
     whole, split = _scores(tmp_path / "all"), _scores(tmp_path / "split")
     assert whole.keys() == split.keys()
     scale = max(abs(r["score"]) for r in whole.values())
@@ -244,12 +262,29 @@ def test_document_scores_by_sequence_gradient_equal_the_low_rank_contraction(tmp
             assert torch.allclose(by_tokens, expected, rtol=1e-10, atol=1e-10 * float(every.abs().max()))
 
 
-def test_token_scores_of_the_top_documents_sum_to_their_document_scores(tmp_path, capsys, cli_setup):
-    """The second pass (per-token scores of the top K per query) adds up to the first pass's scores."""
+def test_token_scores_of_the_top_documents_sum_to_their_document_scores(tmp_path, capsys, cli_setup, model_dirs):
+    """The second pass (per-token scores of the top K per query) adds up to the first pass's scores, and each
+    token's score is the dense float64 oracle's g_tᵀ H⁻¹V_q a_t at the default damping (float32 model and
+    preconditioning, κ-amplified at damping 0.001: 1e-3 of the row's largest |score|; a score moved to the next
+    token or spread over the row is off by far more)."""
+    from tests.oracle import assert_token_scores, token_influence
+    from tests.test_query import oracle_preconditioned, training_sequences
+
     code, _, err = run_cli(capsys, *cli_setup["base"], "--out", tmp_path / "scores")
     assert code == 0, err
     documents = _scores(tmp_path / "scores")
     tokens = pq.read_table(tmp_path / "scores" / "tokens").to_pylist()
+    model, tokenizer = load_model(str(model_dirs["llama"]), "float32", "cpu")
+    model.double()
+    layers = find_tracked_layers(model)
+    curvature = load_curvature(str(tmp_path / "factors"), layers, None)
+    preconditioned = oracle_preconditioned(model, tokenizer, layers, curvature, queries=QUERIES)
+    sequences = {(s.doc_id, s.chunk): s for s in training_sequences(tokenizer, cli_setup["corpus"])}
+    for row in tokens:
+        sequence = sequences[(row["doc_id"], row["chunk"])]
+        assert row["token_ids"] == sequence.input_ids
+        assert_token_scores(row["token_scores"], token_influence(model, layers, sequence, preconditioned[row["query_id"]]),
+                            1e-3, f"{row['query_id']}/{row['doc_id']}/{row['chunk']}")
     sums: dict = {}
     for row in tokens:
         key = (row["query_id"], row["doc_id"])
