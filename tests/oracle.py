@@ -88,6 +88,35 @@ def dense_curvature(gradients: list[torch.Tensor]) -> torch.Tensor:
     return flat.T @ flat / len(gradients)
 
 
+def damped_factor_matrix(factors_dir, layer_name: str, damping_scale: float = 0.001) -> torch.Tensor:
+    """One layer's damped curvature H + λI as a fit's files define it (DESIGN.md §2), dense float64 in row-major
+    vec order, read with safetensors alone (not attrib's loader): EK-FAC (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ from the
+    eigenbases and Λ; K-FAC T̄ (S ⊗ A) from the covariances, T̄ the labelled tokens per sequence; λ = scale × mean(Λ)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(factors_dir)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    a_name = manifest.get("activation_alias", {}).get(layer_name, layer_name)
+    if manifest["settings"]["strategy"] == "kfac":
+        covariance = load_file(str(directory / "covariance.safetensors"))
+        counts = manifest["counts"]
+        per_sequence = counts["covariance_labelled_tokens"] / counts["covariance_sequences"]
+        matrix = per_sequence * torch.kron(covariance[f"{layer_name}.gradient_covariance"].double(),
+                                           covariance[f"{a_name}.activation_covariance"].double())
+        mean_eigenvalue = float(torch.diagonal(matrix).mean())  # tr(S ⊗ A)/P = mean of T̄ λ_S λ_Aᵀ
+    else:
+        eigen = load_file(str(directory / "eigen.safetensors"))
+        eigenvalues = load_file(str(directory / "lambda.safetensors"))[f"{layer_name}.lambda"].double()
+        basis = torch.kron(eigen[f"{layer_name}.gradient_eigenvectors"].double(),
+                           eigen[f"{a_name}.activation_eigenvectors"].double())
+        matrix = basis @ torch.diag(eigenvalues.reshape(-1)) @ basis.T
+        mean_eigenvalue = float(eigenvalues.mean())
+    return matrix + damping_scale * mean_eigenvalue * torch.eye(matrix.shape[0], dtype=torch.float64)
+
+
 def describe_difference(actual: torch.Tensor, expected: torch.Tensor) -> str:
     """Where two tensors differ most, for failure messages."""
     difference = (actual - expected).abs()

@@ -17,7 +17,7 @@ from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.self_influence_stage import SelfInfluenceSettings, run_self_influence
 from attrib.storage import StageDir
 from tests.conftest import run_cli, write_jsonl
-from tests.oracle import assert_token_scores, describe_difference, sequence_gradient, token_influence
+from tests.oracle import assert_token_scores, damped_factor_matrix, describe_difference, sequence_gradient, token_influence
 
 MAX_LENGTH = 24  # the corpus_file fixture's longer documents become two or three chunks
 
@@ -55,10 +55,9 @@ def test_self_influence_equals_the_dense_oracle_and_tokens_sum_to_it(tmp_path, m
     up to 3e-8 relative): rel 1e-6, as in tests/test_query.py. Per-token scores are stored in float32,
     so their sum matches to rel 1e-5. Diagonal and identity differ only in the layer maths, checked
     below on random tensors.
-    The loss column is the summed next-token cross-entropy, computed here with torch's own.
+    The loss column is the summed next-token cross-entropy, computed here with torch's own. The oracle reads
+    the factor files itself (tests/oracle.py, damped_factor_matrix); K-FAC's is T̄ (S ⊗ A) from the covariances.
     """
-    from attrib.curvature import load_curvature
-
     model, tokenizer, layers, factors = fitted_model(tmp_path, model_dirs[arch], corpus_file, strategy)
     settings = SelfInfluenceSettings(max_length=MAX_LENGTH, docs_per_part=5, token_scores_top=-1)  # padded batches
     manifest = run_self_influence(tmp_path / "self", "m", model, tokenizer, layers, str(factors),
@@ -66,8 +65,7 @@ def test_self_influence_equals_the_dense_oracle_and_tokens_sum_to_it(tmp_path, m
     assert manifest["status"] == "complete" and manifest["strategy"] == strategy
     rows = {(r["doc_id"], r["chunk"]): r for r in pq.read_table(tmp_path / "self" / "self_influence.parquet").to_pylist()}
 
-    curvature = load_curvature(str(factors), layers, None)
-    inverses = [dense_inverse(curvature[index]) for index in range(len(layers))]
+    inverses = [torch.linalg.inv(damped_factor_matrix(factors, layer.name)) for layer in layers]
     sequences = [s for part in iter_sequence_parts(CorpusSpec(str(corpus_file)), tokenizer, MAX_LENGTH, 100, SequenceCaps())
                  for _, s in part.sequences]
     assert len(rows) == len(sequences) > 12  # every chunk of every document, some documents chunked
