@@ -117,6 +117,23 @@ def damped_factor_matrix(factors_dir, layer_name: str, damping_scale: float = 0.
     return matrix + damping_scale * mean_eigenvalue * torch.eye(matrix.shape[0], dtype=torch.float64)
 
 
+def ekfac_inverse_times(factors_dir, layer_name: str, gradient: torch.Tensor, damping_scale: float = 0.001) -> torch.Tensor:
+    """(H + λ)⁻¹ V = Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ in float64 for a layer too wide to form H densely, from the
+    EK-FAC files read with safetensors alone (DESIGN.md §2; λ = scale × mean(Λ))."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(factors_dir)
+    a_name = json.loads((directory / "manifest.json").read_text()).get("activation_alias", {}).get(layer_name, layer_name)
+    eigen = load_file(str(directory / "eigen.safetensors"))
+    eigenvalues = load_file(str(directory / "lambda.safetensors"))[f"{layer_name}.lambda"].double()
+    q_s, q_a = eigen[f"{layer_name}.gradient_eigenvectors"].double(), eigen[f"{a_name}.activation_eigenvectors"].double()
+    rotated = q_s.T @ gradient.double() @ q_a
+    return q_s @ (rotated / (eigenvalues + damping_scale * float(eigenvalues.mean()))) @ q_a.T
+
+
 def describe_difference(actual: torch.Tensor, expected: torch.Tensor) -> str:
     """Where two tensors differ most, for failure messages."""
     difference = (actual - expected).abs()

@@ -265,8 +265,8 @@ def test_document_scores_by_sequence_gradient_equal_the_low_rank_contraction(tmp
 def test_token_scores_of_the_top_documents_sum_to_their_document_scores(tmp_path, capsys, cli_setup, model_dirs):
     """The second pass (per-token scores of the top K per query) adds up to the first pass's scores, and each
     token's score is the dense float64 oracle's g_tᵀ H⁻¹V_q a_t at the default damping (float32 model and
-    preconditioning, κ-amplified at damping 0.001: 1e-3 of the row's largest |score|; a score moved to the next
-    token or spread over the row is off by far more)."""
+    preconditioning at damping 0.001: measured 1.4e-6 of the row's largest |score|, asserted 1e-5; a score moved
+    to the next token or spread over the row is off by far more)."""
     from tests.oracle import assert_token_scores, token_influence
     from tests.test_query import oracle_preconditioned, training_sequences
 
@@ -284,7 +284,7 @@ def test_token_scores_of_the_top_documents_sum_to_their_document_scores(tmp_path
         sequence = sequences[(row["doc_id"], row["chunk"])]
         assert row["token_ids"] == sequence.input_ids
         assert_token_scores(row["token_scores"], token_influence(model, layers, sequence, preconditioned[row["query_id"]]),
-                            1e-3, f"{row['query_id']}/{row['doc_id']}/{row['chunk']}")
+                            1e-5, f"{row['query_id']}/{row['doc_id']}/{row['chunk']}")
     sums: dict = {}
     for row in tokens:
         key = (row["query_id"], row["doc_id"])
