@@ -263,7 +263,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(request, tmp_path, capsys,
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, model_dirs, corpus_file, factors_dir):
-    """Under torchrun the ranks split the documents and write their own parts; rank 0 joins them."""
+    """Under torchrun the ranks split the documents and write their own parts; rank 0 joins them and alone prints
+    the table."""
     from tests.test_distributed import attrib_command
 
     tables = {}
@@ -273,6 +274,7 @@ def test_two_processes_equal_one(tmp_path, model_dirs, corpus_file, factors_dir)
                                  "--corpus", corpus_file, "--out", out, "--max-length", MAX_LENGTH, "--docs-per-part", 3,
                                  "--token-scores-top", "all"], processes)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("training sequences by self-influence") == 1, result.stdout  # rank 0 prints it
         tables[processes] = pq.read_table(out / "self_influence.parquet").to_pandas().sort_values("rank")
     one, two = tables[1], tables[2]
     assert list(zip(one["doc_id"], one["chunk"])) == list(zip(two["doc_id"], two["chunk"]))
