@@ -88,10 +88,12 @@ def dense_curvature(gradients: list[torch.Tensor]) -> torch.Tensor:
     return flat.T @ flat / len(gradients)
 
 
-def damped_factor_matrix(factors_dir, layer_name: str, damping_scale: float = 0.001) -> torch.Tensor:
+def damped_factor_matrix(factors_dir, layer_name: str, damping_scale: float = 0.001,
+                         damping: float | None = None) -> torch.Tensor:
     """One layer's damped curvature H + λI as a fit's files define it (DESIGN.md §2), dense float64 in row-major
     vec order, read with safetensors alone (not attrib's loader): EK-FAC (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ from the
-    eigenbases and Λ; K-FAC T̄ (S ⊗ A) from the covariances, T̄ the labelled tokens per sequence; λ = scale × mean(Λ)."""
+    eigenbases and Λ; K-FAC T̄ (S ⊗ A) from the covariances, T̄ the labelled tokens per sequence;
+    λ = `damping`, or scale × mean(Λ)."""
     import json
     from pathlib import Path
 
@@ -114,7 +116,8 @@ def damped_factor_matrix(factors_dir, layer_name: str, damping_scale: float = 0.
                            eigen[f"{a_name}.activation_eigenvectors"].double())
         matrix = basis @ torch.diag(eigenvalues.reshape(-1)) @ basis.T
         mean_eigenvalue = float(eigenvalues.mean())
-    return matrix + damping_scale * mean_eigenvalue * torch.eye(matrix.shape[0], dtype=torch.float64)
+    damping = damping_scale * mean_eigenvalue if damping is None else damping
+    return matrix + damping * torch.eye(matrix.shape[0], dtype=torch.float64)
 
 
 def ekfac_inverse_times(factors_dir, layer_name: str, gradient: torch.Tensor, damping_scale: float = 0.001) -> torch.Tensor:
