@@ -307,10 +307,21 @@ def query(model: ModelShape, layers: list[LayerShape], *, tokens_per_batch: int,
         "query factors": 2 * queries_per_pass * query_factor_bytes(layers, rank),
         "token scores": 2 * tokens_per_batch * queries_per_pass * 4
         + (docs_per_part * max_length * queries_per_pass * 4 if token_scores else 0),
-        # dense P_q of the narrow layers, for ⟨P_q, G_n⟩ (DENSE_BYTES at most)
-        "dense query gradients": min(DENSE_BYTES, queries_per_pass * max(l.d_in * l.d_out for l in layers) * 4),
+        "dense query gradients": dense_query_bytes(layers, queries_per_pass),
     }
     return _peak({"scoring": terms}, device, weights, largest_tensor=max(l.d_in * l.d_out for l in layers) * 4)
+
+
+def dense_query_bytes(layers: list[LayerShape], queries: int) -> int:
+    """The float32 dense P_q [Q, d_out·d_in] that scoring keeps for ⟨P_q, G_n⟩: every layer's, in order, while
+    their total fits DENSE_BYTES (attrib.scoring.Scorer)."""
+    total = 0
+    for l in layers:
+        size = queries * l.d_in * l.d_out * 4
+        if total + size > DENSE_BYTES:
+            break
+        total += size
+    return total
 
 
 def self_influence_factor_bytes(layers: list[LayerShape], rotates: bool = True) -> int:

@@ -65,10 +65,76 @@ def token_statistics(model, layers, sequence) -> dict[str, tuple[torch.Tensor, t
     return result
 
 
+def token_influence(model, layers, sequence, preconditioned: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-token scores I_t = Σ_l g_{l,t}ᵀ P_l a_{l,t} [T] of one sequence (DESIGN.md §2), P_l [d_out, d_in(+1)]
+    given densely in float64 (H⁻¹V_q for a query, H⁻¹G_m for self-influence)."""
+    stats = token_statistics(model, layers, sequence)
+    return sum(((g @ preconditioned[layer.name]) * a).sum(-1) for layer, (a, g) in
+               ((layer, stats[layer.name]) for layer in layers))
+
+
+def assert_token_scores(actual, expected: torch.Tensor, rtol: float, what: str = "") -> None:
+    """Each token's score equals the oracle's, relative to the row's largest |score|: a score moved to the next
+    token or spread over the row fails, which a check of the sum cannot see."""
+    actual = torch.as_tensor(actual, dtype=torch.float64)
+    assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+    scale = float(expected.abs().max())
+    assert torch.allclose(actual, expected, rtol=0, atol=rtol * scale), f"{what}: {describe_difference(actual, expected)}"
+
+
 def dense_curvature(gradients: list[torch.Tensor]) -> torch.Tensor:
     """The empirical Fisher E_n[vec G_n vec G_nᵀ] of one layer (row-major vec)."""
     flat = torch.stack([g.reshape(-1) for g in gradients])
     return flat.T @ flat / len(gradients)
+
+
+def damped_factor_matrix(factors_dir, layer_name: str, damping_scale: float = 0.001,
+                         damping: float | None = None) -> torch.Tensor:
+    """One layer's damped curvature H + λI as a fit's files define it (DESIGN.md §2), dense float64 in row-major
+    vec order, read with safetensors alone (not attrib's loader): EK-FAC (Q_S ⊗ Q_A) diag(Λ) (Q_S ⊗ Q_A)ᵀ from the
+    eigenbases and Λ; K-FAC T̄ (S ⊗ A) from the covariances, T̄ the labelled tokens per sequence;
+    λ = `damping`, or scale × mean(Λ)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(factors_dir)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    a_name = manifest.get("activation_alias", {}).get(layer_name, layer_name)
+    if manifest["settings"]["strategy"] == "kfac":
+        covariance = load_file(str(directory / "covariance.safetensors"))
+        counts = manifest["counts"]
+        per_sequence = counts["covariance_labelled_tokens"] / counts["covariance_sequences"]
+        matrix = per_sequence * torch.kron(covariance[f"{layer_name}.gradient_covariance"].double(),
+                                           covariance[f"{a_name}.activation_covariance"].double())
+        mean_eigenvalue = float(torch.diagonal(matrix).mean())  # tr(S ⊗ A)/P = mean of T̄ λ_S λ_Aᵀ
+    else:
+        eigen = load_file(str(directory / "eigen.safetensors"))
+        eigenvalues = load_file(str(directory / "lambda.safetensors"))[f"{layer_name}.lambda"].double()
+        basis = torch.kron(eigen[f"{layer_name}.gradient_eigenvectors"].double(),
+                           eigen[f"{a_name}.activation_eigenvectors"].double())
+        matrix = basis @ torch.diag(eigenvalues.reshape(-1)) @ basis.T
+        mean_eigenvalue = float(eigenvalues.mean())
+    damping = damping_scale * mean_eigenvalue if damping is None else damping
+    return matrix + damping * torch.eye(matrix.shape[0], dtype=torch.float64)
+
+
+def ekfac_inverse_times(factors_dir, layer_name: str, gradient: torch.Tensor, damping_scale: float = 0.001) -> torch.Tensor:
+    """(H + λ)⁻¹ V = Q_S [(Q_Sᵀ V Q_A) ⊘ (Λ + λ)] Q_Aᵀ in float64 for a layer too wide to form H densely, from the
+    EK-FAC files read with safetensors alone (DESIGN.md §2; λ = scale × mean(Λ))."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    directory = Path(factors_dir)
+    a_name = json.loads((directory / "manifest.json").read_text()).get("activation_alias", {}).get(layer_name, layer_name)
+    eigen = load_file(str(directory / "eigen.safetensors"))
+    eigenvalues = load_file(str(directory / "lambda.safetensors"))[f"{layer_name}.lambda"].double()
+    q_s, q_a = eigen[f"{layer_name}.gradient_eigenvectors"].double(), eigen[f"{a_name}.activation_eigenvectors"].double()
+    rotated = q_s.T @ gradient.double() @ q_a
+    return q_s @ (rotated / (eigenvalues + damping_scale * float(eigenvalues.mean()))) @ q_a.T
 
 
 def describe_difference(actual: torch.Tensor, expected: torch.Tensor) -> str:

@@ -44,25 +44,58 @@ def test_notebook_session(demo, tmp_path):
     assert model.training and not any(p.requires_grad is False for p in model.parameters())  # given back as it was
     candidates = attrib.prefilter(corpus, queries, out=tmp_path / "candidates", top_k=12)
     scores = attrib.query(model, factors, queries, corpus, out=tmp_path / "scores", tokenizer=tokenizer,
-                          candidates=candidates, token_scores_top=3, tokens_per_batch=2048)
+                          candidates=candidates, token_scores_top=3, tokens_per_batch=2048, query_rank=0)
 
     table = scores.documents()
     assert set(table.column("query_id").to_pylist()) == set(truth)
     frame = scores.to_pandas()
-    best = frame[frame["rank"] <= 10].groupby("query_id")["doc_id"].apply(set)
-    assert all(truth[q] in best[q] for q in truth)  # each planted fact's document in its query's top 10
+    # the planted fact's document ranks first of its query's 12 candidates (measured: 4 of 4 queries; asserted 3,
+    # which random scores reach with probability 4·(1/12)³·(11/12) + (1/12)⁴ < 0.3%; the demo model is retrained
+    # wherever the cache is empty, not bit for bit alike across machines)
+    top = frame[frame["rank"] == 1].set_index("query_id")["doc_id"]
+    assert sum(top[q] == doc for q, doc in truth.items()) >= 3, (top.to_dict(), truth)
     first = frame[frame["rank"] == 1].iloc[0]
     tokens = scores.tokens(first["query_id"], first["doc_id"]).to_pylist()
     assert tokens, "the top document keeps its per-token scores"
     # per-token scores sum to the document's score (float32 sums over ~50 tokens: relative 1e-4)
     assert sum(sum(row["token_scores"]) for row in tokens) == pytest.approx(first["score"], rel=1e-4, abs=1e-6)
+    check_token_scores_against_the_oracle(model, tokenizer, factors.out, queries, scores)
 
     again = attrib.query(model, factors, queries, corpus, out=tmp_path / "scores", tokenizer=tokenizer,
-                         candidates=candidates, token_scores_top=3, tokens_per_batch=2048)
+                         candidates=candidates, token_scores_top=3, tokens_per_batch=2048, query_rank=0)
     assert again.already_complete and again.manifest == scores.manifest
     # the in-memory inputs were written once, by content, beside the output directories
     written = sorted(p.name.split("-")[0] for p in (tmp_path / "attrib-inputs").iterdir())
     assert written == ["corpus", "queries"]
+
+
+def check_token_scores_against_the_oracle(model, tokenizer, factors_dir, queries, scores):
+    """Each stored token score of the top 3 documents per query is g_tᵀ P_q a_t with P_q = H⁻¹V_q formed in float64
+    from the factor files (full rank: no compression): a float32 model against a float64 copy, measured 1.8e-5 of
+    the row's largest |score|, asserted 1e-4. A score moved to the next token or spread over the row is off by far more."""
+    import copy
+    from types import SimpleNamespace
+
+    from attrib.data import Query, query_sequence, special_prefix
+    from attrib.models import find_tracked_layers
+    from tests.oracle import assert_token_scores, ekfac_inverse_times, sequence_gradient, token_influence
+
+    oracle = copy.deepcopy(model).double().eval()
+    layers = find_tracked_layers(oracle)
+    frame = scores.to_pandas()
+    checked = 0
+    for query in queries:
+        item = Query(query["id"], query["prompt"], query["completion"])
+        gradient = sequence_gradient(oracle, layers, query_sequence(tokenizer, item, 512, special_prefix(tokenizer)))
+        preconditioned = {l.name: ekfac_inverse_times(factors_dir, l.name, gradient[l.name]) for l in layers}
+        for doc_id in frame[(frame["query_id"] == query["id"]) & (frame["rank"] <= 3)]["doc_id"]:
+            for row in scores.tokens(query["id"], doc_id).to_pylist():
+                ids = row["token_ids"]
+                sequence = SimpleNamespace(input_ids=ids, targets=ids[1:] + [-1])  # plain text: every next token
+                assert_token_scores(row["token_scores"], token_influence(oracle, layers, sequence, preconditioned),
+                                    1e-4, f"{query['id']}/{doc_id}/{row['chunk']}")
+                checked += 1
+    assert checked >= 3 * len(queries)
 
 
 def test_api_and_cli_write_the_same_bytes(demo, tmp_path, capsys):

@@ -135,6 +135,7 @@ def test_conversations_from_jsonl_and_parquet(tmp_path, style):
         assert [d.messages for d in docs] == [CONVERSATION, CONVERSATION[1:3]]
         parts = list(iter_sequence_parts(CorpusSpec(str(source), loss_on="assistant"), tokenizer, 512, 10))
         sequences = [s for part in parts for _, s in part.sequences]
+        assert len(sequences) == len(docs)  # one sequence per short conversation: zip must not drop any
         for doc, sequence in zip(docs, sequences):
             expected = tokenizer.apply_chat_template(doc.messages, tokenize=True, return_dict=True)["input_ids"]
             assert sequence.input_ids == list(expected)
@@ -208,7 +209,8 @@ def test_bad_chat_input_is_one_line(tmp_path):
 
 def test_fit_and_query_on_chat_data(tmp_path, capsys):
     """Through the CLI: chat and hand-rendered queries score alike on assistant-loss factors; another
-    --loss-on or template at query time is refused with one line; the report shows the role markers."""
+    --loss-on or template at query or self-influence time is refused with one line; the report shows the role
+    markers."""
     tokenizer = chat_tokenizer("qwen", QWEN)
     model = build_model(tmp_path / "model", "llama", tokenizer)
     corpus = write_jsonl(tmp_path / "chat.jsonl", [
@@ -238,6 +240,17 @@ def test_fit_and_query_on_chat_data(tmp_path, capsys):
                             (["--loss-on", "assistant", "--chat-template", template_file], "pass the same --chat-template")):
         code, _, err = run_cli(capsys, "query", *common, "--factors", tmp_path / "f", "--corpus", corpus,
                                "--queries", queries["chat"], "--out", tmp_path / "refused", *extra)
+        assert code == 2 and err.count("\n") == 1 and expected in err, err
+        assert not (tmp_path / "refused").exists()
+    # self-influence checks the factors' loss and template the same way, before writing anything
+    code, _, err = run_cli(capsys, "--quiet", "self-influence", *common, "--factors", tmp_path / "f", "--corpus", corpus,
+                           "--loss-on", "assistant", "--token-scores-top", "none", "--out", tmp_path / "self")
+    assert code == 0, err
+    assert json.loads((tmp_path / "self" / "manifest.json").read_text())["settings"]["chat"] == recorded
+    for extra, expected in ((["--loss-on", "all"], "computed with --loss-on assistant, this run has --loss-on all"),
+                            (["--loss-on", "assistant", "--chat-template", template_file], "pass the same --chat-template")):
+        code, _, err = run_cli(capsys, "self-influence", *common, "--factors", tmp_path / "f", "--corpus", corpus,
+                               "--out", tmp_path / "refused", *extra)
         assert code == 2 and err.count("\n") == 1 and expected in err, err
         assert not (tmp_path / "refused").exists()
     code, _, err = run_cli(capsys, "report", tmp_path / "chat", "--out", tmp_path / "report.html")

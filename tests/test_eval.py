@@ -42,16 +42,35 @@ def test_ekfac_agrees_with_exact_influence(work, arch, bound):
     assert ekfac > identity
 
 
-def test_exact_influence_with_damping_only_is_the_gradient_dot_product():
-    """With F = 0 the reference is vᵀg / λ: a check of the dense reference itself."""
+@pytest.mark.parametrize("block_diagonal", [False, True], ids=["full", "block-diagonal"])
+def test_exact_influence_is_the_per_layer_damped_dense_solve(block_diagonal):
+    """The dense reference vᵀ (F + diag(λ_l))⁻¹ g, F with cross-layer blocks (zeroed when block-diagonal) and layer
+    scales 100× apart, λ_l = 0.1 × tr(F_ll)/P_l, against torch.linalg.solve of the matrix built here
+    (float64: 1e-10). One damping for all layers, or the cross-layer blocks kept or dropped wrongly, is off by
+    more than 10%."""
     import torch
 
-    torch.manual_seed(0)
-    V, D = torch.randn(3, 10, dtype=torch.float64), torch.randn(5, 10, dtype=torch.float64)
-    fisher = torch.eye(10, dtype=torch.float64)  # mean eigenvalue 1 in each layer block
+    generator = torch.Generator().manual_seed(0)
     slices = [slice(0, 4), slice(4, 10)]
-    got = dense_influence(V, D, fisher, slices, scale=0.1)
-    assert got == pytest.approx((V @ D.T).numpy() / 1.1, rel=1e-10)
+    root = torch.randn(10, 30, dtype=torch.float64, generator=generator)
+    root[4:] *= 10  # the second layer's curvature is 100× the first's
+    fisher = root @ root.T / 30
+    V, D = torch.randn(3, 10, dtype=torch.float64, generator=generator), torch.randn(5, 10, dtype=torch.float64,
+                                                                                      generator=generator)
+    matrix = fisher.clone()
+    if block_diagonal:
+        matrix[slices[0], slices[1]] = 0
+        matrix[slices[1], slices[0]] = 0
+    damping = torch.cat([torch.full((s.stop - s.start,), 0.1 * float(torch.diagonal(fisher)[s].mean()), dtype=torch.float64)
+                         for s in slices])
+    expected = V @ torch.linalg.solve(matrix + torch.diag(damping), D.T)
+    got = dense_influence(V, D, fisher, slices, scale=0.1, block_diagonal=block_diagonal)
+    assert got == pytest.approx(expected.numpy(), rel=1e-10, abs=1e-10 * float(expected.abs().max()))
+    other_masking = fisher if block_diagonal else torch.block_diag(*(fisher[s, s] for s in slices))
+    wrong = [V @ torch.linalg.solve(matrix + 0.1 * float(torch.diagonal(fisher).mean()) * torch.eye(10, dtype=torch.float64), D.T),
+             V @ torch.linalg.solve(other_masking + torch.diag(damping), D.T)]
+    for mistake in wrong:  # one damping for every layer; the cross-layer blocks kept or dropped the other way
+        assert float((mistake - expected).abs().max()) > 0.1 * float(expected.abs().max())
 
 
 # Measured: recall@10 = MRR = 1.0 for ekfac (8 facts among 32 documents). The planted document is

@@ -6,8 +6,8 @@ directly with the diagonal strategy (Λ per layer, no eigenbases): eigendecompos
 11008-wide matrices takes minutes on this machine, and the query stages' memory does not
 depend on how Λ was fitted — the prediction counts eigenbases for rotating strategies.
 Peak RSS is measured in a subprocess (VmHWM of the child) and must not exceed
-`attrib.memory`'s prediction (what `attrib inspect` prints), which must not exceed it by more than 60% either (so a prediction
-that ignores the model or the dense gradients would fail).
+`attrib.memory`'s prediction (what `attrib inspect` prints), which must not exceed it by more than
+BAND either (so a prediction that ignores the model or the dense gradients would fail).
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import torch
 
 from tests.conftest import TEXTS, write_jsonl
 
+# predicted / measured peak, measured 2026-12-05 (2 cores, torch 2.13): query-gradients 1.43 (3257 / 2273 MiB),
+# query 1.24 (2056 / 1657 MiB, after attrib.memory counted the dense P_q that scoring really keeps: 1.40 before)
+BAND = {"query-gradients": 1.55, "query": 1.35}
 QUERIES = 4
 MAX_LENGTH = 32
 TOKENS_PER_BATCH = 256
@@ -107,4 +110,4 @@ def test_query_stages_stay_within_predicted_peak_memory(one_block):
                       for stage, (m, p) in report.items()}, indent=1))
     for stage, (measured, predicted) in report.items():
         assert measured <= predicted.host, (stage, measured / 2**20, predicted)
-        assert predicted.host <= 1.6 * measured, (stage, measured / 2**20, predicted)
+        assert predicted.host <= BAND[stage] * measured, (stage, measured / 2**20, predicted)

@@ -18,7 +18,7 @@ from attrib.preconditioned_gradients import compute_query_gradients
 from attrib.scoring import ScoreSettings, score_documents_and_tokens
 from attrib.storage import StageDir
 from tests.conftest import run_cli, write_jsonl
-from tests.oracle import sequence_gradient
+from tests.oracle import assert_token_scores, sequence_gradient, token_influence
 
 QUERIES = [
     Query("q1", "The capital of Vorlia", " is Quendar."),
@@ -63,19 +63,27 @@ def dense_inverse(curvature, layer) -> torch.Tensor:
     return torch.linalg.inv(matrix)
 
 
+def oracle_preconditioned(model, tokenizer, layers, curvature, identity=False, queries=QUERIES):
+    """P_q,l = H_l⁻¹ V_q,l [d_out, d_in(+1)] by query id and layer name, with dense float64 algebra."""
+    result = {}
+    for query in queries:
+        gradient = sequence_gradient(model, layers, query_sequence(tokenizer, query, 24, []))
+        result[query.query_id] = {
+            layer.name: gradient[layer.name] if identity else
+            (dense_inverse(c, layer) @ gradient[layer.name].reshape(-1)).reshape(gradient[layer.name].shape)
+            for c, layer in zip(curvature, layers)}
+    return result
+
+
 def oracle_scores(model, tokenizer, layers, curvature, corpus_file, identity=False):
-    """I(q, m) = Σ_l vec(V_q)ᵀ H_l⁻¹ vec(G_m) with dense float64 algebra, by (query, doc)."""
-    query_grads = [sequence_gradient(model, layers, query_sequence(tokenizer, q, 24, [])) for q in QUERIES]
+    """I(q, m) = Σ_l vec(P_q,l)ᵀ vec(G_m) with dense float64 algebra, by (query, doc)."""
+    preconditioned = oracle_preconditioned(model, tokenizer, layers, curvature, identity)
     expected = {}
-    inverses = None if identity else [dense_inverse(c, l) for c, l in zip(curvature, layers)]
     for seq in training_sequences(tokenizer, corpus_file):
         train_grad = sequence_gradient(model, layers, seq)
-        for query, query_grad in zip(QUERIES, query_grads):
-            total = 0.0
-            for index, layer in enumerate(layers):
-                v, g = query_grad[layer.name].reshape(-1), train_grad[layer.name].reshape(-1)
-                total += float(v @ g) if identity else float(v @ inverses[index] @ g)
-            key = (query.query_id, seq.doc_id)
+        for query_id, p in preconditioned.items():
+            total = sum(float(p[layer.name].reshape(-1) @ train_grad[layer.name].reshape(-1)) for layer in layers)
+            key = (query_id, seq.doc_id)
             expected[key] = expected.get(key, 0.0) + total
     return expected
 
@@ -91,8 +99,17 @@ def test_document_scores_equal_dense_ekfac_oracle(tmp_path, model_dirs, corpus_f
 
 
 def test_decompositions_and_ranks(tmp_path, model_dirs, corpus_file):
-    """Σ per-token = document score, Σ per-layer = document score, ranks ordered by score."""
-    *_, documents, tokens = pipeline(tmp_path, model_dirs["gpt2"], corpus_file)
+    """Each token's score is the oracle's g_tᵀ P_q a_t (float32 storage: 1e-5 of the row's largest |score|),
+    Σ per-token = document score, Σ per-layer = document score, ranks ordered by score."""
+    model, tokenizer, layers, curvature, documents, tokens = pipeline(tmp_path, model_dirs["gpt2"], corpus_file)
+    preconditioned = oracle_preconditioned(model, tokenizer, layers, curvature)
+    sequences = {(s.doc_id, s.chunk): s for s in training_sequences(tokenizer, corpus_file)}
+    assert len(tokens) == len(QUERIES) * len(sequences)  # token_scores_top=-1: every chunk of every document
+    for row in tokens:
+        sequence = sequences[(row["doc_id"], row["chunk"])]
+        assert row["token_ids"] == sequence.input_ids
+        assert_token_scores(row["token_scores"], token_influence(model, layers, sequence, preconditioned[row["query_id"]]),
+                            1e-5, f"{row['query_id']}/{row['doc_id']}/{row['chunk']}")
     token_sums = {}
     for row in tokens:
         key = (row["query_id"], row["doc_id"])

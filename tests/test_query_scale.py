@@ -131,14 +131,32 @@ def _scores(directory):
     return {(r["query_id"], r["doc_id"]): r for r in table}
 
 
-@pytest.mark.parametrize("flags", [["--queries-per-pass", "1"], ["--queries-per-pass", "2"], ["--max-memory", "1KB"]])
-def test_query_passes_and_batches_change_nothing(tmp_path, capsys, cli_setup, flags):
+def _plan(directory) -> tuple[int, int, int, int]:
+    """(queries per pass, passes over the corpus, queries per batch, query-gradient batches) of a query run,
+    as its manifest records them and as its token parts (`part-qNNNN-…`: one pass number each) and
+    query-gradient parts show they were carried out."""
+    manifest = json.loads((directory / "manifest.json").read_text())
+    passes = {p.name.split("-")[1] for p in (directory / "tokens").glob("part-*.parquet")}
+    batches = list((directory / "query-gradients").glob("query_gradients-*.safetensors"))
+    return (manifest["settings"]["queries_per_pass"], len(passes),
+            manifest["settings"]["query_gradients"]["queries_per_batch"], len(batches))
+
+
+@pytest.mark.parametrize("flags, plan", [
+    (["--queries-per-pass", "1"], (1, 3, 3, 1)),
+    (["--queries-per-pass", "2"], (2, 2, 3, 1)),
+    (["--max-memory", "1KB"], (1, 3, 1, 3)),
+], ids=["one per pass", "two per pass", "one per batch and pass"])
+def test_query_passes_and_batches_change_nothing(tmp_path, capsys, cli_setup, flags, plan):
     """One query per pass, two per pass, or a budget that forces one query per batch and pass:
-    the same scores as one pass over all queries (float32 model: 1e-5 relative, from summation order)."""
+    the same scores as one pass over all queries (float32 model: 1e-5 relative, from summation order).
+    The split run must really have been split: its manifest and parts show the passes and batches."""
     code, _, err = run_cli(capsys, *cli_setup["base"], "--out", tmp_path / "all")
     assert code == 0, err
+    assert _plan(tmp_path / "all") == (3, 1, 3, 1)  # the default budget holds every query in one pass and batch
     code, _, err = run_cli(capsys, *cli_setup["base"], *flags, "--out", tmp_path / "split")
     assert code == 0, err
+    assert _plan(tmp_path / "split") == plan
     whole, split = _scores(tmp_path / "all"), _scores(tmp_path / "split")
     assert whole.keys() == split.keys()
     scale = max(abs(r["score"]) for r in whole.values())
@@ -151,7 +169,8 @@ def test_query_passes_and_batches_change_nothing(tmp_path, capsys, cli_setup, fl
 
 def test_candidates_score_only_their_pairs_with_the_full_scores(tmp_path, capsys, cli_setup, model_dirs):
     """With candidates, each batch is contracted only with the queries that want its documents:
-    exactly the candidate pairs are written, with the scores of an unrestricted run."""
+    exactly the candidate pairs are written, with the scores of an unrestricted run, and token scores that
+    come with the one pass are the oracle's."""
     candidates = tmp_path / "candidates"
     code, _, err = run_cli(capsys, "--quiet", "prefilter", "--corpus", cli_setup["corpus"], "--queries",
                            cli_setup["queries"], "--top-k", "4", "--out", candidates)
@@ -178,6 +197,8 @@ def test_candidates_score_only_their_pairs_with_the_full_scores(tmp_path, capsys
     assert code == 0, err
     tokens = pq.read_table(tmp_path / "one-pass" / "tokens").to_pandas()
     assert set(map(tuple, tokens[["query_id", "doc_id"]].drop_duplicates().values)) == set(picked)
+    _check_tokens_against_the_oracle(tokens.to_dict("records"), model_dirs["llama"], tmp_path / "factors",
+                                     cli_setup["corpus"])
     for (query_id, doc_id), rows in tokens.groupby(["query_id", "doc_id"]):
         total = sum(float(sum(scores)) for scores in rows["token_scores"])
         assert total == pytest.approx(picked[(query_id, doc_id)]["score"], rel=1e-4, abs=1e-5 * scale)
@@ -244,12 +265,35 @@ def test_document_scores_by_sequence_gradient_equal_the_low_rank_contraction(tmp
             assert torch.allclose(by_tokens, expected, rtol=1e-10, atol=1e-10 * float(every.abs().max()))
 
 
-def test_token_scores_of_the_top_documents_sum_to_their_document_scores(tmp_path, capsys, cli_setup):
-    """The second pass (per-token scores of the top K per query) adds up to the first pass's scores."""
+def _check_tokens_against_the_oracle(tokens, model_dir, factors, corpus):
+    """Each token score of each row of a CLI run (float32, default damping) against the dense float64 oracle:
+    measured ≤ 1.4e-6 of the row's largest |score|, asserted 1e-5."""
+    from tests.oracle import assert_token_scores, token_influence
+    from tests.test_query import oracle_preconditioned, training_sequences
+
+    model, tokenizer = load_model(str(model_dir), "float32", "cpu")
+    model.double()
+    layers = find_tracked_layers(model)
+    preconditioned = oracle_preconditioned(model, tokenizer, layers, load_curvature(str(factors), layers, None),
+                                           queries=QUERIES)
+    sequences = {(s.doc_id, s.chunk): s for s in training_sequences(tokenizer, corpus)}
+    assert tokens
+    for row in tokens:
+        sequence = sequences[(row["doc_id"], row["chunk"])]
+        assert list(row["token_ids"]) == sequence.input_ids
+        assert_token_scores(row["token_scores"], token_influence(model, layers, sequence, preconditioned[row["query_id"]]),
+                            1e-5, f"{row['query_id']}/{row['doc_id']}/{row['chunk']}")
+
+
+def test_token_scores_of_the_top_documents_sum_to_their_document_scores(tmp_path, capsys, cli_setup, model_dirs):
+    """The second pass (per-token scores of the top K per query) adds up to the first pass's scores, and each
+    token's score is the dense float64 oracle's g_tᵀ H⁻¹V_q a_t at the default damping (a score moved to the next
+    token or spread over the row is off by far more than the tolerance)."""
     code, _, err = run_cli(capsys, *cli_setup["base"], "--out", tmp_path / "scores")
     assert code == 0, err
     documents = _scores(tmp_path / "scores")
     tokens = pq.read_table(tmp_path / "scores" / "tokens").to_pylist()
+    _check_tokens_against_the_oracle(tokens, model_dirs["llama"], tmp_path / "factors", cli_setup["corpus"])
     sums: dict = {}
     for row in tokens:
         key = (row["query_id"], row["doc_id"])

@@ -17,7 +17,7 @@ from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.stages.self_influence import SelfInfluenceSettings, run_self_influence
 from attrib.storage import StageDir
 from tests.conftest import run_cli, write_jsonl
-from tests.oracle import describe_difference, sequence_gradient
+from tests.oracle import assert_token_scores, damped_factor_matrix, describe_difference, sequence_gradient, token_influence
 
 MAX_LENGTH = 24  # the corpus_file fixture's longer documents become two or three chunks
 
@@ -45,19 +45,19 @@ def dense_inverse(curvature) -> torch.Tensor | None:
     return torch.linalg.inv(basis @ diagonal @ basis.T)
 
 
-@pytest.mark.parametrize("arch, strategy", [("gpt2", "ekfac"), ("llama", "ekfac")])
+@pytest.mark.parametrize("arch, strategy", [("gpt2", "ekfac"), ("llama", "ekfac"), ("llama", "kfac")])
 def test_self_influence_equals_the_dense_oracle_and_tokens_sum_to_it(tmp_path, model_dirs, corpus_file, arch, strategy):
-    """gᵀ (H + λ)⁻¹ g per sequence and layer, H the fitted EK-FAC/K-FAC/diagonal matrix (identity: gᵀg).
+    """gᵀ (H + λ)⁻¹ g per sequence and layer, H the fitted EK-FAC or K-FAC matrix, and each token's score
+    g_tᵀ (H + λ)⁻¹G a_t against the oracle's (float32 storage: 1e-5 of the row's largest |score|).
 
     Everything runs in float64, but the stored eigenvectors are float32 and orthogonal only to ~1e-7,
     so the factored Q (Λ + λ)⁻¹ Qᵀ and the dense inverse of Q (Λ + λ) Qᵀ differ at that level (measured
-    up to 3e-8 relative): rel 1e-6, as in tests/test_query.py. Without bases (diagonal, identity)
-    they agree to rounding. Per-token scores are stored in float32, so their sum matches to rel 1e-5.
-    K-FAC, diagonal and identity differ only in the layer maths, checked below on random tensors.
-    The loss column is the summed next-token cross-entropy, computed here with torch's own.
+    up to 3e-8 relative): rel 1e-6, as in tests/test_query.py. Per-token scores are stored in float32,
+    so their sum matches to rel 1e-5. Diagonal and identity differ only in the layer maths, checked
+    below on random tensors.
+    The loss column is the summed next-token cross-entropy, computed here with torch's own. The oracle reads
+    the factor files itself (tests/oracle.py, damped_factor_matrix); K-FAC's is T̄ (S ⊗ A) from the covariances.
     """
-    from attrib.curvature import load_curvature
-
     model, tokenizer, layers, factors = fitted_model(tmp_path, model_dirs[arch], corpus_file, strategy)
     settings = SelfInfluenceSettings(max_length=MAX_LENGTH, docs_per_part=5, token_scores_top=-1)  # padded batches
     manifest = run_self_influence(tmp_path / "self", "m", model, tokenizer, layers, str(factors),
@@ -65,17 +65,22 @@ def test_self_influence_equals_the_dense_oracle_and_tokens_sum_to_it(tmp_path, m
     assert manifest["status"] == "complete" and manifest["strategy"] == strategy
     rows = {(r["doc_id"], r["chunk"]): r for r in pq.read_table(tmp_path / "self" / "self_influence.parquet").to_pylist()}
 
-    curvature = load_curvature(str(factors), layers, None)
-    inverses = [dense_inverse(curvature[index]) for index in range(len(layers))]
+    inverses = [torch.linalg.inv(damped_factor_matrix(factors, layer.name)) for layer in layers]
     sequences = [s for part in iter_sequence_parts(CorpusSpec(str(corpus_file)), tokenizer, MAX_LENGTH, 100, SequenceCaps())
                  for _, s in part.sequences]
     assert len(rows) == len(sequences) > 12  # every chunk of every document, some documents chunked
+    token_rows = {(t["doc_id"], t["chunk"]): t for t in pq.read_table(tmp_path / "self" / "tokens").to_pylist()}
     for sequence in sequences:
         gradients = sequence_gradient(model, layers, sequence)
-        expected = []
+        expected, preconditioned = [], {}
         for layer, inverse in zip(layers, inverses):
             g = gradients[layer.name].reshape(-1)
-            expected.append(float(g @ g) if inverse is None else float(g @ inverse @ g))
+            preconditioned[layer.name] = (inverse @ g).reshape(gradients[layer.name].shape)
+            expected.append(float(g @ preconditioned[layer.name].reshape(-1)))
+        token_row = token_rows[(sequence.doc_id, sequence.chunk)]
+        assert token_row["token_ids"] == sequence.input_ids
+        assert_token_scores(token_row["token_scores"], token_influence(model, layers, sequence, preconditioned), 1e-5,
+                            f"{sequence.doc_id}/{sequence.chunk}")
         row = rows[(sequence.doc_id, sequence.chunk)]
         actual, wanted = torch.tensor(row["layer_scores"], dtype=torch.float64), torch.tensor(expected, dtype=torch.float64)
         assert torch.allclose(actual, wanted, rtol=1e-6, atol=0), describe_difference(actual, wanted)
@@ -261,7 +266,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(request, tmp_path, capsys,
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path, model_dirs, corpus_file, factors_dir):
-    """Under torchrun the ranks split the documents and write their own parts; rank 0 joins them."""
+    """Under torchrun the ranks split the documents and write their own parts; rank 0 joins them and alone prints
+    the table."""
     from tests.test_distributed import attrib_command
 
     tables = {}
@@ -271,6 +277,7 @@ def test_two_processes_equal_one(tmp_path, model_dirs, corpus_file, factors_dir)
                                  "--corpus", corpus_file, "--out", out, "--max-length", MAX_LENGTH, "--docs-per-part", 3,
                                  "--token-scores-top", "all"], processes)
         assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.count("training sequences by self-influence") == 1, result.stdout  # rank 0 prints it
         tables[processes] = pq.read_table(out / "self_influence.parquet").to_pandas().sort_values("rank")
     one, two = tables[1], tables[2]
     assert list(zip(one["doc_id"], one["chunk"])) == list(zip(two["doc_id"], two["chunk"]))
@@ -278,3 +285,57 @@ def test_two_processes_equal_one(tmp_path, model_dirs, corpus_file, factors_dir)
     assert (abs(one["score"].to_numpy() - two["score"].to_numpy()) <= 1e-5 * one["score"].to_numpy()).all()
     assert any("-r001-" in p.name for p in (tmp_path / "self2" / "tokens").glob("part-*.parquet"))
     assert pq.read_table(tmp_path / "self2" / "tokens").num_rows == len(one)
+
+
+@pytest.mark.parametrize("flags, scale, absolute", [(["--damping-scale", "0.1"], 0.1, None), (["--damping", "0.5"], None, 0.5)],
+                         ids=["damping-scale", "damping"])
+def test_damping_options_set_the_damping_the_scores_use(tmp_path, capsys, model_dirs, corpus_file, factors_dir, flags,
+                                                        scale, absolute):
+    """--damping-scale c gives λ_l = c × mean(Λ_l), --damping λ one λ for every layer: recorded in the manifest, and
+    every layer score is the dense oracle's gᵀ (B (Λ + λ) Bᵀ)⁻¹ g at that λ (float32 model against float64: measured
+    3.6e-7, asserted rel 1e-4), which differs from the default damping's by more than 10% somewhere."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "self"
+    code, _, err = run_cli(capsys, "--quiet", "self-influence", "--model", model_dirs["llama"], "--factors", factors_dir,
+                           "--corpus", corpus_file, "--max-length", MAX_LENGTH, "--token-scores-top", "none",
+                           *flags, "--out", out)
+    assert code == 0, err
+    lambdas = load_file(str(factors_dir / "lambda.safetensors"))
+    model, tokenizer = load_model(str(model_dirs["llama"]), "float32", "cpu")
+    model.double()
+    layers = find_tracked_layers(model)
+    wanted = {l.name: absolute if scale is None else scale * float(lambdas[f"{l.name}.lambda"].double().mean())
+              for l in layers}
+    recorded = json.loads((out / "manifest.json").read_text())["damping"]
+    assert recorded.keys() == wanted.keys()
+    assert all(recorded[name] == pytest.approx(value, rel=1e-12) for name, value in wanted.items()), recorded
+    inverses = {"option": [torch.linalg.inv(damped_factor_matrix(factors_dir, l.name, damping=wanted[l.name]))
+                           for l in layers],
+                None: [torch.linalg.inv(damped_factor_matrix(factors_dir, l.name)) for l in layers]}  # 0.001 × mean(Λ_l)
+    rows = {(r["doc_id"], r["chunk"]): r for r in pq.read_table(out / "self_influence.parquet").to_pylist()}
+    sequences = [s for part in iter_sequence_parts(CorpusSpec(str(corpus_file)), tokenizer, MAX_LENGTH, 100, SequenceCaps())
+                 for _, s in part.sequences]
+    assert len(rows) == len(sequences)
+    largest_change = 0.0
+    for sequence in sequences:
+        gradients = sequence_gradient(model, layers, sequence)
+        flat = [gradients[l.name].reshape(-1) for l in layers]
+        expected = torch.tensor([float(g @ inverse @ g) for g, inverse in zip(flat, inverses["option"])], dtype=torch.float64)
+        default = torch.tensor([float(g @ inverse @ g) for g, inverse in zip(flat, inverses[None])], dtype=torch.float64)
+        actual = torch.tensor(rows[(sequence.doc_id, sequence.chunk)]["layer_scores"], dtype=torch.float64)
+        assert torch.allclose(actual, expected, rtol=1e-4, atol=0), describe_difference(actual, expected)
+        largest_change = max(largest_change, float(((default - expected).abs() / expected.abs()).max()))
+    assert largest_change > 0.1, largest_change  # the option matters on this corpus
+
+
+def test_the_table_is_printed_on_rank_0_only(tmp_path, capsys, monkeypatch, model_dirs, corpus_file, factors_dir):
+    """Every rank runs the command; only rank 0 prints the top sequences (RANK, as torchrun sets it)."""
+    args = ["--quiet", "self-influence", "--model", model_dirs["llama"], "--factors", factors_dir, "--corpus", corpus_file,
+            "--max-length", MAX_LENGTH, "--token-scores-top", "none"]
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        code, out, err = run_cli(capsys, *args, "--out", tmp_path / f"rank{rank}")
+        assert code == 0, err
+        assert ("training sequences by self-influence" in out) == printed, (rank, out)
+        assert (tmp_path / f"rank{rank}" / "self_influence.parquet").is_file()

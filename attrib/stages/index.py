@@ -117,7 +117,7 @@ def whitened_low_rank(curvature: LayerCurvature, a: torch.Tensor, g: torch.Tenso
     W = (Q_Sᵀ G Q_A) ⊘ √(Λ + λ), G = Σ_t g_t a_tᵀ, with W ≈ L Rᵀ (rank 0: full).
 
     `a` [b, seq, d_in] and `g` [b, seq, d_out] are matched and zero at padding. The rotation goes
-    whichever way is cheaper for the batch's length, as in attrib.self_influence_stage.
+    whichever way is cheaper for the batch's length, as in attrib.stages.self_influence.
     """
     from attrib.preconditioned_gradients import low_rank
 
