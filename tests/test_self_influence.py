@@ -327,15 +327,3 @@ def test_damping_options_set_the_damping_the_scores_use(tmp_path, capsys, model_
         assert torch.allclose(actual, expected, rtol=1e-4, atol=0), describe_difference(actual, expected)
         largest_change = max(largest_change, float(((default - expected).abs() / expected.abs()).max()))
     assert largest_change > 0.1, largest_change  # the option matters on this corpus
-
-
-def test_the_table_is_printed_on_rank_0_only(tmp_path, capsys, monkeypatch, model_dirs, corpus_file, factors_dir):
-    """Every rank runs the command; only rank 0 prints the top sequences (RANK, as torchrun sets it)."""
-    args = ["--quiet", "self-influence", "--model", model_dirs["llama"], "--factors", factors_dir, "--corpus", corpus_file,
-            "--max-length", MAX_LENGTH, "--token-scores-top", "none"]
-    for rank, printed in (("1", False), ("0", True)):
-        monkeypatch.setenv("RANK", rank)
-        code, out, err = run_cli(capsys, *args, "--out", tmp_path / f"rank{rank}")
-        assert code == 0, err
-        assert ("training sequences by self-influence" in out) == printed, (rank, out)
-        assert (tmp_path / f"rank{rank}" / "self_influence.parquet").is_file()
