@@ -405,7 +405,7 @@ def test_cli_cg_writes_parts_and_records_residuals(tmp_path, capsys, model_dirs,
     assert any(name.startswith("query_gradients-") for name in manifest["files"])
     for flags, fragment in (
         (["--solve-iterations", "3"], "--solver cg only"),
-        (["--solver", "cg", "--solve-iterations", "-1"], "--solve-iterations must be 0 or more"),
+        (["--solver", "cg", "--solve-iterations", "-1"], "--solve-iterations -1 must be at least 0"),
         (["--solver", "cg", "--solve-tokens", "0"], "--solve-tokens"),
         (["--solver", "newton"], "--solver newton is not one of"),
     ):
