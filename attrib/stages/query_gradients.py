@@ -40,6 +40,7 @@ class QuerySettings:
     solver: str = "ekfac"  # or "cg": refine H⁻¹∇L_q by CG on the damped Gauss-Newton system (attrib.solve)
     solve_iterations: int = 0
     solve_tokens: int = DEFAULT_SOLVE_TOKENS
+    solve_system: str = "gauss-newton"  # the curvature CG solves (attrib.solve.SYSTEMS); internal, no option yet
 
     @property
     def solves(self) -> bool:
@@ -120,16 +121,16 @@ def _cg_solver(lm, tokenizer, layers, curvature, settings: QuerySettings, world,
     """The CGSolver of `settings`: the first `solve_tokens` tokens of the solve corpus, chunked like the fit."""
     import torch
 
-    from attrib.solve import CGSolver, GaussNewton, SolveSample
+    from attrib.solve import SYSTEMS, CGSolver, SolveSample
 
     compute = torch.promote_types(next(lm.parameters()).dtype, torch.float32)
-    gauss_newton = None
+    product = None
     if settings.solves:
         sample = SolveSample.read(sample_spec, tokenizer, factors_manifest["settings"]["max_length"],
                                   settings.solve_tokens)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        gauss_newton = GaussNewton(lm, layers, sample, settings.tokens_per_batch, pad_id, world.device)
-    return CGSolver(curvature, gauss_newton, settings.solve_iterations, world.device, compute)
+        product = SYSTEMS[settings.solve_system](lm, layers, sample, settings.tokens_per_batch, pad_id, world.device)
+    return CGSolver(curvature, product, settings.solve_iterations, world.device, compute)
 
 
 def _compute_query_gradients(stage, lm, tokenizer, layers, factors, queries, settings: QuerySettings, world, record,
@@ -160,6 +161,8 @@ def _compute_query_gradients(stage, lm, tokenizer, layers, factors, queries, set
         extra = {}
         if settings.solver == "cg":
             extra["solve"] = {"solver": "cg", "iterations": settings.solve_iterations,
+                              "system": settings.solve_system,
+                              "factors_fisher": factors_manifest["settings"].get("fisher"),
                               "corpus": sample_spec.source if sample_spec is not None else None,
                               **solve_records([stage.file(name) for name in parts])}
         stage.complete(

@@ -51,6 +51,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from attrib.options import DEFAULT_DAMPING_SCALE  # noqa: E402
+from attrib.solve import DEFAULT_SYSTEM  # noqa: E402
 from attrib.storage import load_tensors, tensor_metadata, write_tensors  # noqa: E402
 
 import lds  # noqa: E402
@@ -172,6 +174,13 @@ DEFAULTS_GRID = [
 ]
 
 
+# lds.py's synthetic kits, and the plain one with a model small enough for the dense references
+# (hidden 16: 6,144 tracked weights, so the dense GN and empirical Fisher are 6,144²)
+SYNTHETIC_KITS = {"plain": ("plain", lds.MODEL), "distractors": ("distractors", lds.MODEL),
+                  "plain-h16": ("plain", {"hidden": 16, "layers": 2, "vocab": 320, "steps": 300, "batch_size": 16,
+                                        "lr": 3e-3})}
+
+
 @dataclass
 class Dense:
     """Float64 dense quantities over all tracked weights: document gradients D [docs, P], query gradients
@@ -226,20 +235,23 @@ def cg_iterates(system, precondition, b: list[torch.Tensor], checkpoints: tuple[
     return out, residuals
 
 
-def cg_solve(att: Attributor, solve_tokens: int, checkpoints: tuple[int, ...], damping_scale: float = 0.1) -> dict:
-    """Scores [Q, docs] of EK-FAC + k CG steps on (G_sample + λ_l) x = ∇L_q for each k of `checkpoints`
-    (one PCG run, EK-FAC true-Fisher factors as preconditioner, attrib's λ_l = c × mean(Λ_l)), the mean
-    relative residuals and the solve's cost; cached in the work directory (a solve takes minutes)."""
+def cg_solve(att: Attributor, solve_tokens: int, checkpoints: tuple[int, ...], fisher: str = "empirical",
+             system: str = DEFAULT_SYSTEM, damping_scale: float = DEFAULT_DAMPING_SCALE) -> dict:
+    """Scores [Q, docs] of EK-FAC + k CG steps on (C_sample + λ_l) x = ∇L_q for each k of `checkpoints`
+    (one PCG run, EK-FAC factors of `fisher` as preconditioner, C the sample's `system`, attrib's
+    λ_l = c × mean(Λ_l)), the mean relative residuals and the solve's cost; cached in the work
+    directory (a solve takes minutes)."""
     from attrib.curvature import load_curvature
-    from attrib.solve import CGSolver, GaussNewton, SolveSample
+    from attrib.solve import SYSTEMS, CGSolver, SolveSample
 
-    path = att.work / (f"cg-{att.record['fingerprint'][:12]}-t{solve_tokens}-c{damping_scale:g}-"
+    factors, product = att.fit("ekfac", fisher), SYSTEMS[system]
+    path = att.work / (f"cg-{att.record['fingerprint'][:12]}-{fisher}-{system}-t{solve_tokens}-c{damping_scale:g}-"
                        + "-".join(map(str, checkpoints)) + ".safetensors")
     if path.is_file():
         return _read_cg_result(path)
-    curvature = load_curvature(str(att.fit("ekfac", "true")), att.layers, None, damping_scale=damping_scale)
+    curvature = load_curvature(str(factors), att.layers, None, damping_scale=damping_scale)
     sample = SolveSample.read(att.corpus, att.tokenizer, MAX_LENGTH, solve_tokens)
-    solver = CGSolver(curvature, GaussNewton(att.model, att.layers, sample, 4096, att.pad_id, "cpu"), 1, "cpu",
+    solver = CGSolver(curvature, product(att.model, att.layers, sample, 4096, att.pad_id, "cpu"), 1, "cpu",
                       torch.float64)
     V, slices = att.query_gradients(), att.layer_slices()
     b = [V[:, s].reshape(-1, layer.d_out, layer.d_in_folded) for s, layer in zip(slices, att.layers)]
@@ -247,16 +259,20 @@ def cg_solve(att: Attributor, solve_tokens: int, checkpoints: tuple[int, ...], d
     iterates, residuals = cg_iterates(solver._system, solver._precondition, b, checkpoints)
     seconds = time.perf_counter() - t0
     D = att.doc_matrix(att.gradients(att.sequences)[0])
-    result = {"scores": {k: torch.cat([xl.reshape(xl.shape[0], -1) for xl in x], dim=1) @ D.T
-                         for k, x in iterates.items()},
+    result = {"scores": {k: _flat(x) @ D.T for k, x in iterates.items()},
               "residuals": residuals.mean(1).tolist(),
               "dampings": [curvature.damping_of(i) for i in range(len(att.layers))],
-              "cost": {"solve_tokens": sample.tokens, "solve_sequences": sample.sequences,
-                       "iterations": max(checkpoints), "gn_products": max(checkpoints) + 1,
-                       "seconds": round(seconds, 1), "seconds_per_gn_product": round(seconds / (max(checkpoints) + 1), 2)}}
+              "cost": {"system": system, "solve_tokens": sample.tokens, "solve_sequences": sample.sequences,
+                       "iterations": max(checkpoints), "products": max(checkpoints) + 1,
+                       "seconds": round(seconds, 1), "seconds_per_product": round(seconds / (max(checkpoints) + 1), 2)}}
     write_tensors(path, {f"scores.{k}": scores for k, scores in result["scores"].items()},
                   {key: json.dumps(result[key]) for key in ("residuals", "dampings", "cost")})
     return result
+
+
+def _flat(per_layer: list[torch.Tensor]) -> torch.Tensor:
+    """Per layer [Q, d_out, d_in(+1)] → [Q, P] (row-major per layer, the dense order)."""
+    return torch.cat([x.reshape(x.shape[0], -1) for x in per_layer], dim=1)
 
 
 def _read_cg_result(path: Path) -> dict:
@@ -266,28 +282,72 @@ def _read_cg_result(path: Path) -> dict:
     return {"scores": dict(sorted(scores.items())), **{key: json.loads(value) for key, value in metadata.items()}}
 
 
-def cg_entries(att: Attributor, dense: Dense, solve_tokens: int, checkpoints: tuple[int, ...],
-               damping_scale: float = 0.1) -> tuple[list, np.ndarray, dict]:
-    """(row metadata, scores) per CG checkpoint, the dense exact reference with the same λ_l (GN over
-    the whole corpus), and the solve's cost and residuals."""
-    solve = cg_solve(att, solve_tokens, checkpoints, damping_scale)
-    tokens = solve["cost"]["solve_tokens"]
-    entries = []
+def cg_entries(att: Attributor, dense: Dense | None, solve_tokens: int, checkpoints: tuple[int, ...],
+               fisher: str = "empirical") -> tuple[list, np.ndarray | None, dict]:
+    """(row metadata, scores) per CG checkpoint of attrib's own solve (`cg_solve`) at the default damping,
+    the dense exact reference with the same system and λ_l (whole corpus; None without `dense`), and the
+    solve's cost and residuals. Each row is compared with EK-FAC of the same factors (its x₀)."""
+    solve = cg_solve(att, solve_tokens, checkpoints, fisher)
+    tokens, system = solve["cost"]["solve_tokens"], solve["cost"]["system"]
+    entries, first = [], None
     for k, scores in sorted(solve["scores"].items()):
-        label = "EK-FAC (CG x₀)" if k == 0 else f"EK-FAC + CG, {k} iteration{'s' if k > 1 else ''}"
+        label = f"EK-FAC ({fisher})" if k == 0 else f"EK-FAC ({fisher}) + CG on {system}, {k} iteration{'s' if k > 1 else ''}"
+        first = first or label
         entries.append(({"setting": f"{label}, solve sample {tokens} tokens", "strategy": "cg", "iterations": k,
-                         "solve_tokens": tokens, "fisher": "true", "damping_scale": damping_scale, "damping": None,
-                         "relative_residual": solve["residuals"][k]}, scores.numpy()))
-    reference = dense.influence(dense.gauss_newton, solve["dampings"])
-    return entries, reference, {**solve["cost"], "mean_relative_residual": solve["residuals"]}
+                         "solve_tokens": tokens, "fisher": fisher, "system": system,
+                         "damping_scale": DEFAULT_DAMPING_SCALE, "damping": None,
+                         "relative_residual": solve["residuals"][k], "versus": f"{first}, solve sample {tokens} tokens"},
+                        scores.numpy()))
+    reference = None
+    if dense is not None:
+        reference = dense.influence(dense.gauss_newton if system == "gauss-newton" else dense.empirical, solve["dampings"])
+    return entries, reference, {**solve["cost"], "fisher": fisher, "mean_relative_residual": solve["residuals"]}
+
+
+def dense_cg_entries(att: Attributor, dense: Dense, checkpoints: tuple[int, ...],
+                     damping_scale: float = DEFAULT_DAMPING_SCALE) -> list:
+    """(row metadata, scores) of PCG on the dense whole-corpus systems, for each fitted Fisher (the
+    preconditioner, x₀ and λ_l = c × mean(Λ_l)) and each system (the K-label Gauss-Newton estimate and
+    the empirical Fisher), iterates k of `checkpoints` from attrib.solve.preconditioned_cg, and each
+    system's exact damped inverse: which curvature CG should solve, and whether solving it hurts."""
+    from attrib.curvature import load_curvature
+
+    b = [dense.V[:, s].reshape(-1, layer.d_out, layer.d_in_folded) for s, layer in zip(dense.slices, att.layers)]
+    split = lambda X: [X[:, s].reshape(-1, l.d_out, l.d_in_folded) for s, l in zip(dense.slices, att.layers)]  # noqa: E731
+    entries = []
+    for fisher in ("empirical", "true"):
+        curvature = load_curvature(str(att.fit("ekfac", fisher)), att.layers, None, damping_scale=damping_scale)
+        dampings = [curvature.damping_of(i) for i in range(len(att.layers))]
+        precondition = lambda xs, curvature=curvature: [curvature[i].inverse_times(x) for i, x in enumerate(xs)]  # noqa: E731
+        baseline = f"EK-FAC ({fisher}), c={damping_scale:g}"
+        entries.append(({"setting": baseline, "strategy": "ekfac", "fisher": fisher, "damping_scale": damping_scale,
+                         "damping": None, "versus": baseline}, (_flat(precondition(b)) @ dense.D.T).numpy()))
+        for system, F in (("gauss-newton", dense.gauss_newton), ("empirical-fisher", dense.empirical)):
+            A = F.clone()
+            for s, damping in zip(dense.slices, dampings):
+                torch.diagonal(A)[s] += damping
+            iterates, residuals = cg_iterates(lambda xs, A=A: split(_flat(xs) @ A), precondition, b, checkpoints)
+            meta = {"strategy": "cg-dense", "fisher": fisher, "system": system, "damping_scale": damping_scale,
+                    "damping": None, "versus": baseline, "reference": (fisher, system)}
+            entries.append(({**meta, "setting": f"  exact dense {system} inverse, same λ_l", "strategy": "exact"},
+                            dense.influence(F, dampings)))
+            for k in checkpoints:
+                if k:
+                    entries.append(({**meta, "setting": f"  + CG on dense {system}, {k} iteration{'s' if k > 1 else ''}",
+                                     "iterations": k, "relative_residual": float(residuals[k].mean())},
+                                    (_flat(iterates[k]) @ dense.D.T).numpy()))
+    return entries
 
 
 def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: int, jobs: int,
              grid=DEFAULTS_GRID, exact_samples: int = 0, cg_tokens: tuple[int, ...] = (),
-             cg_checkpoints: tuple[int, ...] = (0, 1, 3, 10, 30)) -> dict:
+             cg_checkpoints: tuple[int, ...] = (0, 1, 3, 10, 30), cg_fishers: tuple[str, ...] = ("empirical",),
+             cg_dense: bool = False) -> dict:
     """LDS of every row of `grid` with bootstrap intervals, per query kind, and against the first row;
     with exact_samples > 0 also the dense exact references' LDS (the ceiling of any better solve at this
-    size) and each row's agreement with the reference of its Fisher and damping scale."""
+    size) and each row's agreement with the reference of its Fisher and damping scale. CG rows (attrib's
+    solve for each of `cg_tokens` × `cg_fishers`; with `cg_dense` PCG on the dense systems) are compared
+    with EK-FAC of the same factors at the same damping (paired interval)."""
     started = time.perf_counter()
     subsets = lds.subset_models(att, setup, work, num_models, jobs)
     train_seconds = time.perf_counter() - started
@@ -299,7 +359,7 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
     score_seconds = time.perf_counter() - t0
     entries = [({"setting": label, "strategy": strategy, "fisher": fisher, "damping_scale": scale, "damping": damping},
                 scores) for (label, strategy, fisher, scale, damping), scores in zip(grid, all_scores)]
-    exact_seconds, references, cg_costs = None, {}, []
+    exact_seconds, references, cg_costs, dense = None, {}, [], None
     if exact_samples:
         t0 = time.perf_counter()
         dense = Dense.of(att, exact_samples)
@@ -309,25 +369,29 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
             name = f"GN, K={exact_samples} labels" if fisher == "true" else "empirical Fisher"
             entries.append(({"setting": f"exact dense {name}, c={c:g}", "strategy": "exact", "fisher": fisher,
                              "damping_scale": c, "damping": None}, scores))
-        for tokens in cg_tokens:
-            cg, reference, cost = cg_entries(att, dense, tokens, cg_checkpoints)
-            references[("cg", tokens)] = reference
-            entries += [({**meta, "reference": ("cg", tokens)}, scores) for meta, scores in cg]
-            if tokens == cg_tokens[0]:
-                entries.append(({"setting": f"exact dense GN, K={exact_samples} labels, attrib's λ_l (c=0.1)",
-                                 "strategy": "exact", "fisher": "true", "damping_scale": 0.1, "damping": None},
-                                reference))
+        if cg_dense:
+            for meta, scores in dense_cg_entries(att, dense, cg_checkpoints):
+                if meta["strategy"] == "exact":
+                    references[meta["reference"]] = scores
+                entries.append((meta, scores))
+    for tokens in cg_tokens:
+        for fisher in cg_fishers:
+            cg, reference, cost = cg_entries(att, dense, tokens, cg_checkpoints, fisher)
+            if reference is not None:
+                references[("cg", fisher, tokens)] = reference
+                cg = [({**meta, "reference": ("cg", fisher, tokens)}, scores) for meta, scores in cg]
+            entries += cg
             cg_costs.append(cost)
-            log(f"  CG solve on {tokens} tokens: {cost}")
-    rows, baseline = [], None
+            log(f"  CG solve ({fisher} factors) on {tokens} tokens: {cost}")
+    rows, per_setting = [], {}
     for meta, scores in entries:
         row = {**meta, **lds.lds(scores, masks, actual, kinds)}
         per_query = np.array(row["per_query"])
+        per_setting[meta["setting"]] = per_query
         row["ci"] = bootstrap(per_query)
         for kind in sorted(set(kinds)):
             row[f"{kind}_ci"] = bootstrap(per_query[[k == kind for k in kinds]])
-        if baseline is None:
-            baseline = per_query
+        baseline = per_setting[meta.get("versus", entries[0][0]["setting"])]
         row["delta"] = float((per_query - baseline).mean())
         row["delta_ci"] = bootstrap(per_query - baseline)
         reference = meta.pop("reference", (meta["fisher"], meta["damping_scale"] if meta["strategy"] != "identity" else 0.1))
@@ -369,7 +433,7 @@ def cached_synthetic_rows(path: Path) -> list[list]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kit", default="fortunes", help="fortunes, or lds.py's synthetic plain / distractors")
+    parser.add_argument("--kit", default="fortunes", help=f"fortunes, or a synthetic kit: {', '.join(SYNTHETIC_KITS)}")
     parser.add_argument("--arch", default="llama")
     parser.add_argument("--fortunes", default=None, help="the fortune files (pkg/usr/share/games/fortunes)")
     parser.add_argument("--docs", type=int, default=RealSetup.docs)
@@ -384,8 +448,11 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=str(default_work()),
                         help="cache of models, subset models and factors (default $ATTRIB_CACHE_DIR/eval)")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--cg-tokens", default="", help="with --exact: EK-FAC + CG rows for these solve sample "
-                        "sizes (--solve-tokens), e.g. 2048,8192")
+    parser.add_argument("--cg-tokens", default="", help="EK-FAC + CG rows (attrib's solve, default damping) for "
+                        "these solve sample sizes (--solve-tokens), e.g. 2048,262144")
+    parser.add_argument("--cg-fisher", default="empirical", help="the factors of those rows: empirical, true or both")
+    parser.add_argument("--cg-dense", action="store_true", help="with --exact: CG on the dense whole-corpus GN and "
+                        "empirical-Fisher systems from either factors, and their exact inverses (default damping)")
     parser.add_argument("--cg-iterations", default="0,1,3,10,30", help="CG iteration counts read from one run")
     parser.add_argument("--only-cg", action="store_true", help="with --cg-tokens: only the CG rows and their "
                         "reference (EK-FAC is CG's x₀), not the defaults grid")
@@ -404,14 +471,16 @@ def main(argv=None) -> int:
         att = Attributor(build_realtext(setup, Path(args.fortunes), work), work)
         kinds = ["held-out"] * len(att.queries)
     else:
-        setup = Setup(arch=args.arch, **lds.CORPORA[args.kit], **lds.MODEL)
+        corpus, model = SYNTHETIC_KITS[args.kit]
+        setup = Setup(arch=args.arch, **lds.CORPORA[corpus], **model)
         att = Attributor(build_setup(setup, work), work)
         kinds = ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
     log(f"LDS ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
     result = {"kit": args.kit, **evaluate(att, setup, work, kinds, args.models, args.jobs, exact_samples=args.exact,
                                           grid=[] if args.only_cg else DEFAULTS_GRID,
                                           cg_tokens=tuple(int(t) for t in args.cg_tokens.split(",") if t),
-                                          cg_checkpoints=tuple(int(k) for k in args.cg_iterations.split(",")))}
+                                          cg_checkpoints=tuple(int(k) for k in args.cg_iterations.split(",")),
+                                          cg_fishers=tuple(args.cg_fisher.split(",")), cg_dense=args.cg_dense)}
     table = []
     for row in result["rows"]:
         per_kind = " / ".join(f"{row[k]:.3f} [{row[k + '_ci'][0]:.2f}, {row[k + '_ci'][1]:.2f}]"
@@ -419,7 +488,7 @@ def main(argv=None) -> int:
         table.append([row["setting"], f"{row['lds']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]", per_kind,
                       f"{row['delta']:+.3f} [{row['delta_ci'][0]:+.3f}, {row['delta_ci'][1]:+.3f}]",
                       row["agreement"]["pearson"] if "agreement" in row else "—"])
-    print(markdown_table(["setting", "LDS [95% CI]", " / ".join(sorted(set(kinds))), "Δ vs first row [95% CI]",
+    print(markdown_table(["setting", "LDS [95% CI]", " / ".join(sorted(set(kinds))), "Δ vs EK-FAC / first row [95% CI]",
                           "Pearson vs exact (same Fisher and c)"], table))
     print(f"\n{result['shapes']}, subset training {result['subset_training_seconds']} s, total {result['seconds']} s")
     write_json(args.out, {"evaluation": "lds-defaults", **result})
