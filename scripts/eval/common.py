@@ -27,7 +27,6 @@ from attrib.options import DEFAULT_DAMPING_SCALE
 from attrib.curvature import load_curvature
 from attrib.stages.fit import FitSettings, fit_factors
 from attrib.memory import DENSE_BYTES
-from attrib.runtime import configure
 from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.preconditioned_gradients import QueryGradients, compute_query_gradients
 from attrib.scoring import Scorer
@@ -36,7 +35,6 @@ from attrib.synthetic import (generate_fact_corpus, generic_queries, train_causa
                               write_fact_corpus)
 
 MAX_LENGTH = 128
-configure(quiet=True)
 
 
 @dataclass(frozen=True)

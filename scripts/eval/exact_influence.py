@@ -150,4 +150,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from attrib.runtime import session
+
+    with session(quiet=True):  # attrib's own progress lines would bury the script's
+        raise SystemExit(main())
