@@ -179,7 +179,7 @@ def main() -> None:
         paragraphs = read_paragraphs(args.text)
         candidate_texts = paragraphs[: args.candidates]
         fit_texts = paragraphs[args.candidates : args.candidates + args.fit_sequences]
-        query_texts = [p for p in paragraphs[args.candidates + args.fit_sequences :] if len(p.split()) >= 10]
+        query_texts = [p for p in paragraphs[args.candidates + args.fit_sequences :] if 10 <= len(p.split()) <= 60]
         query_texts = query_texts[: args.queries]
     else:
         paragraphs = synthetic_texts(1500, 200, seed=2)
