@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -207,14 +208,15 @@ def main() -> None:
     print()
     print("| layer | d_out × d_in | c | (max Λ + λ) / λ | Λ entries < λ | float32 (attrib) | float64 on float32 factors |")
     print("|---|---|---|---|---|---|---|")
-    for (i, c), pairs in errors.items():
+    for (i, c), pairs in sorted(errors.items()):
         damping = default_damping(eigenvalues[i], c)
         spread = (float(eigenvalues[i].max()) + damping) / damping
         below = float((eigenvalues[i] < damping).double().mean())
         worst32, worst64 = max(p[0] for p in pairs), max(p[1] for p in pairs)
-        print(f"| {layers[i].name} | {layers[i].d_out} × {layers[i].d_in_folded} | {c:g} | {spread:.2e} | {below:.1%} | "
+        print(f"| {layers[i].name} | {layers[i].d_out} × {layers[i].d_in_folded} | {c:g} | {spread:.2e} | {below:.2%} | "
               f"**{worst32:.1e}** | {worst64:.1e} |")
     print("\n(error: ‖P − P_ref‖_F / ‖P_ref‖_F, the worst of the queries; P_ref in float64 from float64 eigenvectors)")
+    shutil.rmtree(work)
 
 
 if __name__ == "__main__":
