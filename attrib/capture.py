@@ -1,8 +1,8 @@
 """Hooks that hand each tracked layer's inputs `a` and output gradients `g` to a consumer.
 
-The model's weights stay frozen; the input embeddings are made to require grad so
-that backward reaches every tracked layer without computing any weight gradient
-(that is the costly half of a plain backward that attrib never needs).
+The model's weights stay frozen; each tracked layer's input is made to require grad, so
+that backward reaches every tracked layer without computing any weight gradient (that
+is the costly half of a plain backward that attrib never needs) and stops there.
 Inputs get the bias column of ones appended; padded positions are zeroed in both
 `a` and `g`, so they contribute nothing to any statistic or score.
 """
@@ -125,9 +125,8 @@ class Capture:
 
     def __enter__(self) -> Capture:
         self._handles.append(self.model.register_forward_pre_hook(lambda module, args: self._new_forward()))
-        embeddings = self.model.get_input_embeddings()
-        self._handles.append(embeddings.register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
         for index, layer in enumerate(self.layers):
+            self._handles.append(layer.module.register_forward_pre_hook(_backward_stops_at_input))
             self._handles.append(layer.module.register_forward_hook(self._forward_hook(index, layer)))
         return self
 
@@ -139,6 +138,16 @@ class Capture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+def _backward_stops_at_input(module, args) -> None:
+    """Make a tracked layer's input require grad unless something below it already does.
+
+    Backward then starts its way down at the lowest tracked layers' inputs: it never runs
+    through the blocks below them (block 0's attention for MLP layers) nor the embeddings.
+    """
+    if not args[0].requires_grad:
+        args[0].requires_grad_(True)
 
 
 class _LabelNLL(torch.autograd.Function):

@@ -2,7 +2,7 @@
 """Benchmark influence scoring against a plain forward+backward of the same candidate tokens (issue 5).
 
 One process, one random-init Llama-style model of realistic width (built from a config,
-saved, loaded with attrib's loader), a synthetic corpus in a temp JSONL:
+saved, loaded with attrib's loader), a synthetic corpus (or `--text`: real paragraphs) in a temp JSONL:
 
 1. fit EK-FAC factors on `--fit-sequences` sequences (not timed here; see bench_fit.py)
    or use `--strategy identity` (the scoring cost does not depend on the strategy);
@@ -20,6 +20,8 @@ Peak RSS per configuration: VmHWM after resetting it (/proc/self/clear_refs = 5)
 
     python scripts/bench_query.py           # default, a few minutes on 2 cores
     python scripts/bench_query.py --quick   # under a minute
+    python scripts/bench_query.py --hidden 96 --intermediate 256 --layers 2 --heads 6 --vocab 512 --queries 40 \
+        --q-values 40 --ranks 0 --corr-ranks 32 --candidates 1000 --text /usr/share/common-licenses  # issue 22's narrow model
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from attrib.synthetic import train_tokenizer  # noqa: E402
 from bench_corpus import synthetic_texts  # noqa: E402
+from bench_precision import read_paragraphs  # noqa: E402
 
 
 def write_jsonl(path: Path, rows) -> None:
@@ -63,20 +66,23 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def plain_forward_backward(model, batches) -> list[float]:
-    """Seconds per batch of forward + loss.backward() with every parameter requiring grad."""
+def plain_forward_backward(model, batches) -> tuple[list[float], float]:
+    """Wall seconds per batch of forward + loss.backward() with every parameter requiring grad, and the
+    process CPU seconds of all of them (with one thread, the figure a loaded machine does not inflate)."""
     from attrib.capture import summed_nll
 
     model.requires_grad_(True)
     times = []
+    cpu_started = time.process_time()
     for input_ids, mask, targets in batches:
         started = time.perf_counter()
         model.zero_grad(set_to_none=True)
         summed_nll(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits, targets).backward()
         times.append(time.perf_counter() - started)
+    cpu = time.process_time() - cpu_started
     model.zero_grad(set_to_none=True)
     model.requires_grad_(False)
-    return times
+    return times, cpu
 
 
 def truncate(gradients, rank: int, queries: int):
@@ -97,8 +103,8 @@ def truncate(gradients, rank: int, queries: int):
     )
 
 
-def time_scoring(model, layers, gradients, sequence_batches, pad_id, tokens=True) -> tuple[float, float, "torch.Tensor"]:
-    """Seconds of Scorer.score over all candidate batches, peak RSS, and per-sequence scores [N, Q].
+def time_scoring(model, layers, gradients, sequence_batches, pad_id, tokens=True) -> tuple[float, float, float, "torch.Tensor"]:
+    """Wall and CPU seconds of Scorer.score over all candidate batches, peak RSS, and per-sequence scores [N, Q].
 
     `tokens=False` asks for document and layer scores only (each layer takes the cheaper contraction)."""
     import torch
@@ -109,12 +115,12 @@ def time_scoring(model, layers, gradients, sequence_batches, pad_id, tokens=True
     scorer.score(sequence_batches[0][:2], pad_id, "cpu")  # warm-up
     reset_peak_rss()
     totals = []
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for sequences in sequence_batches:
         _, per_layer = scorer.score(sequences, pad_id, "cpu", tokens=tokens)
         totals.append(per_layer.sum(-1))
-    elapsed = time.perf_counter() - started
-    return elapsed, peak_rss_mib(), torch.cat(totals)
+    elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu_started
+    return elapsed, cpu, peak_rss_mib(), torch.cat(totals)
 
 
 def rank_correlation(x, y) -> tuple[float, float]:
@@ -143,6 +149,9 @@ def main() -> None:
     parser.add_argument("--tokens-per-batch", type=int, default=4096)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on this shared 2-core machine 2 OpenMP threads are slower and noisier)")
+    parser.add_argument("--text", action="append", type=Path,
+                        help="real text (files or directories, e.g. /usr/share/common-licenses): its paragraphs are "
+                             "the candidates, fit texts and queries, instead of synthetic text")
     parser.add_argument("--quick", action="store_true", help="hidden 256, 16 candidates of 128 tokens, 4 queries")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args()
@@ -166,7 +175,19 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-query-"))
-    tokenizer = train_tokenizer(synthetic_texts(1500, 200, seed=2), args.vocab, work / "model")
+    if args.text:  # real paragraphs: candidates first, then fit texts, then queries (each text's two halves)
+        paragraphs = read_paragraphs(args.text)
+        candidate_texts = paragraphs[: args.candidates]
+        fit_texts = paragraphs[args.candidates : args.candidates + args.fit_sequences]
+        query_texts = [p for p in paragraphs[args.candidates + args.fit_sequences :] if 10 <= len(p.split()) <= 60]
+        query_texts = query_texts[: args.queries]
+    else:
+        paragraphs = synthetic_texts(1500, 200, seed=2)
+        words = int(args.seq_len * 0.4)  # ≈ one sequence of ≤ seq_len tokens per document
+        candidate_texts = synthetic_texts(args.candidates, words, seed=3)
+        fit_texts = synthetic_texts(args.fit_sequences, words, seed=4)
+        query_texts = synthetic_texts(args.queries, 30, seed=5)
+    tokenizer = train_tokenizer(paragraphs, args.vocab, work / "model")
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=intermediate, num_hidden_layers=args.layers,
         num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.seq_len,
@@ -181,13 +202,11 @@ def main() -> None:
     tracked = sum(layer.num_params for layer in layers)
     pad_id = tokenizer.pad_token_id
 
-    words = int(args.seq_len * 0.4)  # ≈ one sequence of ≤ seq_len tokens per document
-    write_jsonl(work / "candidates.jsonl",
-                ({"id": f"c{i}", "text": t} for i, t in enumerate(synthetic_texts(args.candidates, words, seed=3))))
-    write_jsonl(work / "fit.jsonl",
-                ({"id": f"f{i}", "text": t} for i, t in enumerate(synthetic_texts(args.fit_sequences, words, seed=4))))
-    query_texts = synthetic_texts(args.queries, 30, seed=5)
-    queries = [Query(f"q{i}", " ".join(t.split()[:20]), " " + " ".join(t.split()[20:])) for i, t in enumerate(query_texts)]
+    write_jsonl(work / "candidates.jsonl", ({"id": f"c{i}", "text": t} for i, t in enumerate(candidate_texts)))
+    write_jsonl(work / "fit.jsonl", ({"id": f"f{i}", "text": t} for i, t in enumerate(fit_texts)))
+    cuts = [min(20, len(t.split()) // 2) for t in query_texts]
+    queries = [Query(f"q{i}", " ".join(t.split()[:cut]), " " + " ".join(t.split()[cut:]))
+               for i, (t, cut) in enumerate(zip(query_texts, cuts))]
     write_jsonl(work / "queries.jsonl", (q.as_row() for q in queries))
 
     corpus = CorpusSpec(str(work / "candidates.jsonl"))
@@ -225,7 +244,8 @@ def main() -> None:
 
     plain_forward_backward(model, collated[:1])  # warm-up
     reset_peak_rss()
-    baseline_batches = [plain_forward_backward(model, collated)]
+    first_baseline, first_cpu = plain_forward_backward(model, collated)
+    baseline_batches, baseline_cpu = [first_baseline], [first_cpu]
     baseline_rss = peak_rss_mib()
     rows = []
     scores_by_rank = {}
@@ -234,19 +254,24 @@ def main() -> None:
         for q in q_values:
             gradients = truncate(full, rank, q)
             limit = args.full_batch_limit if rank == 0 and q >= 64 else len(sequence_batches)
-            for tokens in (True, False):
-                seconds, rss, scores = time_scoring(model, layers, gradients, sequence_batches[:limit], pad_id, tokens)
+            for per_token in (True, False):
+                seconds, cpu, rss, scores = time_scoring(model, layers, gradients, sequence_batches[:limit], pad_id,
+                                                         per_token)
                 effective = gradients.left[0].shape[-1]
                 if limit == len(sequence_batches):
                     scores_by_rank.setdefault(rank, scores)
-                rows.append({"q": q, "rank": rank, "effective_rank": effective, "seconds": seconds, "rss": rss,
-                             "batches": limit, "tokens": sum(len(s) for b in sequence_batches[:limit] for s in b),
-                             "path": "per token" if tokens else "documents only"})
-                print(f"  Q={q:3d} rank={rank or 'full'} {rows[-1]['path']}: {seconds:.2f} s on {limit} batch(es)",
-                      flush=True)
-    baseline_batches.append(plain_forward_backward(model, collated))
+                rows.append({"q": q, "rank": rank, "effective_rank": effective, "seconds": seconds, "cpu": cpu,
+                             "rss": rss, "batches": limit,
+                             "tokens": sum(len(s) for b in sequence_batches[:limit] for s in b),
+                             "path": "per token" if per_token else "documents only"})
+                print(f"  Q={q:3d} rank={rank or 'full'} {rows[-1]['path']}: {seconds:.2f} s "
+                      f"({cpu:.2f} s CPU) on {limit} batch(es)", flush=True)
+    last_baseline, last_cpu = plain_forward_backward(model, collated)
+    baseline_batches.append(last_baseline)
+    baseline_cpu.append(last_cpu)
     baseline = [sum(run) for run in baseline_batches]
     base = sum(baseline) / 2
+    base_cpu = sum(baseline_cpu) / 2
 
     def base_of(limit: int) -> float:
         return sum(sum(run[:limit]) for run in baseline_batches) / 2
@@ -256,10 +281,10 @@ def main() -> None:
     if 0 in scores_by_rank and scores_by_rank[0].shape[1] >= real:
         full_scores = scores_by_rank[0][:, :real]  # tiled runs start with the real queries
     else:
-        _, _, full_scores = time_scoring(model, layers, truncate(full, 0, real), sequence_batches, pad_id)
+        *_, full_scores = time_scoring(model, layers, truncate(full, 0, real), sequence_batches, pad_id)
     correlations = []
     for rank in [int(r) for r in args.corr_ranks.split(",")]:
-        _, _, low = time_scoring(model, layers, truncate(full, rank, real), sequence_batches, pad_id)
+        *_, low = time_scoring(model, layers, truncate(full, rank, real), sequence_batches, pad_id)
         per_query = [rank_correlation(low[:, q].double().numpy(), full_scores[:, q].double().numpy()) for q in range(real)]
         spearman = np.array([s for s, _ in per_query])
         pearson = np.array([p for _, p in per_query])
@@ -275,24 +300,31 @@ def main() -> None:
     score_settings = ScoreSettings(max_length=args.seq_len, tokens_per_batch=args.tokens_per_batch)
     stage = StageDir(work / "scores", "query", vars(score_settings), record, overwrite=True)
     reset_peak_rss()
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     score_documents_and_tokens(model, tokenizer, layers, gradients, corpus, stage, score_settings, World())
-    e2e_seconds = time.perf_counter() - started
+    e2e_seconds, e2e_cpu = time.perf_counter() - started, time.process_time() - cpu_started
     e2e_rss = peak_rss_mib()
 
     print()
     print(f"plain forward+backward of the candidates: {base:.2f} s (runs {baseline[0]:.2f} / {baseline[1]:.2f}), "
-          f"{tokens / base:.0f} tokens/s, peak RSS {baseline_rss:.0f} MiB; load avg {os.getloadavg()[0]:.1f}")
+          f"CPU {base_cpu:.2f} s (runs {baseline_cpu[0]:.2f} / {baseline_cpu[1]:.2f}), {tokens / base:.0f} tokens/s, "
+          f"peak RSS {baseline_rss:.0f} MiB; load avg {os.getloadavg()[0]:.1f}")
     print()
-    print("| Q | query rank | scores | candidate tokens | scoring s | fwd+bwd s | scoring / fwd+bwd | tokens/s | peak RSS (MiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("CPU ratio: process CPU seconds of scoring / of the plain forward+backward (load-independent with one "
+          "thread; with several threads the wall ratio is the figure). Its baseline is over all batches, so it is "
+          "given for rows timed on every batch.")
+    print()
+    print("| Q | query rank | scores | candidate tokens | scoring s | fwd+bwd s | scoring / fwd+bwd | CPU ratio | tokens/s "
+          "| peak RSS (MiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         rank = f"{row['rank']}" if row["rank"] else f"full ({row['effective_rank']})"
         row_base = base_of(row["batches"])
+        cpu_ratio = f"**{row['cpu'] / base_cpu:.2f}×**" if row["batches"] == len(sequence_batches) else "–"
         print(f"| {row['q']} | {rank} | {row['path']} | {row['tokens']} | {row['seconds']:.2f} | {row_base:.2f} | "
-              f"**{row['seconds'] / row_base:.2f}×** | {row['tokens'] / row['seconds']:.0f} | {row['rss']:.0f} |")
+              f"{row['seconds'] / row_base:.2f}× | {cpu_ratio} | {row['tokens'] / row['seconds']:.0f} | {row['rss']:.0f} |")
     print(f"| {e2e_q} | 32 | `attrib query`'s two passes (Parquet out, tokens of the top 100) | {tokens} | {e2e_seconds:.2f} | "
-          f"{base:.2f} | **{e2e_seconds / base:.2f}×** | {tokens / e2e_seconds:.0f} | {e2e_rss:.0f} |")
+          f"{base:.2f} | {e2e_seconds / base:.2f}× | {e2e_cpu / base_cpu:.2f}× | {tokens / e2e_seconds:.0f} | {e2e_rss:.0f} |")
     print()
     print(f"Agreement with full rank over {len(sequences)} candidate sequences, {real} queries "
           f"(per-query correlation; mean and worst query):")
@@ -302,7 +334,8 @@ def main() -> None:
     for rank, s_mean, s_min, p_mean, p_min, overlap in correlations:
         print(f"| {rank} | {s_mean:.3f} | {s_min:.3f} | {p_mean:.3f} | {p_min:.3f} | {overlap:.2f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "baseline": baseline_batches, "correlations": correlations,
+        Path(args.json).write_text(json.dumps({"rows": rows, "baseline": baseline_batches, "baseline_cpu": baseline_cpu,
+                                               "correlations": correlations,
                                                "e2e_seconds": e2e_seconds, "tokens": tokens}, indent=2, default=float))
 
 

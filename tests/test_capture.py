@@ -100,3 +100,49 @@ def test_gate_and_up_share_one_forward_handler_call(model_dirs, monkeypatch):
     monkeypatch.setattr(mlp, "forward", lambda x: mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x.clone())))
     with pytest.raises(InputError, match="layers.1.mlp.gate_proj and model.layers.1.mlp.up_proj do not read the same input"):
         capture.run(input_ids, mask, lambda logits: [logits.float().logsumexp(-1).sum()])
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "llama"])
+def test_backward_stops_at_the_lowest_tracked_input(model_dirs, arch):
+    """Tracking only the second block's layers: every g equals plain autograd's (embeddings requiring
+    grad, as before), exactly, while no module of the first block nor the embeddings runs backward."""
+    from attrib.capture import Capture
+    from attrib.models import find_tracked_layers, load_model
+
+    model, _ = load_model(str(model_dirs[arch]), "float32", "cpu")
+    layers = [layer for layer in find_tracked_layers(model) if ".1." in layer.name]
+    assert layers
+    input_ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, 4:] = 0
+    loss = lambda logits: [logits.float().logsumexp(-1).mul(mask).sum()]  # noqa: E731
+
+    outputs, handles = {}, []
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True)))
+
+    def keep_output(index, out):
+        out.retain_grad()
+        outputs[index] = out
+
+    for index, layer in enumerate(layers):
+        handles.append(layer.module.register_forward_hook(lambda m, i, out, index=index: keep_output(index, out)))
+    loss(model(input_ids=input_ids, attention_mask=mask).logits)[0].backward()
+    for handle in handles:
+        handle.remove()
+    expected = {index: out.grad * mask[..., None] for index, out in outputs.items()}
+
+    below = {}
+    embeddings = model.get_input_embeddings()
+
+    def record(name, out) -> None:  # a forward hook's return value would replace the output
+        below[name] = (out[0] if isinstance(out, tuple) else out).requires_grad
+
+    handles = [module.register_forward_hook(lambda m, i, out, name=name: record(name, out))
+               for name, module in model.named_modules() if ".0." in name or module is embeddings]
+    received = {}
+    Capture(model, layers, lambda i, a: None, lambda i, _, g: received.setdefault(i, g)).run(input_ids, mask, loss)
+    for handle in handles:
+        handle.remove()
+    assert below and not any(below.values()), [name for name, flag in below.items() if flag]
+    for index in expected:
+        torch.testing.assert_close(received[index], expected[index], rtol=0, atol=0)
