@@ -19,6 +19,8 @@ from attrib.strategies import STRATEGY
 
 DEFAULT_QUERY_RANK = 32
 DEFAULT_DAMPING_SCALE = 0.001  # × each layer's mean eigenvalue; chosen on real text (docs/benchmarks.md)
+# --solver cg without --solve-iterations: 3 reached the dense ceiling's LDS on real text, and more
+# iterations over a small sample over-solve (docs/benchmarks.md, "CG solve: LDS vs iterations")
 DEFAULT_SOLVE_ITERATIONS = 3
 DEFAULT_SOLVE_TOKENS = 262_144
 DEFAULT_HASH_FEATURES = 2**22

@@ -31,12 +31,6 @@ from attrib.errors import InputError
 from attrib.models import TrackedLayer
 from attrib.runtime import flag
 
-SOLVERS = ("ekfac", "cg")
-DEFAULT_SOLVE_TOKENS = 262_144
-# --solver cg without --solve-iterations: 3 reached the dense ceiling's LDS on real text, and more
-# iterations over a small sample over-solve (docs/benchmarks.md, "CG solve: LDS vs iterations")
-DEFAULT_SOLVE_ITERATIONS = 3
-
 
 @dataclass
 class SolveSample:
@@ -263,3 +257,53 @@ class CGSolver:
     def solve(self, gradients: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
         """(preconditioned gradients per layer, relative residuals [iterations + 1, Q])."""
         return preconditioned_cg(self._system, self._precondition, gradients, self.iterations)
+
+
+class CGRefinement:
+    """`--solver cg` in the query-gradients stage: what it needs from the factors, the solver of a run
+    (built on the first batch a process computes, so a resumed run with every part done, or a rank
+    with no batch, reads no sample) and what the manifest records."""
+
+    def __init__(self, settings, factors_manifest: dict):
+        if factors_manifest["settings"]["strategy"] == "identity":
+            raise InputError(f"{flag('solver', 'cg')} needs fitted curvature as its preconditioner and damping; "
+                             "these factors are 'identity': fit ekfac, kfac or diagonal factors")
+        self.settings, self.factors_manifest = settings, factors_manifest
+        self.sample_spec: CorpusSpec | None = None  # set by the stage when iterations run
+        self.built = None
+
+    def solver(self, lm, tokenizer, layers, curvature, world) -> CGRefinement:
+        self.build = lambda: self._cg_solver(lm, tokenizer, layers, curvature, world)
+        return self
+
+    def solve(self, gradients):
+        if self.built is None:
+            self.built = self.build()
+        return self.built.solve(gradients)
+
+    def sample_counts(self) -> dict:
+        return self.built.sample_counts()
+
+    def _cg_solver(self, lm, tokenizer, layers, curvature, world) -> CGSolver:
+        """The first `solve_tokens` tokens of the solve corpus, chunked like the fit, and CG over them."""
+        settings = self.settings
+        compute = torch.promote_types(next(lm.parameters()).dtype, torch.float32)
+        product = None
+        if settings.solves:
+            sample = SolveSample.read(self.sample_spec, tokenizer, self.factors_manifest["settings"]["max_length"],
+                                      settings.solve_tokens)
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            product = SYSTEMS[settings.solve_system](lm, layers, sample, settings.tokens_per_batch, pad_id,
+                                                     world.device)
+        return CGSolver(curvature, product, settings.solve_iterations, world.device, compute)
+
+    def record(self, part_paths: list) -> dict:
+        from attrib.preconditioned_gradients import solve_records
+
+        return {"solver": "cg", "iterations": self.settings.solve_iterations, "system": self.settings.solve_system,
+                "factors_fisher": self.factors_manifest["settings"].get("fisher"),
+                "corpus": self.sample_spec.source if self.sample_spec is not None else None,
+                **solve_records(part_paths)}
+
+
+REFINEMENTS = {"cg": CGRefinement}  # --solver ekfac refines nothing: H⁻¹∇L_q from the fitted curvature alone

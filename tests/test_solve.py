@@ -15,8 +15,8 @@ from attrib.distributed import World
 from attrib.stages.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
 from attrib.preconditioned_gradients import compute_query_gradients
+from attrib.options import DEFAULT_SOLVE_ITERATIONS
 from attrib.solve import (
-    DEFAULT_SOLVE_ITERATIONS,
     CGSolver,
     EmpiricalFisher,
     GaussNewton,
@@ -259,15 +259,17 @@ def test_default_iterations_equal_dense_pcg(setup):
 def test_query_stage_solves_the_recorded_system(setup, system):
     """The query stage's solver multiplies by the curvature its settings name (default Gauss-Newton):
     its 2-iteration result equals the dense PCG on that dense matrix + D, and not on the other one."""
-    from attrib.stages.query_gradients import QuerySettings, _cg_solver
+    from attrib.solve import CGRefinement
+    from attrib.stages.query_gradients import QuerySettings
     from attrib.storage import read_manifest
 
     layers = setup["layers"]
     settings = QuerySettings(solver="cg", solve_iterations=2, solve_tokens=SOLVE_TOKENS, solve_system=system)
     assert QuerySettings().solve_system == "gauss-newton"
     curvature = load_curvature(setup["factors"], layers, None)
-    solver = _cg_solver(setup["model"], setup["tokenizer"], layers, curvature, settings, World(),
-                        read_manifest(setup["factors"]), CorpusSpec(str(setup["corpus"])))
+    refinement = CGRefinement(settings, read_manifest(setup["factors"]))
+    refinement.sample_spec = CorpusSpec(str(setup["corpus"]))
+    solver = refinement.solver(setup["model"], setup["tokenizer"], layers, curvature, World())
     b = _query_gradients(setup)
     actual = _flat(solver.solve(_split(b, layers))[0])
     diagonal = torch.diag(torch.cat([torch.full((l.d_out * l.d_in_folded,), curvature.damping_of(i), dtype=torch.float64)

@@ -65,6 +65,14 @@ def queries_digest(queries) -> str:
     return hashlib.sha256(json.dumps([q.as_row() for q in queries], sort_keys=True).encode()).hexdigest()
 
 
+def refinement_of(settings: QuerySettings, factors_manifest: dict):
+    """The solver that refines EK-FAC's H⁻¹∇L_q (attrib.solve.REFINEMENTS), None for EK-FAC alone."""
+    from attrib.solve import REFINEMENTS
+
+    refine = REFINEMENTS.get(settings.solver)
+    return None if refine is None else refine(settings, factors_manifest)
+
+
 def solve_corpus_of(factors_manifest: dict, given: str | None, fallback: str | None = None):
     """The CorpusSpec of the CG sample: `given` (--solve-corpus), else the corpus the factors were
     fitted on (as their manifest records it), else `fallback` (query's --corpus). It is read with the
@@ -88,7 +96,7 @@ def run_query_gradients(out, model_spec: str, lm, tokenizer, layers, factors: st
                         solve_corpus: str | None = None, solve_fallback: str | None = None) -> dict:
     """Compute, precondition and compress every query's gradient into `out`; returns its manifest.
 
-    With `settings.solver == "cg"` the sample comes from `solve_corpus`, else the fit's corpus, else
+    A refining solver (`--solver cg`) reads its sample from `solve_corpus`, else the fit's corpus, else
     `solve_fallback` (see `solve_corpus_of`)."""
     from attrib.data import chat_format, check_chat_agrees
     from attrib.models import model_record
@@ -96,55 +104,32 @@ def run_query_gradients(out, model_spec: str, lm, tokenizer, layers, factors: st
 
     factors_manifest = open_input(factors, "fit-factors", option=flag("factors"))
     strategy = factors_manifest["settings"]["strategy"]
-    if settings.solver == "cg" and strategy == "identity":
-        raise InputError(f"{flag('solver', 'cg')} needs fitted curvature as its preconditioner and damping; these "
-                         "factors are 'identity': fit ekfac, kfac or diagonal factors")
+    refinement = refinement_of(settings, factors_manifest)
     chat = chat_format(tokenizer, settings.chat_template).identity()
     check_chat_agrees(factors_manifest, chat, flag("factors", factors))
     recorded = {**asdict(settings), "strategy": strategy, "chat": chat}
     inputs = {"factors": input_identity(factors), "queries_sha256": queries_digest(queries)}
-    sample_spec = None
-    if settings.solves:
-        sample_spec = solve_corpus_of(factors_manifest, solve_corpus, solve_fallback)
-        inputs["solve_corpus"] = input_identity(sample_spec.source)
+    if refinement is not None and settings.solves:
+        refinement.sample_spec = solve_corpus_of(factors_manifest, solve_corpus, solve_fallback)
+        inputs["solve_corpus"] = input_identity(refinement.sample_spec.source)
     record = record or model_record(model_spec, lm, layers)
     stage = world.main_first(lambda is_main: StageDir(out, "query-gradients", recorded, record, inputs, overwrite and is_main))
     if stage.already_complete:
         return read_manifest(out)
     with stage.guard():
-        _compute_query_gradients(stage, lm, tokenizer, layers, factors, queries, settings, world, record,
-                                 factors_manifest, sample_spec)
+        _compute_query_gradients(stage, lm, tokenizer, layers, factors, queries, settings, world, record, refinement)
     return read_manifest(out)
 
 
-def _cg_solver(lm, tokenizer, layers, curvature, settings: QuerySettings, world, factors_manifest, sample_spec):
-    """The CGSolver of `settings`: the first `solve_tokens` tokens of the solve corpus, chunked like the fit."""
-    import torch
-
-    from attrib.solve import SYSTEMS, CGSolver, SolveSample
-
-    compute = torch.promote_types(next(lm.parameters()).dtype, torch.float32)
-    product = None
-    if settings.solves:
-        sample = SolveSample.read(sample_spec, tokenizer, factors_manifest["settings"]["max_length"],
-                                  settings.solve_tokens)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        product = SYSTEMS[settings.solve_system](lm, layers, sample, settings.tokens_per_batch, pad_id, world.device)
-    return CGSolver(curvature, product, settings.solve_iterations, world.device, compute)
-
-
 def _compute_query_gradients(stage, lm, tokenizer, layers, factors, queries, settings: QuerySettings, world, record,
-                             factors_manifest, sample_spec):
+                             refinement):
     from attrib.curvature import Curvature
-    from attrib.preconditioned_gradients import iter_query_gradient_batches, part_name, save_part, solve_records
+    from attrib.preconditioned_gradients import iter_query_gradient_batches, part_name, save_part
     from attrib.storage import atomic_path
 
     curvature = Curvature(factors, layers, settings.damping, settings.damping_scale, record["fingerprint"])
     owns = lambda number: world.owns(number) and not stage.has(part_name(number))  # noqa: E731
-    solver = None
-    if settings.solver == "cg":
-        solver = _LazySolver(lambda: _cg_solver(lm, tokenizer, layers, curvature, settings, world, factors_manifest,
-                                                sample_spec))
+    solver = None if refinement is None else refinement.solver(lm, tokenizer, layers, curvature, world)
     batches = iter_query_gradient_batches(
         lm, tokenizer, layers, queries, curvature, settings.query_rank, settings.max_length, settings.tokens_per_batch,
         settings.queries_per_batch, world.device, owns=owns, solver=solver,
@@ -158,13 +143,7 @@ def _compute_query_gradients(stage, lm, tokenizer, layers, factors, queries, set
             tmp.write_text("".join(json.dumps(q.as_row()) + "\n" for q in queries), encoding="utf-8")
         dampings = {layer.name: curvature.damping_of(index) for index, layer in enumerate(layers)}
         parts = stage.parts("query_gradients-*.safetensors")
-        extra = {}
-        if settings.solver == "cg":
-            extra["solve"] = {"solver": "cg", "iterations": settings.solve_iterations,
-                              "system": settings.solve_system,
-                              "factors_fisher": factors_manifest["settings"].get("fisher"),
-                              "corpus": sample_spec.source if sample_spec is not None else None,
-                              **solve_records([stage.file(name) for name in parts])}
+        extra = {} if refinement is None else {"solve": refinement.record([stage.file(name) for name in parts])}
         stage.complete(
             {"queries": len(queries), "layers": len(layers),
              "rendered_conversations": any(q.messages is not None for q in queries)},
@@ -175,24 +154,6 @@ def _compute_query_gradients(stage, lm, tokenizer, layers, factors, queries, set
             **extra,
         )
     world.barrier()
-
-
-class _LazySolver:
-    """Builds the solver (reading the sample) on the first batch this process computes, so a resumed
-    run with every part done, or a rank with no batch, reads no sample."""
-
-    def __init__(self, build):
-        self.build, self.solver = build, None
-
-    def solve(self, gradients):
-        if self.solver is None:
-            self.solver = self.build()
-        return self.solver.solve(gradients)
-
-    def sample_counts(self) -> dict:
-        return self.solver.sample_counts()
-
-
 
 
 def tracked_layers_of_factors(lm, model_spec: str, factors: str):
