@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 from attrib.errors import AttribError, InputError, RunError  # noqa: E402
 
-API = ("StageResult", "fit_factors", "prefilter", "query", "query_gradients", "self_influence", "index")
+API = ("StageResult", "combine", "fit_factors", "prefilter", "query", "query_gradients", "self_influence", "index")
 __all__ = ["AttribError", "InputError", "RunError", *API]
 
 

@@ -163,3 +163,19 @@ query_gradients = _stage_function("query-gradients")
 query = _stage_function("query")
 self_influence = _stage_function("self-influence")
 index = _stage_function("index")
+
+
+def combine(scores, out: str | Path, *, weights: str | list[float] = "equal", overwrite: bool = False) -> StageResult:
+    """Combine the query scores of several checkpoints into `out` (attrib.stages.combine).
+
+    `scores`: `attrib query` directories or results; `weights` as `attrib combine --weights`:
+    "equal", "lr" or one number per input; normalised to sum to 1.
+    """
+    from attrib.stages.combine import run_combine
+    from attrib.storage import stage_finished
+
+    if isinstance(scores, (str, os.PathLike, StageResult)):
+        scores = [scores]
+    finished = stage_finished(out) and not overwrite
+    manifest = run_combine([_stage_path(s, "scores") for s in scores], out, weights, overwrite)
+    return StageResult(Path(out), manifest, finished)

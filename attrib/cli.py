@@ -13,7 +13,7 @@ import sys
 import typer
 
 from attrib import __version__, runtime
-from attrib.commands import demo, inspect, report, stages
+from attrib.commands import combine, demo, inspect, report, stages
 from attrib.errors import AttribError, InputError
 
 app = typer.Typer(
@@ -26,6 +26,7 @@ app = typer.Typer(
 )
 app.command("inspect")(inspect.inspect_model)
 stages.register(app)  # fit-factors, prefilter, query-gradients, query, self-influence: from attrib.options
+app.command("combine")(combine.combine)
 app.command("report")(report.report)
 app.command("top")(report.top)
 app.command("demo")(demo.demo)

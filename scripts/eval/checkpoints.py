@@ -1,0 +1,263 @@
+"""LDS of influence across checkpoints (issue 21): the final checkpoint alone against 2, 4 and 8 combined.
+
+The kit's full-data model is retrained with its recipe and seed, saving checkpoint-N folders at 1/8 … 8/8
+of its steps (the last is checked to be bit-identical to the kit's model), each with a Hugging Face
+Trainer-style trainer_state.json: the learning rate logged after every step, as the Trainer logs it.
+From each checkpoint, attrib's default EK-FAC scores (empirical Fisher, c = 0.001, query rank 32) with
+its own factors, or with the final checkpoint's factors (then each extra checkpoint costs only its query
+pass). They are combined as `attrib combine` combines them (weights normalised to sum 1): equal; lr, the
+learning rate logged at the checkpoint (TracIn; what `--weights lr` reads); and, for comparison, the
+mean learning rate over the segment of steps each checkpoint ends.
+
+LDS: lds.py's protocol and subset models (cached under --work; M subset models, seed 1000 + j); 95%
+bootstrap intervals over queries, Δ paired against the final checkpoint alone. Cost: seconds of factor
+fits and query scoring over the checkpoints a row uses (one thread, float64 as the other evaluations).
+The 4-checkpoint equal ensemble is also run end to end as a user runs it — attrib.fit_factors,
+attrib.query (--keep-all-scores) and attrib.combine on the checkpoint folders, float32 — and its LDS is
+printed beside the float64 row.
+
+    python scripts/eval/checkpoints.py --kit plain --out scripts/eval/results/checkpoints-plain.json
+    python scripts/eval/checkpoints.py --kit fortunes --fortunes pkg/usr/share/games/fortunes --hidden 16 \
+        --models 50 --out scripts/eval/results/checkpoints-fortunes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import lds  # noqa: E402
+from common import MAX_LENGTH, Attributor, Setup, build_setup, default_work, log, markdown_table, write_json  # noqa: E402
+from realtext import RealSetup, bootstrap, build_realtext  # noqa: E402
+
+FRACTIONS = 8  # checkpoints at k/8 of the steps; the 4- and 2-checkpoint sets are subsets of these
+
+
+def checkpoint_steps(steps: int, count: int) -> list[int]:
+    return [round(steps * k / count) for k in range(1, count + 1)]
+
+
+def train_with_checkpoints(setup, setup_dir: Path, out: Path) -> list[Path]:
+    """The kit's training run (attrib.synthetic.train_causal_lm's loop, same seed) saving checkpoint-N folders."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM
+
+    from attrib.synthetic import _model_config, _padded_batch
+
+    saves = checkpoint_steps(setup.steps, FRACTIONS)
+    folders = [out / f"checkpoint-{step}" for step in saves]
+    if all((f / "trainer_state.json").is_file() for f in folders):
+        return folders
+    tokenizer = AutoTokenizer.from_pretrained(setup_dir / "tokenizer")
+    with open(setup_dir / "corpus.jsonl", encoding="utf-8") as handle:
+        texts = [json.loads(line)["text"] for line in handle]
+    torch.manual_seed(setup.seed)
+    model = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}[setup.arch](
+        _model_config(setup.arch, tokenizer, setup.hidden, setup.layers, MAX_LENGTH))
+    encoded = [(ids + [tokenizer.eos_token_id])[:MAX_LENGTH]
+               for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, betas=(0.9, 0.98), weight_decay=0.0)
+    warmup, steps = max(1, setup.steps // 20), setup.steps
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    order_generator = torch.Generator().manual_seed(setup.seed)
+    order: list[int] = []
+    history = []
+    model.train()
+    for step in range(1, steps + 1):
+        if len(order) < setup.batch_size:
+            order += torch.randperm(len(encoded), generator=order_generator).tolist()
+        batch_indices, order = order[:setup.batch_size], order[setup.batch_size:]
+        loss = model(**_padded_batch([encoded[i] for i in batch_indices], tokenizer.pad_token_id)).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        history.append({"step": step, "learning_rate": schedule.get_last_lr()[0], "loss": loss.item()})
+        if step in saves:
+            folder = out / f"checkpoint-{step}"
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": steps,
+                                                                   "log_history": history}))
+    return folders
+
+
+def check_final_is_the_kit_model(final: Path, kit_model: Path) -> None:
+    from safetensors.torch import load_file
+
+    ours, theirs = load_file(final / "model.safetensors"), load_file(kit_model / "model.safetensors")
+    if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in ours):
+        raise SystemExit(f"retrained {final} differs from the kit's model {kit_model}")
+
+
+def _fit_costs(directory: Path) -> dict:
+    """Seconds of each checkpoint's first factor fit (later runs read the cached factors)."""
+    path = directory / "fit-seconds.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def segment_mean_lr(folders: list[Path], used: list[int]) -> list[float]:
+    """Mean logged learning rate over the steps since the previous used checkpoint (from step 0 for the first)."""
+    history = json.loads((folders[-1] / "trainer_state.json").read_text())["log_history"]
+    steps = [json.loads((folders[i] / "trainer_state.json").read_text())["global_step"] for i in used]
+    bounds = [0] + steps
+    return [float(np.mean([h["learning_rate"] for h in history if lo < h["step"] <= hi]))
+            for lo, hi in zip(bounds, bounds[1:])]
+
+
+def end_to_end(att: Attributor, folders: list[Path], work: Path) -> tuple[np.ndarray, dict]:
+    """attrib.fit_factors, attrib.query and attrib.combine on the checkpoint folders, as a user runs them."""
+    import pyarrow.parquet as pq
+
+    import attrib
+
+    corpus, queries = str(att.setup_dir / "corpus.jsonl"), str(att.setup_dir / "queries.jsonl")
+    costs, scores = {"fit": 0.0, "query": 0.0}, []
+    for folder in folders:
+        root = work / "pipeline" / folder.parent.name / folder.name
+        t0 = time.perf_counter()
+        factors = attrib.fit_factors(str(folder), corpus, root / "factors", id_field="id", max_length=MAX_LENGTH)
+        costs["fit"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores.append(attrib.query(str(folder), factors, queries, corpus, root / "scores", id_field="id",
+                                   max_length=MAX_LENGTH, keep_all_scores=True, token_scores_top="none"))
+        costs["query"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    combined = attrib.combine(scores, work / "pipeline" / folders[0].parent.name / f"combined-{len(folders)}",
+                              overwrite=True)
+    costs["combine"] = time.perf_counter() - t0
+    table = pq.read_table(combined.out / "documents.parquet").to_pylist()
+    query_index = {q.query_id: i for i, q in enumerate(att.queries)}
+    matrix = np.zeros((len(att.queries), len(att.doc_ids)))
+    for row in table:
+        matrix[query_index[row["query_id"]], att.doc_index[row["doc_id"]]] = row["score"]
+    return matrix, {k: round(v, 1) for k, v in costs.items()}
+
+
+def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: int, jobs: int) -> dict:
+    started = time.perf_counter()
+    subsets = lds.subset_models(att, setup, work, num_models, jobs)
+    masks = np.array([np.isin(att.doc_ids, s["docs"]) for s in subsets], dtype=float)
+    actual = np.array([s["log_probs"] for s in subsets])
+    folders = train_with_checkpoints(setup, att.setup_dir, work / f"checkpoints-{att.setup_dir.name}")
+    check_final_is_the_kit_model(folders[-1], att.setup_dir / "model")
+    from attrib.stages.combine import checkpoint_state
+
+    checkpoints = [Attributor(att.setup_dir, work, model_dir=folder) for folder in folders]
+    factors, cost_fit, fit_costs = [], [], _fit_costs(folders[0].parent)
+    for folder, checkpoint in zip(folders, checkpoints):
+        t0 = time.perf_counter()
+        factors.append(checkpoint.fit("ekfac", "empirical"))
+        fit_costs.setdefault(folder.name, round(time.perf_counter() - t0, 2))  # the first (uncached) fit's time
+        cost_fit.append(fit_costs[folder.name])
+    (folders[0].parent / "fit-seconds.json").write_text(json.dumps(fit_costs))
+    own, reused, cost_own, cost_reuse = [], [], [], []
+    for folder, checkpoint, own_factors, fit_seconds in zip(folders, checkpoints, factors, cost_fit):
+        t0 = time.perf_counter()
+        own.append(checkpoint.scores(own_factors, rank=lds.DEFAULT_RANK))
+        cost_own.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        reused.append(checkpoint.scores(factors[-1], rank=lds.DEFAULT_RANK))
+        cost_reuse.append(time.perf_counter() - t0)
+        log(f"  {folder.name}: fit {fit_seconds:.1f} s, scores {cost_own[-1]:.1f} s")
+    learning_rates = [checkpoint_state(f)["learning_rate"] for f in folders]
+    sets = {1: [FRACTIONS - 1], 2: [FRACTIONS // 2 - 1, FRACTIONS - 1],
+            4: list(range(1, FRACTIONS, 2)), 8: list(range(FRACTIONS))}
+
+    def combined(scores, used, weights):
+        weights = np.asarray(weights, dtype=float) / np.sum(weights)
+        return sum(w * scores[i] for w, i in zip(weights, used))
+
+    def row(label, used, weighting="equal", factors="own"):
+        scores = own if factors == "own" else reused
+        weights = {"equal": [1.0] * len(used), "lr": [learning_rates[i] for i in used],
+                   "lr (segment mean)": segment_mean_lr(folders, used)}[weighting]
+        if factors == "own":
+            seconds = sum(cost_fit[i] + cost_own[i] for i in used)
+        else:
+            seconds = cost_fit[-1] + sum(cost_reuse[i] for i in used)
+        return {"setting": label, "checkpoints": [folders[i].name for i in used], "weighting": weighting,
+                "factors": factors, "weights": [round(w / sum(weights), 4) for w in weights],
+                "scores": combined(scores, used, weights), "seconds": round(seconds, 1)}
+
+    grid = [row("final checkpoint alone", sets[1]),
+            row("earliest of the 4 (25 %) alone", [sets[4][0]])]
+    for n in (2, 4, 8):
+        grid.append(row(f"{n} checkpoints, equal", sets[n]))
+    for n in (4, 8):
+        grid.append(row(f"{n} checkpoints, lr", sets[n], "lr"))
+        grid.append(row(f"{n} checkpoints, lr (segment mean)", sets[n], "lr (segment mean)"))
+    for n in (2, 4, 8):
+        grid.append(row(f"{n} checkpoints, equal, final checkpoint's factors", sets[n], factors="final"))
+    pipeline_scores, pipeline_costs = end_to_end(att, [folders[i] for i in sets[4]], work)
+    grid.append({"setting": "4 checkpoints, equal: attrib fit-factors + query + combine (float32)",
+                 "checkpoints": [folders[i].name for i in sets[4]], "weighting": "equal", "factors": "own",
+                 "scores": pipeline_scores, "seconds": round(sum(pipeline_costs.values()), 1),
+                 "pipeline_costs": pipeline_costs})
+    rows, baseline = [], None
+    for entry in grid:
+        scores = entry.pop("scores")
+        result = {**entry, **lds.lds(scores, masks, actual, kinds)}
+        per_query = np.array(result["per_query"])
+        baseline = per_query if baseline is None else baseline
+        result.update(ci=bootstrap(per_query), delta=float((per_query - baseline).mean()),
+                      delta_ci=bootstrap(per_query - baseline))
+        rows.append(result)
+        log(f"  {entry['setting']}: LDS {result['lds']:.3f} [{result['ci'][0]:.3f}, {result['ci'][1]:.3f}], "
+            f"Δ {result['delta']:+.3f} [{result['delta_ci'][0]:+.3f}, {result['delta_ci'][1]:+.3f}], "
+            f"{entry['seconds']} s")
+    return {"setup": setup.__dict__, "shapes": att.shapes(), "num_models": num_models,
+            "checkpoint_steps": checkpoint_steps(setup.steps, FRACTIONS), "learning_rates": learning_rates,
+            "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--kit", default="plain", help="lds.py's synthetic plain / distractors, or fortunes")
+    parser.add_argument("--arch", default="llama")
+    parser.add_argument("--fortunes", default=None, help="the fortune files (see realtext.py's docstring)")
+    parser.add_argument("--hidden", type=int, default=None, help="fortunes: model width (default RealSetup's)")
+    parser.add_argument("--models", type=int, default=50, help="M, the number of subset models")
+    parser.add_argument("--jobs", type=int, default=1, help="subset models trained at once (one thread each)")
+    parser.add_argument("--work", default=str(default_work()), help="cache of models, subset models and factors")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    work = Path(args.work)
+    if args.kit == "fortunes":
+        if not args.fortunes:
+            parser.error("--kit fortunes needs --fortunes DIR")
+        setup = RealSetup(arch=args.arch, hidden=args.hidden or RealSetup.hidden)
+        att = Attributor(build_realtext(setup, Path(args.fortunes), work), work)
+        kinds = ["held-out"] * len(att.queries)
+    else:
+        setup = Setup(arch=args.arch, **lds.CORPORA[args.kit], **lds.MODEL)
+        att = Attributor(build_setup(setup, work), work)
+        kinds = ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
+    log(f"checkpoints ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
+    result = {"evaluation": "lds-checkpoints", "kit": args.kit, **evaluate(att, setup, work, kinds, args.models,
+                                                                           args.jobs)}
+    table = [[r["setting"], f"{r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]",
+              " / ".join(f"{r[k]:.3f}" for k in sorted(set(kinds))),
+              f"{r['delta']:+.3f} [{r['delta_ci'][0]:+.3f}, {r['delta_ci'][1]:+.3f}]", f"{r['seconds']:.1f}"]
+             for r in result["rows"]]
+    print(markdown_table(["setting", "LDS [95% CI]", " / ".join(sorted(set(kinds))),
+                          "Δ vs final alone [95% CI]", "cost (s)"], table))
+    print(f"\n{result['shapes']}, checkpoints at steps {result['checkpoint_steps']}, learning rates logged there "
+          f"{[f'{lr:.2e}' for lr in result['learning_rates']]}, total {result['seconds']} s")
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
