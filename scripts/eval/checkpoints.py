@@ -32,11 +32,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import lds  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-import lds  # noqa: E402
-from common import MAX_LENGTH, Attributor, Setup, build_setup, default_work, log, markdown_table, write_json  # noqa: E402
+from common import (MAX_LENGTH, Attributor, Setup, build_setup, default_work, log,  # noqa: E402
+                    markdown_table, write_json)
 from realtext import RealSetup, bootstrap, build_realtext  # noqa: E402
 
 FRACTIONS = 8  # checkpoints at k/8 of the steps; the 4- and 2-checkpoint sets are subsets of these
