@@ -18,8 +18,8 @@ from tests.conftest import TEXTS, run_cli, write_jsonl
 from tests.test_query import QUERIES, oracle_scores
 
 LEARNING_RATES = {"ckpt-10": 3e-3, "ckpt-20": 1e-3}
-SCORE_OPTIONS = dict(max_length=24, damping_scale=0.1, query_rank=0, keep_all_scores=True, token_scores_top="all",
-                     docs_per_part=5)
+SCORE_OPTIONS = {"max_length": 24, "damping_scale": 0.1, "query_rank": 0, "keep_all_scores": True,
+                 "token_scores_top": "all", "docs_per_part": 5}
 
 
 def trainer_state(directory, step: int, learning_rate: float) -> None:
@@ -100,7 +100,8 @@ def test_weights_applied_as_stated_against_dense_oracle(tmp_path, checkpoints, w
     runs = checkpoints["runs"]
     result = attrib.combine([runs["ckpt-10"]["scores"], runs["ckpt-20"]["scores"]], tmp_path / "c", weights=weights)
     assert [r["weight"] for r in result.manifest["combine"]] == pytest.approx(expected, rel=1e-12)
-    oracle = {key: sum(w * runs[name]["oracle"][key] for w, name in zip(expected, runs)) for key in runs["ckpt-10"]["oracle"]}
+    oracle = {key: sum(w * runs[name]["oracle"][key] for w, name in zip(expected, runs))
+              for key in runs["ckpt-10"]["oracle"]}
     scale = max(abs(v) for v in oracle.values())
     table = documents(tmp_path / "c")
     assert len(table) == len(oracle)

@@ -147,7 +147,8 @@ def _check_complete_table(path: Path) -> None:
     scored = int(np.sum(pq.read_table(path / SUMMARY, columns=["documents"])["documents"].to_numpy()))
     if rows < scored:
         raise InputError(f"SCORES_DIR {path} keeps only each query's most positive and negative documents "
-                         f"({rows:,} of {scored:,} scores); rerun `attrib query` with --keep-all-scores or --candidates")
+                         f"({rows:,} of {scored:,} scores); rerun `attrib query` with --keep-all-scores or "
+                         "--candidates")
 
 
 def _content(value):

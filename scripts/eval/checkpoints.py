@@ -35,8 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lds  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import (MAX_LENGTH, Attributor, Setup, build_setup, default_work, log,  # noqa: E402
-                    markdown_table, write_json)
+from common import MAX_LENGTH, Attributor, Setup, build_setup, default_work, log, markdown_table, write_json  # noqa: E402, E501
 from realtext import RealSetup, bootstrap, build_realtext  # noqa: E402
 
 FRACTIONS = 8  # checkpoints at k/8 of the steps; the 4- and 2-checkpoint sets are subsets of these
@@ -66,8 +65,10 @@ def train_with_checkpoints(setup, setup_dir: Path, out: Path) -> list[Path]:
                for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, betas=(0.9, 0.98), weight_decay=0.0)
     warmup, steps = max(1, setup.steps // 20), setup.steps
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    def factor(step: int) -> float:  # train_causal_lm's warm-up and cosine decay
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     order_generator = torch.Generator().manual_seed(setup.seed)
     order: list[int] = []
     history = []
