@@ -6,11 +6,13 @@ from typing import Annotated
 
 import typer
 
+from attrib.options import OUT, RunOptions, help_of
+
 ScoresDirs = Annotated[list[str], typer.Argument(
     help="Output directories of `attrib query` at different checkpoints (same queries, candidates, corpus and "
          "chunking; run query with --keep-all-scores or --candidates).", show_default=False)]
-Out = Annotated[str, typer.Option("--out", "-o", help="Output stage directory (rerun to resume).")]
-Overwrite = Annotated[bool, typer.Option(help="Start over in --out instead of resuming.")]
+Out = Annotated[str, typer.Option(*OUT.flags, help=OUT.help)]
+Overwrite = Annotated[bool, typer.Option(help=help_of(RunOptions, "overwrite"))]
 Weights = Annotated[str, typer.Option(
     help="equal (their mean), lr (each checkpoint's learning rate from the trainer_state.json of the model "
          "directory it was scored with; TracIn) or one number per SCORES_DIR, e.g. 3e-4,1e-4; normalised to sum 1.")]
