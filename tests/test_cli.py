@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import run_cli
 
-COMMANDS = ["inspect", "fit-factors", "prefilter", "query-gradients", "query", "self-influence", "report", "top", "demo"]
+COMMANDS = ["inspect", "fit-factors", "prefilter", "query-gradients", "query", "self-influence", "index", "combine", "report",
+            "top", "demo"]
 
 
 def test_help_lists_every_stage_without_importing_torch():
