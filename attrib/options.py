@@ -1,8 +1,8 @@
 """Every option of attrib's stages, defined once: its type, default, help and check.
 
 One dataclass per concern (model, corpus, batching, run, fit, damping, solve, query
-gradients, scores, prefilter). A stage offers the groups `STAGES` lists for it; the commands'
-flags (attrib.commands.stage_command) and the API's keywords (attrib.api) are generated from
+gradients, scores, prefilter, index). A stage offers the groups `STAGES` lists for it; the commands'
+flags (attrib.commands.stages) and the API's keywords (attrib.api) are generated from
 them, so a new option is written here once and appears in both. Checks raise `InputError`
 naming the option in the caller's words (`--max-length` or `max_length=`; attrib.runtime.flag).
 
