@@ -41,8 +41,16 @@ def _after_self_influence(result) -> None:
     print_table(top_rows(scores, 5, [q["id"] for q in scores.queries]))
 
 
+def _after_index(result) -> None:
+    from attrib.progress import message
+
+    manifest = result.manifest
+    message(f"{manifest.get('counts', {}).get('sequences', 0):,} sequences indexed ({manifest.get('representation')}, "
+            f"{manifest.get('bytes_per_sequence', 0):,} bytes each) in {result.out}")
+
+
 AFTER = {"fit-factors": _after_fit, "query-gradients": _after_query_gradients, "query": _after_query,
-         "self-influence": _after_self_influence}
+         "self-influence": _after_self_influence, "index": _after_index}
 
 
 def _parameter(name: str, kind, flags: tuple[str, ...], help: str, default=inspect.Parameter.empty):
