@@ -646,11 +646,10 @@ def score_from_index(model, index_dir: str, queries: str | None, out, *, options
                      top_k: int | None = None) -> StageResult:
     """`attrib query --index` (every indexed sequence scored) or, with `top_k`, `attrib prefilter --index`
     (each query's top K as candidates): the queries' gradients with the index's factors, then the scores."""
-    from attrib.data import default_max_length
     from attrib.options import ScoreOptions
     from attrib.runtime import borrowed_model
     from attrib.stages.query import DOCUMENTS_TOP
-    from attrib.stages.query_gradients import QuerySettings, batching, checked_queries, tracked_layers_of_factors
+    from attrib.stages.query_gradients import planned_queries, tracked_layers_of_factors
     from attrib.storage import open_input, read_manifest, stage_finished
 
     scores = options.get(ScoreOptions)
@@ -658,13 +657,9 @@ def score_from_index(model, index_dir: str, queries: str | None, out, *, options
     finished = stage_finished(out) and not options.run.overwrite
     with borrowed_model(model, tokenizer, options.model) as (world, model_spec, lm, tokenizer):
         layers = tracked_layers_of_factors(lm, model_spec, factors)
-        max_length = options.batch.max_length or default_max_length(lm.config, tokenizer)
-        settings = QuerySettings.of(options, max_length, world.size)
-        query_list = None
-        if scores.query_gradients_dir is None:
-            query_list = checked_queries(queries, tokenizer, max_length, settings.chat_template)
-            settings.queries_per_batch, _ = batching(lm, layers, factors, len(query_list), settings.query_rank, None,
-                                                     settings, world)
+        given = scores.query_gradients_dir is not None
+        settings, query_list = planned_queries(lm, tokenizer, layers, factors, None if given else queries, options,
+                                               world)
         common = dict(world=world, overwrite=options.run.overwrite, query_gradients=scores.query_gradients_dir,
                       queries_source=queries)
         if top_k is None:

@@ -204,20 +204,30 @@ def batching(lm, layers, factors: str, queries: int, rank: int, budget: int | No
     )
 
 
+def planned_queries(lm, tokenizer, layers, factors: str, queries: str | None, options, world):
+    """(QuerySettings of the run, its checked queries): queries per batch fitted to the memory budget;
+    no queries (None) where computed query gradients are given."""
+    from attrib.data import default_max_length
+
+    max_length = options.batch.max_length or default_max_length(lm.config, tokenizer)
+    settings = QuerySettings.of(options, max_length, world.size)
+    if queries is None:
+        return settings, None
+    query_list = checked_queries(queries, tokenizer, max_length, settings.chat_template)
+    settings.queries_per_batch, _ = batching(lm, layers, factors, len(query_list), settings.query_rank,
+                                             options.run.memory_budget, settings, world)
+    return settings, query_list
+
+
 def run(model, factors: str, queries: str, out, *, options, tokenizer=None) -> StageResult:
     """The stage as `attrib.query_gradients` runs it: the model borrowed, the queries checked, then written."""
-    from attrib.data import default_max_length
     from attrib.runtime import borrowed_model
     from attrib.storage import stage_finished
 
     finished = stage_finished(out) and not options.run.overwrite
     with borrowed_model(model, tokenizer, options.model) as (world, model_spec, lm, tokenizer):
         layers = tracked_layers_of_factors(lm, model_spec, factors)
-        max_length = options.batch.max_length or default_max_length(lm.config, tokenizer)
-        settings = QuerySettings.of(options, max_length, world.size)
-        query_list = checked_queries(queries, tokenizer, max_length, settings.chat_template)
-        settings.queries_per_batch, _ = batching(lm, layers, factors, len(query_list), settings.query_rank,
-                                                 options.run.memory_budget, settings, world)
+        settings, query_list = planned_queries(lm, tokenizer, layers, factors, queries, options, world)
         manifest = run_query_gradients(out, model_spec, lm, tokenizer, layers, factors, query_list, settings, world,
                                        options.run.overwrite, solve_corpus=options.solve.solve_corpus)
         return StageResult(Path(out), manifest, finished, world.is_main)
