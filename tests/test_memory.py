@@ -117,19 +117,13 @@ def _ekfac_model(root: Path, tokenizer, hidden: int, intermediate: int):
     dense, free to build: the stages' memory does not depend on the values), 4 queries and an 8-document corpus;
     returns the directory and the shapes attrib.memory predicts from."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from attrib.models import find_tracked_layers, model_record
+    from attrib.models import model_record
     from attrib.storage import StageDir, save_tensors
+    from tests.memory_probe import saved_llama, write_query_inputs
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=64,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    layers = find_tracked_layers(model)
+    model, _, layers = saved_llama(root, tokenizer, hidden=hidden, intermediate=intermediate, blocks=2, heads=16,
+                                   context=64)
 
     def basis(size):
         return torch.eye(size)[torch.randperm(size)] * (torch.randint(0, 2, (size, 1)) * 2 - 1)
@@ -141,11 +135,7 @@ def _ekfac_model(root: Path, tokenizer, hidden: int, intermediate: int):
     save_tensors(stage.file("lambda.safetensors"),
                  {f"{l.name}.lambda": torch.rand(l.d_out, l.d_in_folded) + 0.5 for l in layers})
     stage.complete({}, ["eigen.safetensors", "lambda.safetensors"])
-    from tests.conftest import TEXTS
-
-    write_jsonl(root / "queries.jsonl", [{"id": f"q{i}", "prompt": TEXTS[i % 5][:15], "completion": TEXTS[i % 5][15:30]}
-                                         for i in range(4)])
-    write_jsonl(root / "corpus.jsonl", [{"text": " ".join(TEXTS[i % 5 : i % 5 + 2])} for i in range(8)])
+    write_query_inputs(root, 4)
     from attrib import memory
 
     return root, (memory.model_shape(model), memory.layer_shapes(layers))
@@ -155,12 +145,11 @@ def _start(args) -> subprocess.Popen:
     """`attrib ARGS` in a fresh process that prints its own peak RSS (VmHWM: see tests/memory_probe.py). glibc's
     mmap threshold is fixed at its initial 128 KiB, so that freed large tensors go back to the system rather than
     stay in the heap when the dynamic threshold has grown past them: the peak is then what was alive together."""
-    code = ("import re, sys\nfrom attrib.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    assert not e.code, e.code\n"
-            "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))")
+    from tests.memory_probe import PEAK_RSS_CODE
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "131072",
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.Popen([sys.executable, "-c", code, "--quiet", *map(str, args)], stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-c", PEAK_RSS_CODE, "--quiet", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
 

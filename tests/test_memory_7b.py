@@ -20,8 +20,6 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import TEXTS, write_jsonl
-
 # predicted / measured peak, measured 2026-12-05 (2 cores, torch 2.13): query-gradients 1.43 (3257 / 2273 MiB),
 # query 1.24 (2056 / 1657 MiB, after attrib.memory counted the dense P_q that scoring really keeps: 1.40 before)
 BAND = {"query-gradients": 1.55, "query": 1.35}
@@ -32,27 +30,18 @@ TOKENS_PER_BATCH = 256
 
 @pytest.fixture(scope="module")
 def one_block(tmp_path_factory, tokenizer):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from attrib.models import find_tracked_layers, model_record
+    from attrib.models import model_record
     from attrib.storage import StageDir, save_tensors
+    from tests.memory_probe import saved_llama, write_query_inputs
 
     root = tmp_path_factory.mktemp("llama7b-block")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=11008, num_hidden_layers=1,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=256,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    layers = find_tracked_layers(model)
+    model, config, layers = saved_llama(root, tokenizer, hidden=4096, intermediate=11008, blocks=1, heads=32,
+                                        context=256)
     stage = StageDir(root / "factors", "fit-factors", {"strategy": "diagonal"}, model_record("m", model, layers))
     save_tensors(stage.file("lambda.safetensors"),
                  {f"{l.name}.lambda": torch.rand(l.d_out, l.d_in_folded) + 0.5 for l in layers})
     stage.complete({}, ["lambda.safetensors"])
-    write_jsonl(root / "queries.jsonl", [{"id": f"q{i}", "prompt": TEXTS[i % 5][:15], "completion": TEXTS[i % 5][15:30]}
-                                         for i in range(QUERIES)])
-    write_jsonl(root / "corpus.jsonl", [{"text": " ".join(TEXTS[i % 5 : i % 5 + 2])} for i in range(8)])
+    write_query_inputs(root, QUERIES)
     num_parameters = sum(p.numel() for p in model.parameters())
     return {"root": root, "config": config, "layers": layers, "parameters": num_parameters}
 
@@ -63,11 +52,10 @@ def _peak_rss_bytes(args) -> int:
     VmHWM of the process's own address space: ru_maxrss would also count the RSS of this
     pytest process, which Linux carries into a child across fork and exec.
     """
-    code = ("import re, sys\nfrom attrib.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
-            "    assert not e.code, e.code\n"
-            "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))")
+    from tests.memory_probe import PEAK_RSS_CODE
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    done = subprocess.run([sys.executable, "-c", code, "--quiet", *map(str, args)], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", PEAK_RSS_CODE, "--quiet", *map(str, args)], capture_output=True, text=True,
                           env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
     return int(done.stdout.strip().splitlines()[-1]) * 1024
