@@ -148,6 +148,35 @@ def _documents_part_schema():
     )
 
 
+def documents_part(query_ids: np.ndarray, query: np.ndarray, doc_ids, doc_index: np.ndarray, layers: np.ndarray):
+    """A documents part table: one row per (query position, document) with its layer scores [n, L] and their sum;
+    `doc_ids` an Arrow string array of the rows' document ids."""
+    import pyarrow as pa
+
+    offsets = pa.array(np.arange(len(doc_index) + 1) * layers.shape[1], pa.int32())
+    return pa.Table.from_arrays(
+        [pa.array(query_ids[query], pa.string()), doc_ids, pa.array(doc_index, pa.int64()),
+         pa.array(layers.sum(1), pa.float64()), pa.ListArray.from_arrays(offsets, pa.array(layers.reshape(-1), pa.float64()))],
+        schema=_documents_part_schema(),
+    )
+
+
+def summary_part(query_ids: np.ndarray, query: np.ndarray, scores: np.ndarray):
+    """A summary part table: per query, documents scored, Σ score, Σ score², Σ of the positive scores."""
+    size = len(query_ids)
+    return summary_table(query_ids, np.bincount(query, minlength=size), np.bincount(query, scores, minlength=size),
+                         np.bincount(query, scores**2, minlength=size),
+                         np.bincount(query, np.maximum(scores, 0), minlength=size))
+
+
+def summary_table(query_ids: np.ndarray, documents, sums, sum_squares, positive_sums):
+    import pyarrow as pa
+
+    return pa.table({"query_id": pa.array(query_ids, pa.string()), "documents": pa.array(documents, pa.int64()),
+                     "sum": pa.array(sums, pa.float64()), "sum_squares": pa.array(sum_squares, pa.float64()),
+                     "positive_sum": pa.array(positive_sums, pa.float64())})
+
+
 class _PartScores:
     """The scores of one (query pass, corpus part): arrays of scored (sequence, query) pairs."""
 
@@ -194,31 +223,12 @@ class _PartScores:
         import pyarrow as pa
 
         query, doc_index, layers = self.documents()
-        scores = layers.sum(1)
-        size = len(self.query_ids)
-        summary = pa.table({
-            "query_id": pa.array(self.query_ids, pa.string()),
-            "documents": pa.array(np.bincount(query, minlength=size), pa.int64()),
-            "sum": pa.array(np.bincount(query, scores, minlength=size), pa.float64()),
-            "sum_squares": pa.array(np.bincount(query, scores**2, minlength=size), pa.float64()),
-            "positive_sum": pa.array(np.bincount(query, np.maximum(scores, 0), minlength=size), pa.float64()),
-        })
+        summary = summary_part(self.query_ids, query, layers.sum(1))
         if top > 0:
-            keep = _tails(query, doc_index, scores, top)
-            query, doc_index, layers, scores = query[keep], doc_index[keep], layers[keep], scores[keep]
-        doc_ids = np.array([self.doc_ids[i] for i in doc_index], dtype=object)
-        documents = pa.Table.from_arrays(
-            [
-                pa.array(self.query_ids[query], pa.string()),
-                pa.array(doc_ids, pa.string()),
-                pa.array(doc_index, pa.int64()),
-                pa.array(scores, pa.float64()),
-                pa.ListArray.from_arrays(pa.array(np.arange(len(scores) + 1) * self.num_layers, pa.int32()),
-                                         pa.array(layers.reshape(-1), pa.float64())),
-            ],
-            schema=_documents_part_schema(),
-        )
-        return documents, summary
+            keep = _tails(query, doc_index, layers.sum(1), top)
+            query, doc_index, layers = query[keep], doc_index[keep], layers[keep]
+        doc_ids = pa.array([self.doc_ids[i] for i in doc_index], pa.string())
+        return documents_part(self.query_ids, query, doc_ids, doc_index, layers), summary
 
     def tokens_table(self, part: Part):
         """One row per scored (query, chunk): the chunk's tokens, their offsets and per-token scores."""

@@ -236,6 +236,54 @@ def test_resume_after_a_kill_equals_an_uninterrupted_build(tmp_path, model_dirs,
     assert build_index(tmp_path / "b", "m", model, tokenizer, layers, factors, spec, settings) is None  # complete
 
 
+def test_kept_tails_equal_all_scores_and_resume_after_a_kill(tmp_path, model_dirs, corpus_file, monkeypatch):
+    """Scores kept as each query's top and bottom K (running tails over the shards, in groups of a few sequences)
+    are exactly the rows of all scores at those ranks, with the same summary; a pass killed after its first shard
+    resumes from the saved tails (that shard is not scored again) and ends with the same tables."""
+    import attrib.stages.index as stage
+
+    model, tokenizer, layers, factors = fitted(tmp_path, model_dirs["llama"], corpus_file)
+    build_index(tmp_path / "index", "m", model, tokenizer, layers, factors, CorpusSpec(str(corpus_file)),
+                index_settings(representation="lowrank", rank=2))  # 12 documents in 3 shards
+    monkeypatch.setattr(stage, "SCORES_BYTES", 8 * len(QUERIES) * len(layers) * 2)  # groups of 2 sequences
+
+    def scored(name, top):
+        score_index(tmp_path / name, str(tmp_path / "index"), "m", model, tokenizer, layers, QUERIES, query_settings(),
+                    IndexScoreSettings(documents_top=top))
+        return documents(tmp_path / name), pq.read_table(tmp_path / name / "summary.parquet").to_pylist()
+
+    every, every_summary = scored("all", 0)
+    tails, tails_summary = scored("tails", 2)
+    assert len(every) == 24 and len(tails) == 2 * 4
+    assert tails == {key: row for key, row in every.items() if row["rank"] <= 2 or row["rank"] >= 11}
+    assert len(tails_summary) == len(every_summary) == len(QUERIES)
+    for kept, whole in zip(tails_summary, every_summary):
+        assert kept["query_id"] == whole["query_id"] and kept["documents"] == whole["documents"] == 12
+        for column in ("mean", "std", "positive_sum"):
+            assert kept[column] == pytest.approx(whole[column], rel=1e-12, abs=1e-12), column
+
+    monkeypatch.setattr(stage, "TAILS_SAVE_SECONDS", 0)
+    original, calls = stage._score_shard, []
+
+    def dying(reader, name, *args, **kwargs):
+        calls.append(name)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        yield from original(reader, name, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "_score_shard", dying)
+    with pytest.raises(KeyboardInterrupt):
+        scored("resumed", 2)
+    assert list((tmp_path / "resumed" / "parts").glob("tails-q0000-r000.safetensors"))
+    calls.clear()
+    monkeypatch.setattr(stage, "_score_shard",
+                        lambda reader, name, *a, **k: (calls.append(name), original(reader, name, *a, **k))[1])
+    resumed, resumed_summary = scored("resumed", 2)
+    assert len(calls) == 2 and calls[0].endswith("p00001.safetensors")  # the first shard came from the saved tails
+    assert resumed == tails and resumed_summary == tails_summary
+    assert not list((tmp_path / "resumed").glob("parts"))  # parts are discarded once complete
+
+
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, model_dirs, corpus_file):
     """Factors of another model, dims or rank beyond a layer, an empty corpus: exit 2, one `error:` line, no --out.
     A changed corpus (or other settings) is refused on resume, and the index is left as it was; an index whose
@@ -319,9 +367,9 @@ def test_index_candidates_feed_query_unchanged(tmp_path, capsys, model_dirs, cor
 
 
 @pytest.mark.slow
-def test_two_processes_build_the_index_of_one(tmp_path, model_dirs, corpus_file):
-    """Under torchrun the ranks split the documents, each writing its own shards; scored in one process, the
-    two-process index gives the one-process index's scores (float32 arithmetic in batches of other sizes:
+def test_two_processes_build_and_score_the_index_of_one(tmp_path, model_dirs, corpus_file):
+    """Under torchrun the ranks split the documents, each writing its own shards; scored in one process or in
+    two (each rank its shards' tails), the two-process index gives the one-process index's scores (float32 arithmetic in batches of other sizes:
     agreement to 1e-5 of the largest score)."""
     import attrib
     from tests.test_distributed import attrib_command
@@ -344,7 +392,14 @@ def test_two_processes_build_the_index_of_one(tmp_path, model_dirs, corpus_file)
         result = attrib.query(str(model), None, [q.as_row() for q in QUERIES], None, tmp_path / f"scores{processes}",
                               index=out, keep_all_scores=True, max_length=MAX_LENGTH)
         scores[processes] = {(r["query_id"], r["doc_id"]): r["score"] for r in result.documents().to_pylist()}
+    queries = write_jsonl(tmp_path / "queries.jsonl", [q.as_row() for q in QUERIES])
+    scored = attrib_command(["query", "--model", model, "--index", tmp_path / "index2", "--queries", queries,
+                             "--out", tmp_path / "scored2", "--max-length", MAX_LENGTH], 2)
+    assert scored.returncode == 0, scored.stderr[-3000:]  # each rank keeps the tails of its own shards
+    scores["scored by 2"] = {(r["query_id"], r["doc_id"]): r["score"]
+                             for r in pq.read_table(tmp_path / "scored2" / "documents.parquet").to_pylist()}
     scale = max(abs(v) for v in scores[1].values())
-    assert scores[1].keys() == scores[2].keys() and len(scores[1]) == 24
-    for key, value in scores[1].items():
-        assert scores[2][key] == pytest.approx(value, abs=1e-5 * scale), key
+    for processes in (2, "scored by 2"):
+        assert scores[1].keys() == scores[processes].keys() and len(scores[1]) == 24
+        for key, value in scores[1].items():
+            assert scores[processes][key] == pytest.approx(value, abs=1e-5 * scale), key

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections import namedtuple
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -43,6 +42,7 @@ from attrib.options import DEFAULT_DAMPING_SCALE, parse_dims
 from attrib.progress import message, progress
 from attrib.results import StageResult
 from attrib.runtime import flag
+from attrib.scoring import PARTS_DIR, _write, documents_part, summary_part, summary_table
 from attrib.storage import StageDir
 
 STAGE = "index"
@@ -56,7 +56,9 @@ PROJECTIONS = ("random", "eigen")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                   "float64": torch.float64}
 SCORE_BLOCK_ELEMENTS = 2**24  # per layer, a block of sequences read and formed at once (W_n for lowrank)
-PASS_BYTES = 2**30  # queries per pass: their transformed gradients of every layer fit this
+PASS_BYTES = 2**30  # queries per pass: their query sides (QuerySide) fit this
+SCORES_BYTES = 2**28  # the float64 layer scores [sequences, q, L] of a group of a shard's sequences
+TAILS_SAVE_SECONDS = 60  # a pass's running tails are saved at most this often
 
 
 @dataclass
@@ -149,19 +151,40 @@ def kronecker_projection(projected_a: torch.Tensor, g: torch.Tensor, gradient_pr
     return torch.bmm((g @ gradient_projection).mT, projected_a)
 
 
-def query_transform(representation: str, preconditioned: torch.Tensor, transform) -> torch.Tensor:
-    """T(P) for query directions P [q, d_out, d_in], such that ⟨T(P), stored form of G⟩ stands for ⟨P, G⟩:
-    lowrank (Q_Sᵀ P Q_A) ⊙ √(Λ + λ) [q, d_out, d_in], `transform` the layer's LayerCurvature; kronecker
-    P_Sᵀ P P_A [q, k_out, k_in], `transform` the pair (P_S, P_A)."""
-    if representation == "kronecker":
-        gradient_projection, activation_projection = transform
-        return gradient_projection.T @ preconditioned @ activation_projection
-    curvature = transform
-    if curvature.gradient_basis is not None:
-        preconditioned = curvature.gradient_basis.T @ preconditioned @ curvature.activation_basis
-    if curvature.eigenvalues is not None:
-        preconditioned = preconditioned * (curvature.eigenvalues + curvature.damping).sqrt()
-    return preconditioned
+@dataclass
+class QuerySide:
+    """One layer's T(P_q) for a pass of queries, such that ⟨T(P_q), stored form of G_n⟩ stands for ⟨P_q, G_n⟩.
+
+    T = (left rightᵀ) ⊙ scale, from the query's factors P_q = U diag(σ) Vᵀ: kronecker left = P_Sᵀ U σ,
+    right = P_Aᵀ V, no scale (T [q, k_out, k_in] is small, formed once); lowrank left = Q_Sᵀ U σ, right = Q_Aᵀ V,
+    scale √(Λ + λ): T [q, d_out, d_in] is formed when its layer is scored and freed after, so a pass holds
+    one layer's dense T, never every layer's, and P_q itself is never formed.
+    """
+
+    left: torch.Tensor  # [q, rows, r]
+    right: torch.Tensor  # [q, columns, r]
+    scale: torch.Tensor | None = None
+    formed: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, representation: str, u, sigma, v, transform) -> QuerySide:
+        """`transform`: the pair (P_S, P_A) for kronecker, the layer's LayerCurvature for lowrank."""
+        left = u * sigma[:, None, :]
+        if representation == "kronecker":
+            gradient_projection, activation_projection = transform
+            left, right = gradient_projection.T @ left, activation_projection.T @ v
+            return cls(left, right, formed=left @ right.mT)
+        curvature, right = transform, v
+        if curvature.gradient_basis is not None:
+            left, right = curvature.gradient_basis.T @ left, curvature.activation_basis.T @ right
+        scale = None if curvature.eigenvalues is None else (curvature.eigenvalues + curvature.damping).sqrt()
+        return cls(left, right, scale)
+
+    def dense(self) -> torch.Tensor:
+        if self.formed is not None:
+            return self.formed
+        formed = self.left @ self.right.mT
+        return formed if self.scale is None else formed * self.scale
 
 
 def block_scores(representation: str, transformed: torch.Tensor, stored: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -403,9 +426,6 @@ class IndexScoreSettings:
     world_size: int = 1
 
 
-_Row = namedtuple("_Row", "doc_id doc_index")
-
-
 class IndexReader:
     """A finished index: its manifest, the query-side transform of each layer, and blocks of its shards."""
 
@@ -417,6 +437,7 @@ class IndexReader:
         self.settings = IndexSettings(**{k: v for k, v in self.manifest["settings"].items()
                                          if k in IndexSettings.__dataclass_fields__})
         self.shards = [name for name in self.manifest["files"] if name.startswith(SHARDS_DIR)]
+        self._doc_ids = None
         self.factors = self.manifest["inputs"]["factors"]["path"]
         if input_identity(self.factors) != self.manifest["inputs"]["factors"]:
             raise InputError(f"{flag('index', directory)} was built on {flag('factors', self.factors)}, which changed since; "
@@ -432,53 +453,169 @@ class IndexReader:
         curvature = Curvature(self.factors, layers, self.settings.damping, self.settings.damping_scale)
         return [curvature.layer(i, "cpu", dtype) for i in range(len(layers))]
 
-    def shard_rows(self, name: str) -> list[_Row]:
-        from safetensors import safe_open
+    def doc_ids(self, doc_index: np.ndarray):
+        """The document ids of `doc_index`, an Arrow string array (from sequences.parquet, read once)."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
-        with safe_open(str(self.directory / name), framework="pt") as handle:
-            doc_ids = json.loads(handle.metadata()["doc_ids"])
-            doc_index = handle.get_tensor("doc_index").tolist()
-        return [_Row(d, i) for d, i in zip(doc_ids, doc_index)]
+        if self._doc_ids is None:
+            table = pq.read_table(self.directory / SEQUENCES_FILE, columns=["doc_index", "doc_id"])
+            numbers, first = np.unique(table["doc_index"].to_numpy(), return_index=True)
+            self._doc_ids = numbers, table["doc_id"].take(pa.array(first)).combine_chunks()
+        numbers, ids = self._doc_ids
+        return ids.take(pa.array(np.searchsorted(numbers, doc_index)))
 
 
-def _queries_per_pass(layers, settings: IndexSettings, queries: int, given: int) -> int:
+def _queries_per_pass(layers, settings: IndexSettings, ranks: list[int], itemsize: int, queries: int,
+                      given: int) -> int:
+    """Queries per pass whose query sides fit PASS_BYTES: every layer's rotated factors, one layer's unrotated
+    ones while they are read, and every layer's formed T (kronecker) or the largest layer's (lowrank)."""
     if given:
         return given
-    per_query = 0
-    for layer in layers:
+    factors = formed = unrotated = 0
+    for layer, rank in zip(layers, ranks):
         shape = settings.shape(layer)
-        per_query += 4 * (int(np.prod(shape["projected"])) if "projected" in shape else layer.d_out * layer.d_in_folded)
-    return max(1, min(queries, PASS_BYTES // per_query))
+        rows, columns = shape.get("projected", (layer.d_out, layer.d_in_folded))
+        factors += rank * (rows + columns)
+        unrotated = max(unrotated, rank * (layer.d_out + layer.d_in_folded))
+        formed = formed + rows * columns if "projected" in shape else max(formed, rows * columns)
+    return max(1, min(queries, PASS_BYTES // ((factors + unrotated + formed) * itemsize)))
 
 
-def _pass_transforms(store, layers, reader: IndexReader, transforms: list, pass_ids: list[str], dtype) -> list[torch.Tensor]:
-    """T(P_q) per layer for one pass of queries, from their stored factors P_q = U diag(σ) Vᵀ."""
-    result = []
-    for layer, transform in zip(layers, transforms):
-        u, sigma, v = store.load(layer.name, pass_ids, dtype=dtype)
-        dense = (u * sigma[:, None, :]) @ v.mT  # [q, d_out, d_in], one layer at a time
-        result.append(query_transform(reader.settings.representation, dense, transform))
-        del dense
-    return result
+def _pass_sides(store, layers, reader: IndexReader, transforms: list, pass_ids: list[str], dtype) -> list[QuerySide]:
+    """Each layer's QuerySide for one pass of queries, from their stored factors P_q = U diag(σ) Vᵀ."""
+    return [QuerySide.of(reader.settings.representation, *store.load(layer.name, pass_ids, dtype=dtype), transform)
+            for layer, transform in zip(layers, transforms)]
 
 
-def _score_shard(reader: IndexReader, name: str, layers, transformed: list[torch.Tensor], dtype) -> torch.Tensor:
-    """Layer scores [sequences, q, L] of one shard, read block by block through the memory map."""
+def _groups(doc_index: np.ndarray, size: int) -> list[tuple[int, int]]:
+    """(start, end) of consecutive rows, about `size` each, that never split a document's chunks."""
+    bounds, start = [], 0
+    while start < len(doc_index):
+        end = min(start + size, len(doc_index))
+        while end < len(doc_index) and doc_index[end] == doc_index[end - 1]:
+            end += 1
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _score_shard(reader: IndexReader, name: str, layers, sides: list[QuerySide], dtype, skip=lambda group: False):
+    """(group number, doc indices [m], document layer scores [m, q, L] float64) per group of whole documents of
+    one shard, read block by block through the memory map; a group's float64 scores stay within SCORES_BYTES."""
     from safetensors import safe_open
 
-    representation = reader.settings.representation
+    representation, queries = reader.settings.representation, sides[0].left.shape[0]
+    kinds = ("projected",) if representation == "kronecker" else ("left", "right")
     with safe_open(str(reader.directory / name), framework="pt") as handle:
-        count = handle.get_slice("doc_index").get_shape()[0]
-        scores = torch.zeros(count, transformed[0].shape[0], len(layers), dtype=torch.float64)
-        for index, (layer, t) in enumerate(zip(layers, transformed)):
-            kinds = ("projected",) if representation == "kronecker" else ("left", "right")
-            slices = {kind: handle.get_slice(f"{layer.name}.{kind}") for kind in kinds}
-            per_sequence = sum(int(np.prod(s.get_shape()[1:])) for s in slices.values()) + int(np.prod(t.shape[1:]))
-            block = max(1, SCORE_BLOCK_ELEMENTS // per_sequence)
-            for start in range(0, count, block):
-                stored = {kind: s[start : start + block].to(dtype) for kind, s in slices.items()}
-                scores[start : start + block, :, index] = block_scores(representation, t, stored).T.double()
-    return scores
+        doc_index = handle.get_tensor("doc_index").numpy()
+        for number, (start, end) in enumerate(_groups(doc_index, max(1, SCORES_BYTES // (8 * queries * len(layers))))):
+            if skip(number):
+                continue
+            scores = torch.zeros(end - start, queries, len(layers), dtype=torch.float64)
+            for index, (layer, side) in enumerate(zip(layers, sides)):
+                slices = {kind: handle.get_slice(f"{layer.name}.{kind}") for kind in kinds}
+                transformed = side.dense()
+                per_sequence = sum(int(np.prod(s.get_shape()[1:])) for s in slices.values()) + transformed[0].numel()
+                block = max(1, SCORE_BLOCK_ELEMENTS // per_sequence)
+                for first in range(start, end, block):
+                    last = min(first + block, end)
+                    stored = {kind: s[first:last].to(dtype) for kind, s in slices.items()}
+                    scores[first - start : last - start, :, index] = block_scores(representation, transformed, stored).T
+                del transformed
+            rows = doc_index[start:end]
+            firsts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+            yield number, rows[firsts], np.add.reduceat(scores.numpy(), firsts, axis=0)
+
+
+class _Tails:
+    """A pass's running result on one rank: each query's `top` most positive and `top` most negative documents so
+    far with their layer scores, the summary sums over every document scored, and the shards done.
+
+    Its memory is the output's (q × 2·top × L) whatever the index's size; it is saved at most every
+    TAILS_SAVE_SECONDS, after a whole shard, so a killed run resumes at the last save.
+    """
+
+    def __init__(self, path: Path, queries: int, layers: int, top: int):
+        from attrib.storage import load_tensors
+
+        self.path, self.top, self.saved = path, top, time.time()
+        self.doc = np.zeros((queries, 0), np.int64)
+        self.layers = np.zeros((queries, 0, layers))
+        self.sums = np.zeros((4, queries))  # documents, Σ score, Σ score², Σ positive scores
+        self.shards: list[int] = []
+        if path.exists():
+            state = {key: tensor.numpy() for key, tensor in load_tensors(path).items()}
+            self.doc, self.layers, self.sums, self.shards = state["doc"], state["layers"], state["sums"], state["shards"].tolist()
+
+    def add(self, doc_index: np.ndarray, layers: np.ndarray) -> None:
+        """Whole documents `doc_index` [m] with their layer scores [m, q, L], each document seen once."""
+        scores = layers.sum(-1)
+        self.sums += np.stack([np.full(scores.shape[1], len(doc_index)), scores.sum(0), (scores**2).sum(0),
+                               np.maximum(scores, 0).sum(0)])
+        doc = np.concatenate([self.doc, np.broadcast_to(doc_index, (len(self.doc), len(doc_index)))], axis=1)
+        kept = np.concatenate([self.layers, layers.transpose(1, 0, 2)], axis=1)
+        if doc.shape[1] > 2 * self.top:  # ordered as the final table: score descending, then document order
+            order = np.lexsort((doc, -kept.sum(-1)), axis=-1)
+            keep = np.concatenate([order[:, : self.top], order[:, -self.top :]], axis=1)
+            doc, kept = np.take_along_axis(doc, keep, 1), np.take_along_axis(kept, keep[..., None], 1)
+        self.doc, self.layers = doc, kept
+
+    def shard_done(self, shard: int) -> None:
+        from attrib.storage import save_tensors
+
+        self.shards.append(shard)
+        if time.time() - self.saved >= TAILS_SAVE_SECONDS:
+            save_tensors(self.path, {"doc": torch.from_numpy(self.doc), "layers": torch.from_numpy(self.layers),
+                                     "sums": torch.from_numpy(self.sums), "shards": torch.tensor(self.shards)})
+            self.saved = time.time()
+
+    def tables(self, query_ids: np.ndarray, reader: IndexReader):
+        queries, kept = self.doc.shape
+        doc_index = self.doc.reshape(-1)
+        documents = documents_part(query_ids, np.repeat(np.arange(queries), kept), reader.doc_ids(doc_index), doc_index,
+                                   self.layers.reshape(queries * kept, -1))
+        return documents, summary_table(query_ids, self.sums[0].astype(np.int64), *self.sums[1:])
+
+
+def _score_pass(stage: StageDir, reader: IndexReader, store, layers, transforms: list, pass_ids: list[str],
+                number: int, top: int, world: World, dtype) -> None:
+    """One pass of queries over this rank's shards, into part files: with `top`, the pass's tails (one documents
+    and one summary part per rank); without, every (document, query) row, a part per group of documents."""
+    query_ids = np.array(pass_ids, dtype=object)
+    final = f"{PARTS_DIR}/documents-q{number:04d}-r{world.rank:03d}.parquet"
+    if top and stage.has(final):
+        return
+    tails = _Tails(stage.file(f"{PARTS_DIR}/tails-q{number:04d}-r{world.rank:03d}.safetensors"), len(pass_ids),
+                   len(layers), top) if top else None
+    sides = None
+    label = f"index scores (queries {number * len(pass_ids) + 1}–{number * len(pass_ids) + len(pass_ids)})"
+    with progress(label, total=len(reader.shards), unit="shard") as bar:
+        for shard, name in enumerate(reader.shards):
+            if not world.owns(shard) or (top and shard in tails.shards):
+                continue
+            part = f"{PARTS_DIR}/documents-q{number:04d}-s{shard:05d}-g{{:04d}}.parquet"
+            sides = sides or _pass_sides(store, layers, reader, transforms, pass_ids, dtype)
+            done = (lambda group, part=part: stage.has(part.format(group))) if not top else (lambda group: False)
+            for group, doc_index, scores in _score_shard(reader, name, layers, sides, dtype, skip=done):
+                if top:
+                    tails.add(doc_index, scores)
+                    continue
+                count = len(pass_ids)
+                query = np.tile(np.arange(count), len(doc_index))
+                rows = np.repeat(doc_index, count)
+                flat = scores.reshape(len(rows), -1)
+                _write(stage.file(part.format(group).replace("documents", "summary", 1)),
+                       summary_part(query_ids, query, flat.sum(1)))
+                _write(stage.file(part.format(group)), documents_part(query_ids, query, reader.doc_ids(rows), rows, flat))
+            if top:
+                tails.shard_done(shard)
+            bar.advance(1)
+    if top:
+        documents, summary = tails.tables(query_ids, reader)
+        _write(stage.file(final.replace("documents", "summary", 1)), summary)
+        _write(stage.file(final), documents)
+        tails.path.unlink(missing_ok=True)
 
 
 def score_index(out, index_dir: str, model_spec: str, lm, tokenizer, layers: list[TrackedLayer], queries,
@@ -492,7 +629,7 @@ def score_index(out, index_dir: str, model_spec: str, lm, tokenizer, layers: lis
     """
     from attrib.models import model_record
     from attrib.preconditioned_gradients import QueryGradientStore
-    from attrib.scoring import PARTS_DIR, _PartScores, _write, discard_parts, write_documents
+    from attrib.scoring import discard_parts, write_documents
     from attrib.stages.query_gradients import run_query_gradients
     from attrib.storage import open_input
 
@@ -524,28 +661,13 @@ def score_index(out, index_dir: str, model_spec: str, lm, tokenizer, layers: lis
         dtype = torch.promote_types(next(lm.parameters()).dtype, torch.float32)
         transforms = reader.transforms(layers, dtype)
         query_ids = store.query_ids
-        per_pass = _queries_per_pass(layers, reader.settings, len(query_ids), settings.queries_per_pass)
+        ranks = [store.rank(layer.name) for layer in layers]
+        per_pass = _queries_per_pass(layers, reader.settings, ranks, dtype.itemsize, len(query_ids),
+                                     settings.queries_per_pass)
         started = time.time()
         for first in range(0, len(query_ids), per_pass):
             pass_ids, number = query_ids[first : first + per_pass], first // per_pass
-            transformed = None
-            with progress(f"index scores (queries {first + 1}–{first + len(pass_ids)})", total=len(reader.shards),
-                          unit="shard") as bar:
-                for shard_number, name in enumerate(reader.shards):
-                    part = f"{PARTS_DIR}/documents-q{number:04d}-s{shard_number:05d}.parquet"
-                    if not world.owns(shard_number) or stage.has(part):
-                        continue
-                    transformed = transformed or _pass_transforms(store, layers, reader, transforms, pass_ids, dtype)
-                    rows = reader.shard_rows(name)
-                    scores = _score_shard(reader, name, layers, transformed, dtype)
-                    results = _PartScores(list(pass_ids), len(layers), keep_tokens=False)
-                    if rows:
-                        everyone = np.broadcast_to(np.arange(len(pass_ids)), (len(rows), len(pass_ids)))
-                        results.add(rows, everyone, np.ones(everyone.shape, bool), None, scores)
-                    documents, summary = results.tables(settings.documents_top)
-                    _write(stage.file(part.replace("documents", "summary", 1)), summary)
-                    _write(stage.file(part), documents)
-                    bar.advance(1)
+            _score_pass(stage, reader, store, layers, transforms, pass_ids, number, settings.documents_top, world, dtype)
         world.barrier()
         stage.timings["score_seconds"] = round(stage.timings.get("score_seconds", 0.0) + time.time() - started, 3)
         if not world.is_main:
