@@ -42,6 +42,11 @@ CORRECTION_STEP_ELEMENTS = 2**24  # factors.STEP_ELEMENTS
 CG_VECTORS = 8
 GN_LOGIT_COPIES = 4
 DENSE_BYTES = 2**28  # the most memory scoring gives the queries' dense P_q, all layers together
+# index scoring (attrib.stages.index): a block of sequences read and formed at once per layer (W_n = L Rᵀ for
+# lowrank), the query sides of a pass, and the float64 layer scores of a group of a shard's sequences
+SCORE_BLOCK_ELEMENTS = 2**24
+PASS_BYTES = 2**30
+SCORES_BYTES = 2**28
 
 
 @dataclass(frozen=True)
@@ -351,6 +356,92 @@ def self_influence(model: ModelShape, layers: list[LayerShape], *, tokens_per_ba
     return _peak({"self-influence": terms}, device, weights, largest_tensor=widest * 4)
 
 
+def index_shape(layer: LayerShape, representation: str, rank: int, dims) -> dict[str, list[int]]:
+    """The stored tensors of one sequence and layer of an index, by name suffix (0: full rank or width)."""
+    if representation == "lowrank":
+        rank = rank or min(layer.d_out, layer.d_in)
+        return {"left": [layer.d_out, rank], "right": [layer.d_in, rank]}
+    return {"projected": [dims[0] or layer.d_out, dims[1] or layer.d_in]}
+
+
+def index_values(layers: list[LayerShape], representation: str, rank: int, dims) -> int:
+    """Values stored per sequence over all layers (bytes: times the storage dtype's size)."""
+    return sum(a * b for l in layers for a, b in index_shape(l, representation, rank, dims).values())
+
+
+def index_query_side_bytes(layers: list[LayerShape], representation: str, rank: int, dims, query_rank: int,
+                           itemsize: int = 4) -> int:
+    """One query's side of index scoring (attrib.stages.index.QuerySide): every layer's rotated factors, one
+    layer's unrotated ones while they are read, and every layer's formed T (kronecker) or the largest (lowrank)."""
+    factors = formed = unrotated = 0
+    for l in layers:
+        r = min(query_rank or min(l.d_out, l.d_in), l.d_out, l.d_in)
+        rows, columns = index_shape(l, "kronecker", 0, dims if representation == "kronecker" else (0, 0))["projected"]
+        factors += r * (rows + columns)
+        unrotated = max(unrotated, r * (l.d_out + l.d_in))
+        formed = formed + rows * columns if representation == "kronecker" else max(formed, rows * columns)
+    return (factors + unrotated + formed) * itemsize
+
+
+def index_build(model: ModelShape, layers: list[LayerShape], *, tokens_per_batch: int, dtype: str, device: str = "cpu",
+                representation: str = "lowrank", rank: int = 8, dims=(16, 16), storage_dtype: str = "bfloat16",
+                docs_per_part: int = 2000, rotates: bool = True, resident_factors: bool = True) -> StagePeak:
+    """Peak of `attrib index`: a batch of training sequences forward and backward with every layer's inputs
+    kept (kronecker: projected); inside one layer's backward (lowrank) its rotated inputs and output gradients
+    and the dense whitened gradients of `correction_sequences_per_step` sequences with their SVD's workspace;
+    the curvature of every layer (`resident_factors`) or of one; and on the host the part being built:
+    about `docs_per_part` sequences' stored values."""
+    weights = model_terms(model, dtype)
+    widest = max(l.d_in * l.d_out for l in layers)
+    step = max(1, min(8, CORRECTION_STEP_ELEMENTS // widest))
+    lowrank = representation == "lowrank"
+    kept = sum(l.d_in if lowrank else index_shape(l, representation, rank, dims)["projected"][1] for l in layers)
+    curvature = [self_influence_factor_bytes([l], rotates) for l in layers]
+    terms = {
+        "weights": weights,
+        "activations": activation_bytes(model, tokens_per_batch, dtype)
+        + logit_bytes(model, tokens_per_batch, dtype, sampled=False),
+        "kept inputs": kept * tokens_per_batch * 4,
+    }
+    if lowrank:
+        terms["rotated inputs and gradients"] = max(l.d_in + l.d_out for l in layers) * tokens_per_batch * 4
+        terms["per-sequence gradients"] = 3 * step * widest * 4  # G, its whitened copy, the SVD's workspace
+        terms["curvature"] = sum(curvature) if resident_factors else max(curvature)
+    else:
+        terms["projections"] = sum(l.d_out * a + l.d_in * b for l in layers
+                                   for a, b in [index_shape(l, representation, rank, dims)["projected"]]) * 4
+    part = docs_per_part * index_values(layers, representation, rank, dims) * DTYPE_BYTES[storage_dtype]
+    peak = _peak({"index": terms}, device, weights, largest_tensor=widest * 4)
+    peak.host += part
+    peak.terms = {**peak.terms, "part being built (host)": part}
+    return peak
+
+
+def index_scoring(model: ModelShape, layers: list[LayerShape], *, dtype: str, device: str = "cpu",
+                  representation: str = "lowrank", rank: int = 8, dims=(16, 16), query_rank: int = DEFAULT_QUERY_RANK,
+                  queries: int = 16, queries_per_pass: int | None = None, documents_top: int = 1000,
+                  docs_per_part: int = 2000) -> StagePeak:
+    """Peak of `attrib query --index` once its query gradients exist: the query sides of one pass, a block
+    of stored sequences formed per layer, a group's float64 layer scores, and each query's running tails
+    (2 × documents_top documents × layers, float64: the output's size) with their merge's copies."""
+    weights = model_terms(model, dtype)
+    side = index_query_side_bytes(layers, representation, rank, dims, query_rank)
+    per_pass = queries_per_pass or max(1, min(queries, PASS_BYTES // side))
+    kept = 2 * documents_top if documents_top else 0
+    widest = max(l.d_in * l.d_out if representation == "lowrank" else a * b
+                 for l in layers for a, b in [index_shape(l, "kronecker", 0, dims)["projected"]])
+    terms = {
+        "weights": weights,
+        "query sides": per_pass * side,
+        # a shard holds about docs_per_part sequences; a block is read in its storage dtype and formed in float32
+        "stored block": 2 * min(SCORE_BLOCK_ELEMENTS, docs_per_part * widest) * 4,
+        "group scores": 2 * min(SCORES_BYTES, docs_per_part * per_pass * len(layers) * 8),
+        # the tails, the candidates they are merged with (as many again) and the taken copy
+        "tails": 3 * per_pass * kept * (len(layers) + 1) * 8,
+    }
+    return _peak({"index scores": terms}, device, weights, largest_tensor=max(l.d_in * l.d_out for l in layers) * 4)
+
+
 def largest_fitting(predict: Callable[[int], StagePeak], budget: int, device: str, most: int) -> int:
     """The largest n in [1, most] whose predicted peak (device memory on a GPU, host on CPU) fits
     `budget`; 1 when none does (the stage then says what it needs)."""
@@ -395,4 +486,5 @@ def default_budget(device: str) -> int:
 
 STAGES: dict[str, Callable[..., StagePeak]] = {
     "fit-factors": fit_factors, "query-gradients": query_gradients, "query": query, "self-influence": self_influence,
+    "index": index_build, "index scores": index_scoring,
 }

@@ -233,14 +233,6 @@ class QueryGradientStore:
 
             raise InputError(f"{flag('query_gradients_dir', directory)} lacks the factors of queries {', '.join(missing[:3])}; recompute it")
 
-    def rank(self, layer_name: str) -> int:
-        """The factors' rank r in one layer (every query's is the same)."""
-        from safetensors import safe_open
-
-        path, _ = next(iter(self.location.values()))
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.get_slice(f"{layer_name}.sigma").get_shape()[-1]
-
     def load(self, layer_name: str, query_ids: list[str], device="cpu", dtype=None):
         """U [q, d_out, r], σ [q, r], V [q, d_in, r] of `query_ids` for one layer."""
         from safetensors import safe_open

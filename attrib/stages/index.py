@@ -36,6 +36,7 @@ from attrib.curvature import Curvature
 from attrib.data import CorpusSpec, RowStats, Sequence, collate, iter_sequence_parts, pack_batches
 from attrib.distributed import World
 from attrib.errors import InputError, RunError
+from attrib.memory import PASS_BYTES, SCORE_BLOCK_ELEMENTS, SCORES_BYTES, LayerShape, index_query_side_bytes, index_shape
 from attrib.factors import LayerCurvature, correction_sequences_per_step
 from attrib.models import TrackedLayer
 from attrib.options import DEFAULT_DAMPING_SCALE, parse_dims
@@ -55,9 +56,6 @@ REPRESENTATIONS = ("lowrank", "kronecker")
 PROJECTIONS = ("random", "eigen")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                   "float64": torch.float64}
-SCORE_BLOCK_ELEMENTS = 2**24  # per layer, a block of sequences read and formed at once (W_n for lowrank)
-PASS_BYTES = 2**30  # queries per pass: their query sides (QuerySide) fit this
-SCORES_BYTES = 2**28  # the float64 layer scores [sequences, q, L] of a group of a shard's sequences
 TAILS_SAVE_SECONDS = 60  # a pass's running tails are saved at most this often
 
 
@@ -102,12 +100,12 @@ class IndexSettings:
             if rank > min(d_out, d_in):
                 raise InputError(f"{flag('rank', self.rank)} exceeds layer {layer.name} ({d_out} × {d_in}); "
                                  "use at most its smaller side, or 0 for full rank")
-            return {"left": [d_out, rank], "right": [d_in, rank]}
-        k_out, k_in = self.dims[0] or d_out, self.dims[1] or d_in
-        if k_out > d_out or k_in > d_in:
-            raise InputError(f"{flag('dims', k_out)}x{k_in} exceeds layer {layer.name} ({d_out} × {d_in}); "
-                             "use at most its size, or 0 for its full width")
-        return {"projected": [k_out, k_in]}
+        else:
+            k_out, k_in = self.dims[0] or d_out, self.dims[1] or d_in
+            if k_out > d_out or k_in > d_in:
+                raise InputError(f"{flag('dims', k_out)}x{k_in} exceeds layer {layer.name} ({d_out} × {d_in}); "
+                                 "use at most its size, or 0 for its full width")
+        return index_shape(LayerShape(layer.name, d_in, d_out), self.representation, self.rank, self.dims)
 
 
 # --- the maths of one layer: tensors in, tensors out --------------------------------------------
@@ -466,20 +464,14 @@ class IndexReader:
         return ids.take(pa.array(np.searchsorted(numbers, doc_index)))
 
 
-def _queries_per_pass(layers, settings: IndexSettings, ranks: list[int], itemsize: int, queries: int,
+def _queries_per_pass(layers, settings: IndexSettings, query_rank: int, itemsize: int, queries: int,
                       given: int) -> int:
-    """Queries per pass whose query sides fit PASS_BYTES: every layer's rotated factors, one layer's unrotated
-    ones while they are read, and every layer's formed T (kronecker) or the largest layer's (lowrank)."""
+    """Queries per pass whose query sides (attrib.memory.index_query_side_bytes) fit PASS_BYTES."""
     if given:
         return given
-    factors = formed = unrotated = 0
-    for layer, rank in zip(layers, ranks):
-        shape = settings.shape(layer)
-        rows, columns = shape.get("projected", (layer.d_out, layer.d_in_folded))
-        factors += rank * (rows + columns)
-        unrotated = max(unrotated, rank * (layer.d_out + layer.d_in_folded))
-        formed = formed + rows * columns if "projected" in shape else max(formed, rows * columns)
-    return max(1, min(queries, PASS_BYTES // ((factors + unrotated + formed) * itemsize)))
+    side = index_query_side_bytes([LayerShape(l.name, l.d_in_folded, l.d_out) for l in layers],
+                                  settings.representation, settings.rank, settings.dims, query_rank, itemsize)
+    return max(1, min(queries, PASS_BYTES // side))
 
 
 def _pass_sides(store, layers, reader: IndexReader, transforms: list, pass_ids: list[str], dtype) -> list[QuerySide]:
@@ -661,9 +653,8 @@ def score_index(out, index_dir: str, model_spec: str, lm, tokenizer, layers: lis
         dtype = torch.promote_types(next(lm.parameters()).dtype, torch.float32)
         transforms = reader.transforms(layers, dtype)
         query_ids = store.query_ids
-        ranks = [store.rank(layer.name) for layer in layers]
-        per_pass = _queries_per_pass(layers, reader.settings, ranks, dtype.itemsize, len(query_ids),
-                                     settings.queries_per_pass)
+        per_pass = _queries_per_pass(layers, reader.settings, gradients_manifest["settings"]["query_rank"],
+                                     dtype.itemsize, len(query_ids), settings.queries_per_pass)
         started = time.time()
         for first in range(0, len(query_ids), per_pass):
             pass_ids, number = query_ids[first : first + per_pass], first // per_pass
