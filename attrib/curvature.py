@@ -102,6 +102,13 @@ class Curvature:
             damping,
         )
 
+    def damped_eigenvalues(self, index: int, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
+        """Layer `index`'s Λ + λ on the CPU (None without factors), read without its eigenbases."""
+        if not self.strategy.has_factors:
+            return None
+        eigenvalues = self.files.read(f"{self.layers[index].name}.lambda").to(dtype)
+        return eigenvalues + self._damping(self.layers[index].name, eigenvalues)
+
     def damping_of(self, index: int) -> float:
         """Layer `index`'s λ (reads only its Λ, once)."""
         name = self.layers[index].name

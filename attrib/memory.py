@@ -383,6 +383,13 @@ def index_query_side_bytes(layers: list[LayerShape], representation: str, rank: 
     return (factors + unrotated + formed) * itemsize
 
 
+def index_queries_per_pass(layers: list[LayerShape], representation: str, rank: int, dims, query_rank: int,
+                           queries: int, itemsize: int = 4) -> int:
+    """Queries per pass of index scoring: as many as PASS_BYTES holds the query sides of (at least one)."""
+    side = index_query_side_bytes(layers, representation, rank, dims, query_rank, itemsize)
+    return max(1, min(queries, PASS_BYTES // side))
+
+
 def index_build(model: ModelShape, layers: list[LayerShape], *, tokens_per_batch: int, dtype: str, device: str = "cpu",
                 representation: str = "lowrank", rank: int = 8, dims=(16, 16), storage_dtype: str = "bfloat16",
                 docs_per_part: int = 2000, rotates: bool = True, resident_factors: bool = True) -> StagePeak:
@@ -420,21 +427,27 @@ def index_build(model: ModelShape, layers: list[LayerShape], *, tokens_per_batch
 def index_scoring(model: ModelShape, layers: list[LayerShape], *, dtype: str, device: str = "cpu",
                   representation: str = "lowrank", rank: int = 8, dims=(16, 16), query_rank: int = DEFAULT_QUERY_RANK,
                   queries: int = 16, queries_per_pass: int | None = None, documents_top: int = 1000,
-                  docs_per_part: int = 2000) -> StagePeak:
-    """Peak of `attrib query --index` once its query gradients exist: the query sides of one pass, a block
-    of stored sequences formed per layer, a group's float64 layer scores, and each query's running tails
-    (2 × documents_top documents × layers, float64: the output's size) with their merge's copies."""
+                  docs_per_part: int = 2000, rotates: bool = True) -> StagePeak:
+    """Peak of `attrib query --index` once its query gradients exist: the query sides of one pass, one layer's
+    curvature (lowrank: its eigenbases while the factors are rotated, its Λ while T is formed) or every layer's
+    projections (kronecker), a block of stored sequences formed per layer, a group's float64 layer scores, and
+    each query's running tails (2 × documents_top documents × layers, float64: the output's size) with their
+    merge's copies."""
     weights = model_terms(model, dtype)
     side = index_query_side_bytes(layers, representation, rank, dims, query_rank)
-    per_pass = queries_per_pass or max(1, min(queries, PASS_BYTES // side))
+    per_pass = queries_per_pass or index_queries_per_pass(layers, representation, rank, dims, query_rank, queries)
     kept = 2 * documents_top if documents_top else 0
     widest = max(l.d_in * l.d_out if representation == "lowrank" else a * b
                  for l in layers for a, b in [index_shape(l, "kronecker", 0, dims)["projected"]])
     terms = {
         "weights": weights,
         "query sides": per_pass * side,
-        # a shard holds about docs_per_part sequences; a block is read in its storage dtype and formed in float32
-        "stored block": 2 * min(SCORE_BLOCK_ELEMENTS, docs_per_part * widest) * 4,
+        "curvature": max(l.d_in * l.d_out + (l.d_in**2 + l.d_out**2 if rotates else 0) for l in layers) * 4
+        if representation == "lowrank" else sum(l.d_out * a + l.d_in * b for l in layers
+                                                for a, b in [index_shape(l, representation, rank, dims)["projected"]]) * 4,
+        # a shard holds about docs_per_part sequences; a block (at least one sequence) is read in its storage
+        # dtype and formed in float32
+        "stored block": 2 * max(widest, min(SCORE_BLOCK_ELEMENTS, docs_per_part * widest)) * 4,
         "group scores": 2 * min(SCORES_BYTES, docs_per_part * per_pass * len(layers) * 8),
         # the tails, the candidates they are merged with (as many again) and the taken copy
         "tails": 3 * per_pass * kept * (len(layers) + 1) * 8,

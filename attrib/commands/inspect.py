@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.memory import parse_bytes
-from attrib.options import DEFAULT_QUERY_RANK, MODEL, BatchOptions, FitOptions, ModelOptions, help_of
+from attrib.options import DEFAULT_QUERY_RANK, MODEL, BatchOptions, FitOptions, IndexOptions, ModelOptions, help_of
 
 
 def _option(group, name: str, **changes):
@@ -29,11 +29,17 @@ def inspect_model(
     dtype: Annotated[str, typer.Option(help="Model compute dtype of the planned run: auto (bfloat16 on cuda), "
                                             "float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="Device of the planned run: cuda or cpu (nothing runs on it here).")] = "cuda",
+    representation: Annotated[str, _option(IndexOptions, "representation")] = "lowrank",
+    rank: Annotated[int, _option(IndexOptions, "rank")] = 8,
+    dims: Annotated[str, _option(IndexOptions, "dims")] = "16",
+    storage_dtype: Annotated[str, _option(IndexOptions, "storage_dtype")] = "bfloat16",
+    sequences: Annotated[int, typer.Option(help="Sequences of the planned index: its size on disk.")] = 10_000_000,
     trust_remote_code: Annotated[bool, _option(ModelOptions, "trust_remote_code")] = False,
 ) -> None:
     """List the tracked layers and predict each stage's peak memory, loading no weights.
 
-    Works from a directory holding only config.json (and the tokenizer).
+    Works from a directory holding only config.json (and the tokenizer). The index's size on disk is given
+    for --sequences sequences at the --representation, --rank or --dims and --storage-dtype of `attrib index`.
     Example: attrib inspect --model EleutherAI/pythia-410m --max-memory 80GiB
     """
     import sys
@@ -55,6 +61,10 @@ def inspect_model(
         raise InputError(f"--strategy {strategy} is not one of {', '.join(STRATEGY)}")
     if layers_per_pass is not None and layers_per_pass < 1:
         raise InputError("--layers-per-pass must be at least 1")
+    from attrib.options import STAGES, parse_dims
+
+    STAGES["index"].parse({"representation": representation, "rank": rank, "dims": dims, "storage_dtype": storage_dtype})
+    index_dims = parse_dims(dims)
     budget = parse_bytes(max_memory, "--max-memory") if max_memory is not None else None
     lm = load_meta_model(model, trust_remote_code)
     layers = find_tracked_layers(lm, modules)
@@ -95,6 +105,10 @@ def inspect_model(
         peaks.add_row("fit-factors", "all" if option is None else str(option), peak.step,
                       f"{peak.device / memory.GiB:.1f}" if kind == "cuda" else "-", f"{peak.host / memory.GiB:.1f}", terms)
     rotates = STRATEGY[strategy].rotates
+    # attrib index keeps every layer's curvature resident when it takes at most a quarter of the memory budget
+    index_pass = memory.index_queries_per_pass(shapes, representation, rank, index_dims, query_rank, queries)
+    planned = budget if budget is not None else memory.default_budget("cpu") if kind == "cpu" else None
+    resident = planned is not None and memory.self_influence_factor_bytes(shapes, rotates) * 4 <= planned
     per_batch, per_pass = min(64, queries), queries  # what the stages do when everything fits
     if budget is not None:
         per_batch, per_pass = memory.query_batching(
@@ -110,12 +124,25 @@ def inspect_model(
          f"{per_pass} of {queries} queries per pass"),
         ("self-influence", memory.self_influence(shape, shapes, tokens_per_batch=tokens_per_batch, dtype=dtype,
                                                  device=kind, rotates=rotates), "every layer's curvature resident"),
+        ("index", memory.index_build(shape, shapes, tokens_per_batch=tokens_per_batch, dtype=dtype, device=kind,
+                                     representation=representation, rank=rank, dims=index_dims,
+                                     storage_dtype=storage_dtype, rotates=rotates, resident_factors=resident),
+         ("every layer's curvature resident" if resident else "one layer's curvature at a time")
+         if representation == "lowrank" else "projections resident"),
+        ("query --index", memory.index_scoring(shape, shapes, dtype=dtype, device=kind, representation=representation,
+                                               rank=rank, dims=index_dims, query_rank=query_rank, queries=queries,
+                                               rotates=rotates),
+         f"{index_pass} of {queries} queries per pass"),
     ):
         terms = ", ".join(f"{name} {value / memory.GiB:.1f}" for name, value in
                           sorted(peak.terms.items(), key=lambda item: -item[1])[:3])
         peaks.add_row(stage, setting, peak.step, f"{peak.device / memory.GiB:.1f}" if kind == "cuda" else "-",
                       f"{peak.host / memory.GiB:.1f}", terms)
     console.print(peaks)
+    per_sequence = memory.index_values(shapes, representation, rank, index_dims) * memory.DTYPE_BYTES[storage_dtype]
+    label = f"rank {rank or 'full'}" if representation == "lowrank" else f"{'x'.join(map(str, index_dims))}"
+    console.print(f"index ({representation} {label}, {storage_dtype}): {per_sequence / 2**10:,.1f} KiB per sequence; "
+                  f"{sequences:,} sequences: {per_sequence * sequences / 2**40:,.2f} TiB on disk")
     if budget is not None:
         try:
             chosen = memory.choose_layers_per_pass(budget, predict, len(layers), kind)

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,7 @@ from attrib.curvature import Curvature
 from attrib.data import CorpusSpec, RowStats, Sequence, collate, iter_sequence_parts, pack_batches
 from attrib.distributed import World
 from attrib.errors import InputError, RunError
-from attrib.memory import PASS_BYTES, SCORE_BLOCK_ELEMENTS, SCORES_BYTES, LayerShape, index_query_side_bytes, index_shape
+from attrib.memory import SCORE_BLOCK_ELEMENTS, SCORES_BYTES, LayerShape, index_queries_per_pass, index_shape
 from attrib.factors import LayerCurvature, correction_sequences_per_step
 from attrib.models import TrackedLayer
 from attrib.options import DEFAULT_DAMPING_SCALE, parse_dims
@@ -155,34 +157,36 @@ class QuerySide:
 
     T = (left rightᵀ) ⊙ scale, from the query's factors P_q = U diag(σ) Vᵀ: kronecker left = P_Sᵀ U σ,
     right = P_Aᵀ V, no scale (T [q, k_out, k_in] is small, formed once); lowrank left = Q_Sᵀ U σ, right = Q_Aᵀ V,
-    scale √(Λ + λ): T [q, d_out, d_in] is formed when its layer is scored and freed after, so a pass holds
-    one layer's dense T, never every layer's, and P_q itself is never formed.
+    scale √(Λ + λ): T [q, d_out, d_in] and Λ are formed and read when the layer is scored and freed after, so
+    a pass holds one layer's dense T and Λ, never every layer's, and P_q itself is never formed.
     """
 
     left: torch.Tensor  # [q, rows, r]
     right: torch.Tensor  # [q, columns, r]
-    scale: torch.Tensor | None = None
+    damped_eigenvalues: Callable[[], torch.Tensor | None] | None = None  # lowrank: reads the layer's Λ + λ
     formed: torch.Tensor | None = None
 
     @classmethod
     def of(cls, representation: str, u, sigma, v, transform) -> QuerySide:
-        """`transform`: the pair (P_S, P_A) for kronecker, the layer's LayerCurvature for lowrank."""
+        """`transform`: the pair (P_S, P_A) for kronecker; for lowrank a pair (Curvature, layer index)."""
         left = u * sigma[:, None, :]
         if representation == "kronecker":
             gradient_projection, activation_projection = transform
             left, right = gradient_projection.T @ left, activation_projection.T @ v
             return cls(left, right, formed=left @ right.mT)
-        curvature, right = transform, v
-        if curvature.gradient_basis is not None:
-            left, right = curvature.gradient_basis.T @ left, curvature.activation_basis.T @ right
-        scale = None if curvature.eigenvalues is None else (curvature.eigenvalues + curvature.damping).sqrt()
-        return cls(left, right, scale)
+        (curvature, index), right = transform, v
+        if curvature.strategy.rotates:
+            layer = curvature.layer(index, u.device, u.dtype)
+            left, right = layer.gradient_basis.T @ left, layer.activation_basis.T @ right
+            del layer
+        return cls(left, right, partial(curvature.damped_eigenvalues, index, u.dtype))
 
     def dense(self) -> torch.Tensor:
         if self.formed is not None:
             return self.formed
         formed = self.left @ self.right.mT
-        return formed if self.scale is None else formed * self.scale
+        damped = self.damped_eigenvalues()
+        return formed if damped is None else formed.mul_(damped.to(formed.device).sqrt_())
 
 
 def block_scores(representation: str, transformed: torch.Tensor, stored: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -441,15 +445,17 @@ class IndexReader:
             raise InputError(f"{flag('index', directory)} was built on {flag('factors', self.factors)}, which changed since; "
                              f"rebuild the index (attrib index {flag('overwrite')})")
 
-    def transforms(self, layers: list[TrackedLayer], dtype) -> list:
-        """Per layer what `query_transform` needs: its LayerCurvature (lowrank) or its projections (kronecker)."""
+    def transforms(self, layers: list[TrackedLayer], dtype, device="cpu") -> list:
+        """Per layer what `QuerySide.of` needs: its projections (kronecker) or (Curvature, index) (lowrank: the
+        layer's eigenbases and Λ are read when needed, never every layer's at once)."""
         from attrib.storage import load_tensors
 
         if self.settings.representation == "kronecker":
             tensors = load_tensors(self.directory / PROJECTIONS_FILE)
-            return [(tensors[f"{l.name}.gradient"].to(dtype), tensors[f"{l.name}.activation"].to(dtype)) for l in layers]
+            return [(tensors[f"{l.name}.gradient"].to(device, dtype), tensors[f"{l.name}.activation"].to(device, dtype))
+                    for l in layers]
         curvature = Curvature(self.factors, layers, self.settings.damping, self.settings.damping_scale)
-        return [curvature.layer(i, "cpu", dtype) for i in range(len(layers))]
+        return [(curvature, index) for index in range(len(layers))]
 
     def doc_ids(self, doc_index: np.ndarray):
         """The document ids of `doc_index`, an Arrow string array (from sequences.parquet, read once)."""
@@ -464,19 +470,10 @@ class IndexReader:
         return ids.take(pa.array(np.searchsorted(numbers, doc_index)))
 
 
-def _queries_per_pass(layers, settings: IndexSettings, query_rank: int, itemsize: int, queries: int,
-                      given: int) -> int:
-    """Queries per pass whose query sides (attrib.memory.index_query_side_bytes) fit PASS_BYTES."""
-    if given:
-        return given
-    side = index_query_side_bytes([LayerShape(l.name, l.d_in_folded, l.d_out) for l in layers],
-                                  settings.representation, settings.rank, settings.dims, query_rank, itemsize)
-    return max(1, min(queries, PASS_BYTES // side))
-
-
-def _pass_sides(store, layers, reader: IndexReader, transforms: list, pass_ids: list[str], dtype) -> list[QuerySide]:
-    """Each layer's QuerySide for one pass of queries, from their stored factors P_q = U diag(σ) Vᵀ."""
-    return [QuerySide.of(reader.settings.representation, *store.load(layer.name, pass_ids, dtype=dtype), transform)
+def _pass_sides(store, layers, reader: IndexReader, transforms: list, pass_ids: list[str], dtype,
+                device) -> list[QuerySide]:
+    """Each layer's QuerySide for one pass of queries on `device`, from their factors P_q = U diag(σ) Vᵀ."""
+    return [QuerySide.of(reader.settings.representation, *store.load(layer.name, pass_ids, device, dtype), transform)
             for layer, transform in zip(layers, transforms)]
 
 
@@ -494,10 +491,11 @@ def _groups(doc_index: np.ndarray, size: int) -> list[tuple[int, int]]:
 
 def _score_shard(reader: IndexReader, name: str, layers, sides: list[QuerySide], dtype, skip=lambda group: False):
     """(group number, doc indices [m], document layer scores [m, q, L] float64) per group of whole documents of
-    one shard, read block by block through the memory map; a group's float64 scores stay within SCORES_BYTES."""
+    one shard, read block by block through the memory map and scored on the query sides' device; a group's
+    float64 scores stay within SCORES_BYTES."""
     from safetensors import safe_open
 
-    representation, queries = reader.settings.representation, sides[0].left.shape[0]
+    representation, (queries, device) = reader.settings.representation, (sides[0].left.shape[0], sides[0].left.device)
     kinds = ("projected",) if representation == "kronecker" else ("left", "right")
     with safe_open(str(reader.directory / name), framework="pt") as handle:
         doc_index = handle.get_tensor("doc_index").numpy()
@@ -512,8 +510,9 @@ def _score_shard(reader: IndexReader, name: str, layers, sides: list[QuerySide],
                 block = max(1, SCORE_BLOCK_ELEMENTS // per_sequence)
                 for first in range(start, end, block):
                     last = min(first + block, end)
-                    stored = {kind: s[first:last].to(dtype) for kind, s in slices.items()}
-                    scores[first - start : last - start, :, index] = block_scores(representation, transformed, stored).T
+                    stored = {kind: s[first:last].to(device, dtype) for kind, s in slices.items()}
+                    scored = block_scores(representation, transformed, stored).T
+                    scores[first - start : last - start, :, index] = scored.to("cpu", torch.float64)
                 del transformed
             rows = doc_index[start:end]
             firsts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
@@ -587,7 +586,7 @@ def _score_pass(stage: StageDir, reader: IndexReader, store, layers, transforms:
             if not world.owns(shard) or (top and shard in tails.shards):
                 continue
             part = f"{PARTS_DIR}/documents-q{number:04d}-s{shard:05d}-g{{:04d}}.parquet"
-            sides = sides or _pass_sides(store, layers, reader, transforms, pass_ids, dtype)
+            sides = sides or _pass_sides(store, layers, reader, transforms, pass_ids, dtype, world.device)
             done = (lambda group, part=part: stage.has(part.format(group))) if not top else (lambda group: False)
             for group, doc_index, scores in _score_shard(reader, name, layers, sides, dtype, skip=done):
                 if top:
@@ -651,10 +650,12 @@ def score_index(out, index_dir: str, model_spec: str, lm, tokenizer, layers: lis
         gradients_manifest = open_input(gradients_dir, "query-gradients", record["fingerprint"])
         store = QueryGradientStore(gradients_dir, gradients_manifest)
         dtype = torch.promote_types(next(lm.parameters()).dtype, torch.float32)
-        transforms = reader.transforms(layers, dtype)
+        transforms = reader.transforms(layers, dtype, world.device)
         query_ids = store.query_ids
-        per_pass = _queries_per_pass(layers, reader.settings, gradients_manifest["settings"]["query_rank"],
-                                     dtype.itemsize, len(query_ids), settings.queries_per_pass)
+        chosen = reader.settings
+        per_pass = settings.queries_per_pass or index_queries_per_pass(
+            [LayerShape(l.name, l.d_in_folded, l.d_out) for l in layers], chosen.representation, chosen.rank,
+            chosen.dims, gradients_manifest["settings"]["query_rank"], len(query_ids), dtype.itemsize)
         started = time.time()
         for first in range(0, len(query_ids), per_pass):
             pass_ids, number = query_ids[first : first + per_pass], first // per_pass
