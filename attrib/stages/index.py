@@ -570,7 +570,7 @@ class _Tails:
 
 
 def _score_pass(stage: StageDir, reader: IndexReader, store, layers, transforms: list, pass_ids: list[str],
-                number: int, top: int, world: World, dtype) -> None:
+                first: int, number: int, top: int, world: World, dtype) -> None:
     """One pass of queries over this rank's shards, into part files: with `top`, the pass's tails (one documents
     and one summary part per rank); without, every (document, query) row, a part per group of documents."""
     query_ids = np.array(pass_ids, dtype=object)
@@ -580,10 +580,11 @@ def _score_pass(stage: StageDir, reader: IndexReader, store, layers, transforms:
     tails = _Tails(stage.file(f"{PARTS_DIR}/tails-q{number:04d}-r{world.rank:03d}.safetensors"), len(pass_ids),
                    len(layers), top) if top else None
     sides = None
-    label = f"index scores (queries {number * len(pass_ids) + 1}–{number * len(pass_ids) + len(pass_ids)})"
-    with progress(label, total=len(reader.shards), unit="shard") as bar:
-        for shard, name in enumerate(reader.shards):
-            if not world.owns(shard) or (top and shard in tails.shards):
+    owned = [(shard, name) for shard, name in enumerate(reader.shards) if world.owns(shard)]
+    with progress(f"index scores (queries {first + 1}–{first + len(pass_ids)})", total=len(owned), unit="shard") as bar:
+        for shard, name in owned:
+            if top and shard in tails.shards:
+                bar.advance(1)
                 continue
             part = f"{PARTS_DIR}/documents-q{number:04d}-s{shard:05d}-g{{:04d}}.parquet"
             sides = sides or _pass_sides(store, layers, reader, transforms, pass_ids, dtype, world.device)
@@ -659,7 +660,8 @@ def score_index(out, index_dir: str, model_spec: str, lm, tokenizer, layers: lis
         started = time.time()
         for first in range(0, len(query_ids), per_pass):
             pass_ids, number = query_ids[first : first + per_pass], first // per_pass
-            _score_pass(stage, reader, store, layers, transforms, pass_ids, number, settings.documents_top, world, dtype)
+            _score_pass(stage, reader, store, layers, transforms, pass_ids, first, number, settings.documents_top, world,
+                        dtype)
         world.barrier()
         stage.timings["score_seconds"] = round(stage.timings.get("score_seconds", 0.0) + time.time() - started, 3)
         if not world.is_main:
