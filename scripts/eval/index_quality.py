@@ -12,7 +12,8 @@ full-rank query gradients, default damping and empirical Fisher, as bench_index.
 * the two-stage pipeline run as a user runs it, float32: attrib.fit_factors, attrib.index, attrib.prefilter
   (index=…, top_k = 5 % of the corpus), attrib.query (candidates=…) with attrib's default query settings; the
   share of exact's top 10 in the re-scored top 10, next to the same with TF-IDF's top 5 % as candidates and with
-  attrib.query over the whole corpus (the ceiling: what float32 and query rank 32 alone change).
+  attrib.query over the whole corpus (the ceiling: what float32 and query rank 32 alone change); and the share
+  of that whole-corpus attrib.query's own top 10 that re-scoring the candidates recovers (what the candidates lose).
 
     python scripts/eval/index_quality.py --kit fortunes --fortunes /tmp/combine-work/fortunes --hidden 16 \
         --work /tmp/combine-work --out scripts/eval/results/index-quality-fortunes-h16.json
@@ -74,15 +75,19 @@ def ratio_interval(values: np.ndarray, reference: np.ndarray, draws: int = 2000,
     return float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))
 
 
-def top_share(att: Attributor, documents: Path, exact: np.ndarray) -> float:
-    """Mean over queries of |exact top 10 ∩ the top 10 of a query run's documents.parquet| / 10."""
+def top_sets(att: Attributor, documents: Path) -> list[set[int]]:
+    """Each query's top 10 documents (corpus positions) in a query run's documents.parquet."""
     rows = pq.read_table(documents / "documents.parquet", columns=["query_id", "doc_id", "score"]).to_pylist()
-    found = []
-    for qi, query in enumerate(att.queries):
-        mine = sorted((r for r in rows if r["query_id"] == query.query_id), key=lambda r: -r["score"])[:TOP]
-        best = set(np.argsort(-exact[qi], kind="stable")[:TOP])
-        found.append(len(best & {att.doc_index[r["doc_id"]] for r in mine}) / TOP)
-    return float(np.mean(found))
+    by_query = {q.query_id: [] for q in att.queries}
+    for row in rows:
+        by_query[row["query_id"]].append(row)
+    return [{att.doc_index[r["doc_id"]] for r in sorted(by_query[q.query_id], key=lambda r: -r["score"])[:TOP]}
+            for q in att.queries]
+
+
+def overlap(found: list[set[int]], best: list[set[int]]) -> float:
+    """Mean over queries of |found ∩ best| / 10."""
+    return float(np.mean([len(f & b) / TOP for f, b in zip(found, best)]))
 
 
 class Pipeline:
@@ -147,14 +152,20 @@ def evaluate(att: Attributor, setup, work: Path, scratch: Path, num_models: int,
                     "per_query": per_query.tolist()}
 
     pipeline = Pipeline(att, scratch / "pipeline", top_k)
-    ceiling = top_share(att, pipeline.rescore(None, "all"), exact)
+    best = [set(np.argsort(-row, kind="stable")[:TOP]) for row in exact]
+    queried = top_sets(att, pipeline.rescore(None, "all"))  # attrib.query over the whole corpus, default settings
+
+    def rescored(documents: Path) -> dict:
+        found = top_sets(att, documents)
+        return {"rescored": overlap(found, best), "rescored_vs_query": overlap(found, queried)}
+
     rows = [{"representation": "exact EK-FAC (reference)", "recall": [1.0, 1.0], "spearman": 1.0,
-             "rescored": ceiling, **(lds_of(exact) if lds_of else {})},
+             **rescored(pipeline.rescore(None, "all")), **(lds_of(exact) if lds_of else {})},
             {"representation": "TF-IDF (attrib prefilter)", "recall": [recall(tfidf, exact, k, positive_only=True)
                                                                        for k in budgets],
-             "spearman": spearman(tfidf, exact), "rescored": top_share(att, pipeline.tfidf(), exact),
+             "spearman": spearman(tfidf, exact), **rescored(pipeline.tfidf()),
              **(lds_of(tfidf) if lds_of else {})}]
-    log(f"  exact LDS {rows[0].get('lds')}, re-scored {ceiling}; TF-IDF recall {rows[1]['recall']}, "
+    log(f"  exact LDS {rows[0].get('lds')}, re-scored {rows[0]['rescored']}; TF-IDF recall {rows[1]['recall']}, "
         f"LDS {rows[1].get('lds')}, re-scored {rows[1]['rescored']}")
     with tempfile.TemporaryDirectory() as tmp:
         gradients = Path(tmp) / "query-gradients"
@@ -165,11 +176,11 @@ def evaluate(att: Attributor, setup, work: Path, scratch: Path, num_models: int,
             label = label_of(representation, options)
             scores, manifest = index_scores(att, factors, gradients, Path(tmp), representation, options)
             name = label.replace(" ", "-").replace("×", "x")
-            rescored, pipeline_seconds = pipeline.index(name, representation, options)
+            documents_dir, pipeline_seconds = pipeline.index(name, representation, options)
             row = {"representation": label, "values_per_sequence": manifest["values_per_sequence"],
                    "bytes_per_document": manifest["bytes_per_sequence"] * manifest["counts"]["sequences"] / documents,
                    "recall": [recall(scores, exact, k) for k in budgets], "spearman": spearman(scores, exact),
-                   "rescored": top_share(att, rescored, exact), "pipeline_seconds": round(pipeline_seconds, 1),
+                   **rescored(documents_dir), "pipeline_seconds": round(pipeline_seconds, 1),
                    **(lds_of(scores) if lds_of else {})}
             rows.append(row)
             log(f"  {label}: recall {row['recall']}, LDS {row.get('lds')}, ratio {row.get('ratio')}, "
@@ -214,11 +225,12 @@ def main(argv=None) -> int:
                  f"{r['delta']:+.3f} [{r['delta_ci'][0]:+.3f}, {r['delta_ci'][1]:+.3f}]",
                  f"{r['ratio']:.2f} [{r['ratio_ci'][0]:.2f}, {r['ratio_ci'][1]:.2f}]"] if args.models else []
         table.append([r["representation"], size] + [f"{v:.2f}" for v in r["recall"]] + [f"{r['spearman']:.2f}"]
-                     + cells + [f"{r['rescored']:.2f}"])
+                     + cells + [f"{r['rescored']:.2f}", f"{r['rescored_vs_query']:.2f}"])
     budgets = result["budgets"]
     print(markdown_table(["representation", "bytes per document"]
                          + [f"top {s:.0%} ({k} docs)" for s, k in zip(SHARES, budgets)] + ["Spearman vs exact"]
-                         + lds_headers + [f"re-scored top {TOP} from top {RESCORE_SHARE:.0%} ({result['rescore_top_k']})"],
+                         + lds_headers + [f"re-scored top {TOP} from top {RESCORE_SHARE:.0%} ({result['rescore_top_k']}): of exact's top {TOP}",
+                            f"of attrib.query's top {TOP} over the whole corpus"],
                          table))
     print(f"\n{result['shapes']}, total {result['seconds']} s")
     write_json(args.out, result)
