@@ -15,11 +15,12 @@ full-rank query gradients, default damping and empirical Fisher, as bench_index.
   attrib.query over the whole corpus (the ceiling: what float32 and query rank 32 alone change); and the share
   of that whole-corpus attrib.query's own top 10 that re-scoring the candidates recovers (what the candidates lose).
 
-    python scripts/eval/index_quality.py --kit fortunes --fortunes /tmp/combine-work/fortunes --hidden 16 \
-        --work /tmp/combine-work --out scripts/eval/results/index-quality-fortunes-h16.json
-    python scripts/eval/index_quality.py --kit plain --work /tmp/combine-work --out scripts/eval/results/index-quality-plain.json
-    python scripts/eval/index_quality.py --kit fortunes --fortunes /tmp/combine-work/fortunes/pkg/usr/share/games/fortunes \
-        --hidden 96 --models 0 --work /tmp/combine-work --out scripts/eval/results/index-quality-fortunes-h96.json
+    F=/tmp/combine-work/fortunes/pkg/usr/share/games/fortunes R=scripts/eval/results
+    python scripts/eval/index_quality.py --kit fortunes --fortunes $F --hidden 16 --work /tmp/combine-work \
+        --out $R/index-quality-fortunes-h16.json
+    python scripts/eval/index_quality.py --kit plain --work /tmp/combine-work --out $R/index-quality-plain.json
+    python scripts/eval/index_quality.py --kit fortunes --fortunes $F --hidden 96 --models 0 --work /tmp/combine-work \
+        --out $R/index-quality-fortunes-h96.json
 """
 
 from __future__ import annotations
@@ -129,7 +130,10 @@ def label_of(representation: str, options: dict) -> str:
     return f"kronecker {options['projection']} {options['dims'][0]}×{options['dims'][1]}"
 
 
-def evaluate(att: Attributor, setup, work: Path, scratch: Path, num_models: int, kinds: list[str]) -> dict:
+def evaluate(att: Attributor, setup, work: Path, scratch: Path, num_models: int, kinds: list[str],
+             query_rank: int = 0, only: tuple[str, ...] = ()) -> dict:
+    """Every row of the tables; index scores from query gradients of `query_rank` (0: full), configurations
+    whose label contains one of `only` (all when empty)."""
     started = time.perf_counter()
     factors = att.fit("ekfac", fisher="empirical")
     exact = att.scores(factors, rank=0)
@@ -148,7 +152,8 @@ def evaluate(att: Attributor, setup, work: Path, scratch: Path, num_models: int,
             per_query = np.array(lds.lds(scores, masks, actual, kinds)["per_query"])
             return {"lds": float(per_query.mean()), "ci": bootstrap(per_query),
                     "delta": float((per_query - reference).mean()), "delta_ci": bootstrap(per_query - reference),
-                    "ratio": float(per_query.mean() / reference.mean()), "ratio_ci": ratio_interval(per_query, reference),
+                    "ratio": float(per_query.mean() / reference.mean()),
+                    "ratio_ci": ratio_interval(per_query, reference),
                     "per_query": per_query.tolist()}
 
     pipeline = Pipeline(att, scratch / "pipeline", top_k)
@@ -170,10 +175,13 @@ def evaluate(att: Attributor, setup, work: Path, scratch: Path, num_models: int,
     with tempfile.TemporaryDirectory() as tmp:
         gradients = Path(tmp) / "query-gradients"
         run_query_gradients(gradients, att.record["spec"], att.model, att.tokenizer, att.layers, str(factors),
-                            att.queries, QuerySettings(query_rank=0, max_length=MAX_LENGTH), World(), record=att.record)
+                            att.queries, QuerySettings(query_rank=query_rank, max_length=MAX_LENGTH), World(),
+                            record=att.record)
         for representation, options in configurations(att):
             t0 = time.perf_counter()
             label = label_of(representation, options)
+            if only and not any(part in label for part in only):
+                continue
             scores, manifest = index_scores(att, factors, gradients, Path(tmp), representation, options)
             name = label.replace(" ", "-").replace("×", "x")
             documents_dir, pipeline_seconds = pipeline.index(name, representation, options)
@@ -185,7 +193,8 @@ def evaluate(att: Attributor, setup, work: Path, scratch: Path, num_models: int,
             rows.append(row)
             log(f"  {label}: recall {row['recall']}, LDS {row.get('lds')}, ratio {row.get('ratio')}, "
                 f"re-scored {row['rescored']} ({time.perf_counter() - t0:.1f} s)")
-    return {"setup": setup.__dict__, "shapes": att.shapes(), "num_models": num_models, "budgets": budgets,
+    return {"setup": setup.__dict__, "shapes": att.shapes(), "num_models": num_models, "index_query_rank": query_rank,
+            "budgets": budgets,
             "rescore_top_k": top_k, "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -198,6 +207,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", type=int, default=50, help="M subset models for the LDS (0: no LDS)")
     parser.add_argument("--work", default=str(default_work()), help="cache of kits, subset models and factors")
     parser.add_argument("--scratch", default=None, help="this script's own runs (default: a temporary directory)")
+    parser.add_argument("--index-query-rank", type=int, default=0, help="query rank of the index-score columns "
+                        "(default 0: full, as bench_index.py; the pipeline always uses attrib's default)")
+    parser.add_argument("--only", default="", help="comma list: only configurations whose label contains one")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -216,7 +228,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(args.scratch or tmp) / setup.name()
         result = {"evaluation": "index-quality", "kit": args.kit, **evaluate(att, setup, work, scratch, args.models,
-                                                                             kinds)}
+                                                                             kinds, args.index_query_rank,
+                                                                             tuple(filter(None, args.only.split(","))))}
     lds_headers = ["LDS [95% CI]", "Δ vs exact [95% CI]", "LDS ÷ exact [95% CI]"] if args.models else []
     table = []
     for r in result["rows"]:
@@ -229,7 +242,8 @@ def main(argv=None) -> int:
     budgets = result["budgets"]
     print(markdown_table(["representation", "bytes per document"]
                          + [f"top {s:.0%} ({k} docs)" for s, k in zip(SHARES, budgets)] + ["Spearman vs exact"]
-                         + lds_headers + [f"re-scored top {TOP} from top {RESCORE_SHARE:.0%} ({result['rescore_top_k']}): of exact's top {TOP}",
+                         + lds_headers + [f"re-scored top {TOP} from top {RESCORE_SHARE:.0%} "
+                                          f"({result['rescore_top_k']}): of exact's top {TOP}",
                             f"of attrib.query's top {TOP} over the whole corpus"],
                          table))
     print(f"\n{result['shapes']}, total {result['seconds']} s")
