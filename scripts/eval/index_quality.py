@@ -242,8 +242,8 @@ def main(argv=None) -> int:
     budgets = result["budgets"]
     print(markdown_table(["representation", "bytes per document"]
                          + [f"top {s:.0%} ({k} docs)" for s, k in zip(SHARES, budgets)] + ["Spearman vs exact"]
-                         + lds_headers + [f"re-scored top {TOP} from top {RESCORE_SHARE:.0%} "
-                                          f"({result['rescore_top_k']}): of exact's top {TOP}",
+                         + lds_headers + [(f"re-scored top {TOP} from top {RESCORE_SHARE:.0%} "
+                                          f"({result['rescore_top_k']}): of exact's top {TOP}"),
                             f"of attrib.query's top {TOP} over the whole corpus"],
                          table))
     print(f"\n{result['shapes']}, total {result['seconds']} s")
