@@ -540,17 +540,28 @@ class _Tails:
             self.doc, self.layers, self.sums, self.shards = state["doc"], state["layers"], state["sums"], state["shards"].tolist()
 
     def add(self, doc_index: np.ndarray, layers: np.ndarray) -> None:
-        """Whole documents `doc_index` [m] with their layer scores [m, q, L], each document seen once."""
-        scores = layers.sum(-1)
-        self.sums += np.stack([np.full(scores.shape[1], len(doc_index)), scores.sum(0), (scores**2).sum(0),
-                               np.maximum(scores, 0).sum(0)])
-        doc = np.concatenate([self.doc, np.broadcast_to(doc_index, (len(self.doc), len(doc_index)))], axis=1)
-        kept = np.concatenate([self.layers, layers.transpose(1, 0, 2)], axis=1)
-        if doc.shape[1] > 2 * self.top:  # ordered as the final table: score descending, then document order
-            order = np.lexsort((doc, -kept.sum(-1)), axis=-1)
-            keep = np.concatenate([order[:, : self.top], order[:, -self.top :]], axis=1)
-            doc, kept = np.take_along_axis(doc, keep, 1), np.take_along_axis(kept, keep[..., None], 1)
-        self.doc, self.layers = doc, kept
+        """Whole documents `doc_index` [m] with their layer scores [m, q, L], each document seen once.
+
+        Candidates are chosen on their scores alone and only the chosen rows' layer scores are gathered; kept
+        columns stay in document order, so while documents arrive in that order a stable sort by score alone
+        breaks ties by document as the final table does."""
+        new = layers.sum(-1).T  # [q, m]
+        self.sums += np.stack([np.full(len(new), len(doc_index)), new.sum(1), (new**2).sum(1), np.maximum(new, 0).sum(1)])
+        kept = self.doc.shape[1]
+        doc = np.concatenate([self.doc, np.broadcast_to(doc_index, (len(new), len(doc_index)))], axis=1)
+        scores = np.concatenate([self.layers.sum(-1), new], axis=1)
+        if doc.shape[1] <= 2 * self.top:
+            chosen = np.broadcast_to(np.arange(doc.shape[1]), doc.shape)
+        else:
+            in_order = kept == 0 or doc_index.min() > self.doc.max()
+            order = np.argsort(-scores, axis=1, kind="stable") if in_order else np.lexsort((doc, -scores), axis=-1)
+            chosen = np.sort(np.concatenate([order[:, : self.top], order[:, -self.top :]], axis=1), axis=1)
+        rows, width = np.arange(len(new))[:, None], layers.shape[-1]
+        gathered = np.take(layers.reshape(-1, width), (chosen - kept) * len(new) + rows, axis=0, mode="clip")
+        if kept:
+            earlier = np.take(self.layers.reshape(-1, width), rows * kept + chosen, axis=0, mode="clip")
+            gathered = np.where((chosen < kept)[..., None], earlier, gathered)
+        self.doc, self.layers = np.take_along_axis(doc, chosen, 1), gathered
 
     def shard_done(self, shard: int) -> None:
         from attrib.storage import save_tensors
