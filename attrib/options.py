@@ -377,8 +377,9 @@ class IndexOptions(Group):
         "--dims projection P_Sᵀ G P_A.", choices=("lowrank", "kronecker"))
     rank: int = option(8, "lowrank: factors kept per sequence and layer (0 = full rank, exact).", minimum=0)
     dims: str = option("16", "kronecker: k_out x k_in kept per layer, e.g. 16 or 16x32 (0 = the layer's width).")
-    projection: str = option("random", "kronecker: random (seeded Gaussian) or eigen (top eigenvectors of S and A).",
-                             choices=("random", "eigen"))
+    projection: str = option("auto", "kronecker: eigen (top eigenvectors of S and A; finds far more of the top "
+                             "documents), random (seeded Gaussian), or auto: eigen when the factors have eigenbases.",
+                             choices=("auto", "eigen", "random"))
     seed: int = option(0, "Seed of the random projection.")
     storage_dtype: str = option("bfloat16", "Stored values: bfloat16, float16, float32 or float64 (scores accumulate "
                                 "in float32).", choices=("bfloat16", "float16", "float32", "float64"))

@@ -172,6 +172,18 @@ def test_compressed_forms_equal_their_definitions_on_the_dense_gradient(tmp_path
             assert rows[(query.query_id, doc_id)]["score"] == pytest.approx(want, rel=1e-9, abs=1e-9 * scale)
 
 
+def test_auto_projection_is_eigen_with_eigenbases_and_random_without(tmp_path, model_dirs, corpus_file):
+    """`--projection auto` (the default) records what it chose: eigen on EK-FAC factors, random on diagonal ones."""
+    model, tokenizer, layers, factors = fitted(tmp_path, model_dirs["llama"], corpus_file)
+    settings = FitSettings(strategy="diagonal", fisher="empirical", max_length=MAX_LENGTH, stats_dtype="float64")
+    diagonal = StageDir(tmp_path / "diagonal", "fit-factors", asdict(settings), model_record("m", model, layers))
+    fit_factors(model, tokenizer, layers, CorpusSpec(str(corpus_file)), diagonal, settings, World())
+    for source, chosen in ((factors, "eigen"), (str(diagonal.path), "random")):
+        manifest = build_index(tmp_path / chosen, "m", model, tokenizer, layers, source, CorpusSpec(str(corpus_file)),
+                               index_settings(representation="kronecker", dims=[4, 4]))
+        assert manifest["settings"]["projection"] == chosen and manifest["representation"] == f"kronecker {chosen} 4x4"
+
+
 def test_random_projection_inner_products_are_unbiased_over_seeds():
     """E over seeds of ⟨P_Sᵀ X P_A, P_Sᵀ Y P_A⟩ = ⟨X, Y⟩ for Gaussian P of variance 1/k (P_S, P_A independent).
 
@@ -186,15 +198,18 @@ def test_random_projection_inner_products_are_unbiased_over_seeds():
         exact = float((first * second).sum())
         estimates = []
         for seed in range(2000):
-            (p_s, p_a), = make_projections([layer], None, IndexSettings(representation="kronecker", dims=[4, 5], seed=seed),
-                                           torch.float64)
+            random = IndexSettings(representation="kronecker", projection="random", dims=[4, 5], seed=seed)
+            (p_s, p_a), = make_projections([layer], None, random, torch.float64)
             estimates.append(float(((p_s.T @ first @ p_a) * (p_s.T @ second @ p_a)).sum()))
         estimates = torch.tensor(estimates)
         error = float(estimates.std()) / len(estimates) ** 0.5
         assert abs(float(estimates.mean()) - exact) < 4 * error, (float(estimates.mean()), exact, error)
-    again = make_projections([layer], None, IndexSettings(representation="kronecker", dims=[4, 5], seed=7))
-    same = make_projections([layer], None, IndexSettings(representation="kronecker", dims=[4, 5], seed=7))
-    other = make_projections([layer], None, IndexSettings(representation="kronecker", dims=[4, 5], seed=8))
+
+    def seeded(seed):
+        return make_projections([layer], None, IndexSettings(representation="kronecker", projection="random", dims=[4, 5],
+                                                             seed=seed))
+
+    again, same, other = seeded(7), seeded(7), seeded(8)
     assert torch.equal(again[0][0], same[0][0]) and not torch.equal(again[0][0], other[0][0])
 
 

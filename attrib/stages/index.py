@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -68,7 +68,7 @@ class IndexSettings:
     representation: str = "lowrank"  # or "kronecker"
     rank: int = 8  # lowrank: factors kept per sequence and layer (0: full rank, exact)
     dims: list[int] = field(default_factory=lambda: [16, 16])  # kronecker: [k_out, k_in] per layer (0: full width)
-    projection: str = "random"  # kronecker: "random" (Gaussian, seeded) or "eigen" (top eigenvectors of S and A)
+    projection: str = "auto"  # kronecker: "random" (seeded Gaussian), "eigen" (top eigenvectors of S and A) or "auto"
     seed: int = 0
     storage_dtype: str = "bfloat16"  # scores accumulate in float32 (float64 for a float64 model) whatever this is
     damping: float | None = None  # lowrank's whitening √(Λ + λ); None: damping_scale × mean(Λ) per layer
@@ -329,6 +329,8 @@ def build_index(out, model_spec: str, lm, tokenizer, layers: list[TrackedLayer],
         settings.shape(layer)  # sizes beyond a layer are refused before anything is written
     record = model_record(model_spec, lm, layers)
     curvature = Curvature(factors, layers, settings.damping, settings.damping_scale, record["fingerprint"])
+    if settings.projection == "auto":  # eigen finds far more of the top documents (docs/benchmarks.md, issue 20)
+        settings = replace(settings, projection="eigen" if curvature.strategy.rotates else "random")
     if settings.representation == "kronecker" and settings.projection == "eigen" and not curvature.strategy.rotates:
         raise InputError(f"{flag('projection')} eigen needs eigenbases; {flag('factors', factors)} holds "
                          f"'{curvature.strategy.name}' factors: use {flag('projection')} random or fit ekfac factors")
