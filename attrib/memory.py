@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from attrib.options import DEFAULT_QUERY_RANK
+from attrib.options import DEFAULT_INDEX_DIMS, DEFAULT_QUERY_RANK
 from attrib.strategies import STRATEGY
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -357,10 +357,13 @@ def self_influence(model: ModelShape, layers: list[LayerShape], *, tokens_per_ba
 
 
 def index_shape(layer: LayerShape, representation: str, rank: int, dims) -> dict[str, list[int]]:
-    """The stored tensors of one sequence and layer of an index, by name suffix (0: full rank or width)."""
+    """The stored tensors of one sequence and layer of an index, by name suffix (0: full rank or width; dims None:
+    DEFAULT_INDEX_DIMS per side, or the layer's width where smaller)."""
     if representation == "lowrank":
         rank = rank or min(layer.d_out, layer.d_in)
         return {"left": [layer.d_out, rank], "right": [layer.d_in, rank]}
+    if dims is None:
+        return {"projected": [min(DEFAULT_INDEX_DIMS, layer.d_out), min(DEFAULT_INDEX_DIMS, layer.d_in)]}
     return {"projected": [dims[0] or layer.d_out, dims[1] or layer.d_in]}
 
 
@@ -376,7 +379,7 @@ def index_query_side_bytes(layers: list[LayerShape], representation: str, rank: 
     factors = formed = unrotated = 0
     for l in layers:
         r = min(query_rank or min(l.d_out, l.d_in), l.d_out, l.d_in)
-        rows, columns = index_shape(l, "kronecker", 0, dims if representation == "kronecker" else (0, 0))["projected"]
+        rows, columns = index_shape(l, "kronecker", 0, dims if representation == "kronecker" else [0, 0])["projected"]
         factors += r * (rows + columns)
         unrotated = max(unrotated, r * (l.d_out + l.d_in))
         formed = formed + rows * columns if representation == "kronecker" else max(formed, rows * columns)
@@ -391,7 +394,7 @@ def index_queries_per_pass(layers: list[LayerShape], representation: str, rank: 
 
 
 def index_build(model: ModelShape, layers: list[LayerShape], *, tokens_per_batch: int, dtype: str, device: str = "cpu",
-                representation: str = "lowrank", rank: int = 8, dims=(16, 16), storage_dtype: str = "bfloat16",
+                representation: str = "kronecker", rank: int = 8, dims=None, storage_dtype: str = "bfloat16",
                 docs_per_part: int = 2000, rotates: bool = True, resident_factors: bool = True) -> StagePeak:
     """Peak of `attrib index`: a batch of training sequences forward and backward with every layer's inputs
     kept (kronecker: projected); inside one layer's backward (lowrank) its rotated inputs and output gradients
@@ -425,7 +428,7 @@ def index_build(model: ModelShape, layers: list[LayerShape], *, tokens_per_batch
 
 
 def index_scoring(model: ModelShape, layers: list[LayerShape], *, dtype: str, device: str = "cpu",
-                  representation: str = "lowrank", rank: int = 8, dims=(16, 16), query_rank: int = DEFAULT_QUERY_RANK,
+                  representation: str = "kronecker", rank: int = 8, dims=None, query_rank: int = DEFAULT_QUERY_RANK,
                   queries: int = 16, queries_per_pass: int | None = None, documents_top: int = 1000,
                   docs_per_part: int = 2000, rotates: bool = True) -> StagePeak:
     """Peak of `attrib query --index` once its query gradients exist: the query sides of one pass, one layer's

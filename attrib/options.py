@@ -18,6 +18,7 @@ from attrib.runtime import flag
 from attrib.strategies import STRATEGY
 
 DEFAULT_QUERY_RANK = 32
+DEFAULT_INDEX_DIMS = 64  # kronecker index, per side and layer (docs/benchmarks.md, issue 20)
 DEFAULT_DAMPING_SCALE = 0.001  # × each layer's mean eigenvalue; chosen on real text (docs/benchmarks.md)
 # --solver cg without --solve-iterations: 3 reached the dense ceiling's LDS on real text, and more
 # iterations over a small sample over-solve (docs/benchmarks.md, "CG solve: LDS vs iterations")
@@ -373,10 +374,13 @@ class PrefilterOptions(Group):
 class IndexOptions(Group):
     key = "index"
     representation: str = option(
-        "lowrank", "lowrank: --rank factors of each sequence's whitened gradient (eigenbasis, ÷√(Λ+λ)); kronecker: a "
-        "--dims projection P_Sᵀ G P_A.", choices=("lowrank", "kronecker"))
+        "kronecker", "kronecker: a --dims projection P_Sᵀ G P_A of each sequence's gradient (small, cheap to build and "
+        "score at any width); lowrank: --rank factors of its whitened gradient (eigenbasis, ÷√(Λ+λ); best per byte "
+        "on narrow models, d_out + d_in values per rank and layer).", choices=("kronecker", "lowrank"))
     rank: int = option(8, "lowrank: factors kept per sequence and layer (0 = full rank, exact).", minimum=0)
-    dims: str = option("16", "kronecker: k_out x k_in kept per layer, e.g. 16 or 16x32 (0 = the layer's width).")
+    dims: Optional[str] = option(
+        None, f"kronecker: k_out x k_in kept per layer, e.g. 64 or 64x32; 0 = the layer's width (default "
+        f"{DEFAULT_INDEX_DIMS}, or the layer's width where smaller).")
     projection: str = option("auto", "kronecker: eigen (top eigenvectors of S and A; finds far more of the top "
                              "documents), random (seeded Gaussian), or auto: eigen when the factors have eigenbases.",
                              choices=("auto", "eigen", "random"))
@@ -385,7 +389,8 @@ class IndexOptions(Group):
                                 "in float32).", choices=("bfloat16", "float16", "float32", "float64"))
 
     def check(self, options: "StageOptions") -> None:
-        parse_dims(self.dims)
+        if self.dims is not None:
+            parse_dims(self.dims)
 
 
 # --------------------------------------------------------------------------- what each stage offers

@@ -316,7 +316,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, model_dirs, 
     cases = {
         "another model": ["--factors", other, "--corpus", corpus_file],
         "dims": ["--factors", factors, "--corpus", corpus_file, "--representation", "kronecker", "--dims", "8x999"],
-        "rank": ["--factors", factors, "--corpus", corpus_file, "--rank", "17"],
+        "rank": ["--factors", factors, "--corpus", corpus_file, "--representation", "lowrank", "--rank", "17"],
         "empty corpus": ["--factors", factors, "--corpus", empty],
         "no sequence of 2 tokens": ["--factors", factors, "--corpus", one_token],
         "representation": ["--factors", factors, "--corpus", corpus_file, "--representation", "sketch"],
@@ -329,11 +329,13 @@ def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, model_dirs, 
         assert not out.exists(), name
 
     out = tmp_path / "index"
-    code, _, err = run_cli(capsys, *base, "--factors", factors, "--corpus", corpus_file, "--rank", "2", "--out", out)
+    code, _, err = run_cli(capsys, *base, "--factors", factors, "--corpus", corpus_file,
+                           "--representation", "lowrank", "--rank", "2", "--out", out)
     assert code == 0, err
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     corpus_file.write_text(corpus_file.read_text() + json.dumps({"id": "new", "text": "A new document."}) + "\n")
-    code, _, err = run_cli(capsys, *base, "--factors", factors, "--corpus", corpus_file, "--rank", "2", "--out", out)
+    code, _, err = run_cli(capsys, *base, "--factors", factors, "--corpus", corpus_file,
+                           "--representation", "lowrank", "--rank", "2", "--out", out)
     assert code == 2 and "other inputs (corpus changed" in err and err.count("\n") == 1, err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
@@ -353,7 +355,8 @@ def test_index_candidates_feed_query_unchanged(tmp_path, capsys, model_dirs, cor
     queries = [q.as_row() for q in QUERIES]
     model = str(model_dirs["llama"])
     factors = attrib.fit_factors(model, str(corpus_file), out=tmp_path / "factors", max_length=MAX_LENGTH)
-    built = attrib.index(model, factors, str(corpus_file), tmp_path / "index", rank=2, max_length=MAX_LENGTH)
+    built = attrib.index(model, factors, str(corpus_file), tmp_path / "index", representation="lowrank", rank=2,
+                         max_length=MAX_LENGTH)
     assert built.manifest["bytes_per_sequence"] == 2 * 2 * 2 * ((32 + 16) + (32 + 16) + (16 + 32))  # bf16, rank 2, 2 blocks
     candidates = attrib.prefilter(None, queries, tmp_path / "candidates", index=built, model=model, top_k=4,
                                   max_length=MAX_LENGTH)
@@ -397,7 +400,7 @@ def test_two_processes_build_and_score_the_index_of_one(tmp_path, model_dirs, co
     for processes in (1, 2):
         out = tmp_path / f"index{processes}"
         built = attrib_command(["index", "--model", model, "--factors", factors, "--corpus", corpus_file, "--out", out,
-                                "--max-length", MAX_LENGTH, "--docs-per-part", 3, "--rank", 2,
+                                "--max-length", MAX_LENGTH, "--docs-per-part", 3,
                                 "--storage-dtype", "float32"], processes)
         assert built.returncode == 0, built.stderr[-3000:]
         manifest = json.loads((out / "manifest.json").read_text())

@@ -99,14 +99,15 @@ def test_query_stages_stay_within_predicted_peak_memory(one_block):
     index = ["--model", root / "model", "--max-length", MAX_LENGTH, "--tokens-per-batch", TOKENS_PER_BATCH]
     report["index"] = (
         _peak_rss_bytes(["index", *index, "--factors", root / "factors", "--corpus", root / "corpus.jsonl",
-                         "--docs-per-part", 4, "--out", root / "index"]),
+                         "--docs-per-part", 4, "--representation", "lowrank", "--out", root / "index"]),
         memory.index_build(shape, layers, tokens_per_batch=TOKENS_PER_BATCH, dtype="float32", docs_per_part=4,
-                           rotates=False),
+                           representation="lowrank", rotates=False),
     )
     report["query --index"] = (
         _peak_rss_bytes(["query", *index, "--index", root / "index", "--query-gradients", root / "qg",
                          "--out", root / "index-scores"]),
-        memory.index_scoring(shape, layers, dtype="float32", queries=QUERIES, docs_per_part=4, rotates=False),
+        memory.index_scoring(shape, layers, dtype="float32", representation="lowrank", queries=QUERIES, docs_per_part=4,
+                             rotates=False),
     )
     print(json.dumps({stage: {"measured_mib": m / 2**20, "predicted_host_mib": p.host / 2**20,
                               "terms_mib": {k: v / 2**20 for k, v in p.terms.items()}}

@@ -7,7 +7,16 @@ from typing import Annotated, Optional
 import typer
 
 from attrib.memory import parse_bytes
-from attrib.options import DEFAULT_QUERY_RANK, MODEL, BatchOptions, FitOptions, IndexOptions, ModelOptions, help_of
+from attrib.options import (
+    DEFAULT_INDEX_DIMS,
+    DEFAULT_QUERY_RANK,
+    MODEL,
+    BatchOptions,
+    FitOptions,
+    IndexOptions,
+    ModelOptions,
+    help_of,
+)
 
 
 def _option(group, name: str, **changes):
@@ -29,9 +38,9 @@ def inspect_model(
     dtype: Annotated[str, typer.Option(help="Model compute dtype of the planned run: auto (bfloat16 on cuda), "
                                             "float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="Device of the planned run: cuda or cpu (nothing runs on it here).")] = "cuda",
-    representation: Annotated[str, _option(IndexOptions, "representation")] = "lowrank",
+    representation: Annotated[str, _option(IndexOptions, "representation")] = "kronecker",
     rank: Annotated[int, _option(IndexOptions, "rank")] = 8,
-    dims: Annotated[str, _option(IndexOptions, "dims")] = "16",
+    dims: Annotated[Optional[str], _option(IndexOptions, "dims")] = None,
     storage_dtype: Annotated[str, _option(IndexOptions, "storage_dtype")] = "bfloat16",
     sequences: Annotated[int, typer.Option(help="Sequences of the planned index: its size on disk.")] = 10_000_000,
     trust_remote_code: Annotated[bool, _option(ModelOptions, "trust_remote_code")] = False,
@@ -64,7 +73,7 @@ def inspect_model(
     from attrib.options import STAGES, parse_dims
 
     STAGES["index"].parse({"representation": representation, "rank": rank, "dims": dims, "storage_dtype": storage_dtype})
-    index_dims = parse_dims(dims)
+    index_dims = None if dims is None else parse_dims(dims)
     budget = parse_bytes(max_memory, "--max-memory") if max_memory is not None else None
     lm = load_meta_model(model, trust_remote_code)
     layers = find_tracked_layers(lm, modules)
@@ -140,7 +149,9 @@ def inspect_model(
                       f"{peak.host / memory.GiB:.1f}", terms)
     console.print(peaks)
     per_sequence = memory.index_values(shapes, representation, rank, index_dims) * memory.DTYPE_BYTES[storage_dtype]
-    label = f"rank {rank or 'full'}" if representation == "lowrank" else f"{'x'.join(map(str, index_dims))}"
+    label = (f"rank {rank or 'full'}" if representation == "lowrank" else
+             f"{DEFAULT_INDEX_DIMS}x{DEFAULT_INDEX_DIMS} or the layer's width" if index_dims is None else
+             "x".join(map(str, index_dims)))
     console.print(f"index ({representation} {label}, {storage_dtype}): {per_sequence / 2**10:,.1f} KiB per sequence; "
                   f"{sequences:,} sequences: {per_sequence * sequences / 2**40:,.2f} TiB on disk")
     if budget is not None:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from attrib.errors import InputError, RunError
 from attrib.memory import SCORE_BLOCK_ELEMENTS, SCORES_BYTES, LayerShape, index_queries_per_pass, index_shape
 from attrib.factors import LayerCurvature, correction_sequences_per_step
 from attrib.models import TrackedLayer
-from attrib.options import DEFAULT_DAMPING_SCALE, parse_dims
+from attrib.options import DEFAULT_DAMPING_SCALE, DEFAULT_INDEX_DIMS, parse_dims
 from attrib.progress import message, progress
 from attrib.results import StageResult
 from attrib.runtime import flag
@@ -65,9 +65,9 @@ TAILS_SAVE_SECONDS = 60  # a pass's running tails are saved at most this often
 class IndexSettings:
     """Everything that changes the stored index; recorded in the manifest and checked on resume."""
 
-    representation: str = "lowrank"  # or "kronecker"
+    representation: str = "kronecker"  # or "lowrank"
     rank: int = 8  # lowrank: factors kept per sequence and layer (0: full rank, exact)
-    dims: list[int] = field(default_factory=lambda: [16, 16])  # kronecker: [k_out, k_in] per layer (0: full width)
+    dims: list[int] | None = None  # kronecker: [k_out, k_in] per layer (0: full width; None: DEFAULT_INDEX_DIMS or less)
     projection: str = "auto"  # kronecker: "random" (seeded Gaussian), "eigen" (top eigenvectors of S and A) or "auto"
     seed: int = 0
     storage_dtype: str = "bfloat16"  # scores accumulate in float32 (float64 for a float64 model) whatever this is
@@ -81,7 +81,8 @@ class IndexSettings:
     @classmethod
     def of(cls, options, max_length: int, world_size: int) -> IndexSettings:
         chosen, reading = options.index, options.batch
-        return cls(chosen.representation, chosen.rank, parse_dims(chosen.dims), chosen.projection, chosen.seed,
+        dims = None if chosen.dims is None else parse_dims(chosen.dims)
+        return cls(chosen.representation, chosen.rank, dims, chosen.projection, chosen.seed,
                    chosen.storage_dtype, options.damping.damping, options.damping.scale, max_length,
                    reading.tokens_per_batch, reading.docs_per_part, world_size)
 
@@ -89,7 +90,7 @@ class IndexSettings:
         """The checks of the command's options (attrib.options.IndexOptions), for callers of build_index."""
         from attrib.options import STAGES
 
-        given = {**asdict(self), "dims": "x".join(map(str, self.dims))}
+        given = {**asdict(self), "dims": None if self.dims is None else "x".join(map(str, self.dims))}
         for resolved in ("world_size", "damping_scale" if self.damping is not None else "damping"):
             given.pop(resolved)
         STAGES["index"].parse(given)
@@ -102,7 +103,7 @@ class IndexSettings:
             if rank > min(d_out, d_in):
                 raise InputError(f"{flag('rank', self.rank)} exceeds layer {layer.name} ({d_out} × {d_in}); "
                                  "use at most its smaller side, or 0 for full rank")
-        else:
+        elif self.dims is not None:  # given sizes beyond the layer are refused; the default is clipped to it
             k_out, k_in = self.dims[0] or d_out, self.dims[1] or d_in
             if k_out > d_out or k_in > d_in:
                 raise InputError(f"{flag('dims', k_out)}x{k_in} exceeds layer {layer.name} ({d_out} × {d_in}); "
@@ -390,6 +391,8 @@ def build_index(out, model_spec: str, lm, tokenizer, layers: list[TrackedLayer],
 def _describe(settings: IndexSettings) -> str:
     if settings.representation == "lowrank":
         return f"lowrank rank {settings.rank or 'full'} (whitened)"
+    if settings.dims is None:
+        return f"kronecker {settings.projection} {DEFAULT_INDEX_DIMS}x{DEFAULT_INDEX_DIMS} (or the layer's width)"
     return f"kronecker {settings.projection} {settings.dims[0] or 'full'}x{settings.dims[1] or 'full'}"
 
 
