@@ -1,8 +1,8 @@
 """Index scoring at scale (issue 20, item 4): 1,000 queries against ≥ 100,000 indexed sequences.
 
 The planted-fact kit's model and factors (scripts/bench_index.py's "large" kit: Llama hidden 64, MLP 256,
-six tracked layers). Its 1,000 documents are indexed for real (`attrib index`, the default representation
-unless --representation/--rank/--dims say otherwise), then the shards are repeated under new document
+six tracked layers). Its 1,000 documents are indexed for real (`attrib index` with --representation and its
+--rank or --dims; default kronecker 64, which is the stage's default on these layers), then the shards are repeated under new document
 ids until the index holds --sequences sequences: the scores of the copies repeat, the work of scoring
 them does not. The kit's 120 queries are repeated under new ids up to --queries. `attrib query --index`
 then runs in a fresh process (its peak RSS read from /proc), with the query gradients computed beforehand.
@@ -12,7 +12,8 @@ forming W_n = L Rᵀ) per second as a share of this machine's float32 matrix-pro
 thread) measured in the same run (target ≥ 50 %); the peak memory against attrib.memory's prediction;
 bytes per sequence and the index size.
 
-    python scripts/bench_index_scale.py --sequences 100000 --queries 1000 --out scripts/eval/results/index-scale.json
+    python scripts/bench_index_scale.py --out scripts/eval/results/index-scale-kronecker.json
+    python scripts/bench_index_scale.py --representation lowrank --out scripts/eval/results/index-scale-lowrank.json
 """
 
 from __future__ import annotations
@@ -101,9 +102,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sequences", type=int, default=100_000)
     parser.add_argument("--queries", type=int, default=1000)
-    parser.add_argument("--representation", default="lowrank", choices=("lowrank", "kronecker"))
+    parser.add_argument("--representation", default="kronecker", choices=("lowrank", "kronecker"))
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--dims", default="16")
+    parser.add_argument("--dims", default="64")
     parser.add_argument("--work", default=str(default_work()))
     parser.add_argument("--scratch", default="/tmp/bench-index-scale")
     parser.add_argument("--out", default=None)
