@@ -9,6 +9,11 @@ token as a ratio to a plain forward+backward (weight gradients) over the same ba
 the same run in float32 on one thread.
 
     python scripts/bench_index.py [--corpus plain|distractors|large] --out scripts/eval/results/index.json
+    python scripts/bench_index.py --corpus large --timing-only [--hidden 512 --intermediate 2048]
+
+`--timing-only` measures only the build time; `--hidden/--intermediate` time it on a random-init Llama of that
+width (the kit's tokenizer, depth and heads; EK-FAC factors fitted on the kit's corpus), where the per-call
+overheads of the kit's hidden-64 model no longer hide the products.
 """
 
 from __future__ import annotations
@@ -73,10 +78,10 @@ def spearman(scores: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([stats.spearmanr(p, r)[0] for p, r in zip(scores, exact)]))
 
 
-def index_scores(att: Attributor, factors: Path, gradients: Path, work: Path, representation: str, options: dict,
-                 model=None, layers=None) -> tuple[np.ndarray, dict]:
+def index_scores(att: Attributor, factors: Path, gradients: Path, work: Path, representation: str,
+                 options: dict) -> tuple[np.ndarray, dict]:
     """Index scores [queries, documents] of one configuration and the index's manifest."""
-    model, layers = model or att.model, layers or att.layers
+    model, layers = att.model, att.layers
     settings = IndexSettings(representation=representation, max_length=MAX_LENGTH, docs_per_part=10**6,
                              **{"storage_dtype": "bfloat16", **options})
     index_dir, scores_dir = work / "index", work / "scores"
@@ -91,6 +96,45 @@ def index_scores(att: Attributor, factors: Path, gradients: Path, work: Path, re
     for row in table:
         scores[position[row["query_id"]], att.doc_index[row["doc_id"]]] = row["score"]
     return scores, manifest
+
+
+def build_seconds(att: Attributor, factors: Path, work: Path, representation: str, options: dict, model,
+                  layers) -> tuple[float, str]:
+    """The index build's own timing (manifest `build_seconds`: reading, tokenizing, encoding, writing) and its label."""
+    settings = IndexSettings(representation=representation, max_length=MAX_LENGTH, docs_per_part=10**6,
+                             **{"storage_dtype": "bfloat16", **options})
+    shutil.rmtree(work, ignore_errors=True)
+    manifest = build_index(work, att.record["spec"], model, att.tokenizer, layers, str(factors), att.corpus, settings)
+    return manifest["timings"]["build_seconds"], manifest["representation"]
+
+
+def wide_model(att: Attributor, work: Path, hidden: int, intermediate: int) -> Path:
+    """A random-init copy of the kit's model at another width (same depth, heads, vocab, tokenizer), cached."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = work / f"{att.setup_dir.name}-wide-h{hidden}-i{intermediate}" / "model"
+    if (directory / "config.json").is_file():
+        return directory
+    config = AutoConfig.from_pretrained(att.model_dir)
+    config.hidden_size, config.intermediate_size = hidden, intermediate
+    config.head_dim = hidden // config.num_attention_heads
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    att.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_timings(att: Attributor, factors: Path, work: Path, repeats: int) -> tuple[float, dict[str, float]]:
+    """Seconds of a plain forward+backward over the kit and of each TIMED build, best of `repeats`, float32."""
+    model, _ = load_model(str(att.model_dir), "float32", "cpu")
+    layers = find_tracked_layers(model)
+    plain = min(plain_step_seconds(model, att.tokenizer, att.sequences) for _ in range(repeats))
+    timings = {}
+    for representation, options in TIMED:
+        runs = [build_seconds(att, factors, work / "timed", representation, options, model, layers)
+                for _ in range(repeats)]
+        timings[runs[0][1]] = min(seconds for seconds, _ in runs)
+    return plain, timings
 
 
 def plain_step_seconds(model, tokenizer, sequences) -> float:
@@ -148,6 +192,12 @@ def score_rate(work: Path, queries: int = 1000, sequences: int = 2000, repeats: 
     return results
 
 
+def report_timings(plain: float, timings: dict[str, float], tokens: int) -> None:
+    print(f"\nbuild time per token (float32, 1 thread): plain forward+backward {plain / tokens * 1e6:.1f} µs/token")
+    for label, seconds in timings.items():
+        print(f"  {label}: {seconds / tokens * 1e6:.1f} µs/token = {seconds / plain:.2f}× plain")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--corpus", default="plain", choices=sorted(KITS))
@@ -156,7 +206,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timings: the best of this many runs")
     parser.add_argument("--out", default=None)
     parser.add_argument("--score-rate", action="store_true", help="only the scoring throughput against the matrix-product rate")
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only the build time against a plain forward+backward")
+    parser.add_argument("--hidden", type=int, default=None, help="time a random-init model of this width instead")
+    parser.add_argument("--intermediate", type=int, default=None, help="its MLP width (default 4 × --hidden)")
     args = parser.parse_args(argv)
+    if args.hidden is not None and not args.timing_only:
+        parser.error("--hidden needs --timing-only: a random-init model has no influence worth recalling")
     torch.set_num_threads(1)
     if args.score_rate:
         with tempfile.TemporaryDirectory() as tmp:
@@ -169,8 +225,21 @@ def main(argv=None) -> int:
         return 0
     setup = Setup(arch=args.arch, **KITS[args.corpus], **MODEL)
     att = Attributor(build_setup(setup, Path(args.work)), Path(args.work))
+    if args.hidden is not None:
+        intermediate = args.intermediate or 4 * args.hidden
+        att = Attributor(att.setup_dir, Path(args.work), wide_model(att, Path(args.work), args.hidden, intermediate))
     log(f"index benchmark on {setup.name()}: {att.shapes()}")
     factors = att.fit("ekfac", fisher="empirical")
+    tokens = sum(len(s) for s in att.sequences)
+    if args.timing_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            plain, timings = build_timings(att, factors, Path(tmp), args.repeats)
+        print(f"\n{att.model_dir}: {len(att.sequences)} sequences, {tokens:,} tokens; tracked {att.shapes()['layers']}")
+        report_timings(plain, timings, tokens)
+        write_json(args.out, {"benchmark": "index build time", "setup": setup.__dict__, "model": str(att.model_dir),
+                              "shapes": att.shapes(), "plain_seconds": plain, "build_seconds": timings,
+                              "tokens": tokens})
+        return 0
     exact = att.scores(factors, rank=0)
     tfidf = prefilter_scores(att, "tfidf", att.work)
     documents = len(att.doc_ids)
@@ -196,19 +265,7 @@ def main(argv=None) -> int:
             rows.append([label, f"{manifest['values_per_sequence']:,}", f"{per_document:,.0f}"]
                         + [f"{v:.2f}" for v in shares] + [f"{results[-1]['spearman']:.2f}"])
             log(f"{label}: {shares} ({time.perf_counter() - started:.1f} s)")
-
-        # build time per token against a plain forward+backward, float32 on one thread, in the same run
-        model, _ = load_model(str(att.model_dir), "float32", "cpu")
-        layers = find_tracked_layers(model)
-        tokens = sum(len(s) for s in att.sequences)
-        plain = min(plain_step_seconds(model, att.tokenizer, att.sequences) for _ in range(args.repeats))
-        timings = {}
-        for representation, options in TIMED:
-            best = float("inf")
-            for _ in range(args.repeats):
-                _, manifest = index_scores(att, factors, gradients, work / "timed", representation, options, model, layers)
-                best = min(best, manifest["timings"]["build_seconds"])
-            timings[manifest["representation"]] = best
+        plain, timings = build_timings(att, factors, work, args.repeats)  # float32 on one thread, in the same run
     headers = ["representation", "values per sequence", "bytes per document (bf16)"] + [
         f"top {share:.0%} ({k} docs)" for share, k in zip(SHARES, budgets)] + ["Spearman vs exact"]
     print(f"\n{setup.name()}: {documents} documents, {len(att.sequences)} sequences, {tokens:,} tokens, "
@@ -216,9 +273,7 @@ def main(argv=None) -> int:
     print(f"share of exact EK-FAC's top {TOP} in each method's top share of the corpus (ceiling at 1 %: "
           f"{min(budgets[0], TOP) / TOP:.2f})\n")
     print(markdown_table(headers, rows))
-    print(f"\nbuild time per token (float32, 1 thread): plain forward+backward {plain / tokens * 1e6:.1f} µs/token")
-    for label, seconds in timings.items():
-        print(f"  {label}: {seconds / tokens * 1e6:.1f} µs/token = {seconds / plain:.2f}× plain")
+    report_timings(plain, timings, tokens)
     write_json(args.out, {"benchmark": "index", "setup": setup.__dict__, "shapes": att.shapes(), "budgets": budgets,
                           "tfidf": reference["tfidf"], "rows": results, "plain_seconds": plain,
                           "build_seconds": timings, "tokens": tokens})

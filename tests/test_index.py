@@ -172,6 +172,34 @@ def test_compressed_forms_equal_their_definitions_on_the_dense_gradient(tmp_path
             assert rows[(query.query_id, doc_id)]["score"] == pytest.approx(want, rel=1e-9, abs=1e-9 * scale)
 
 
+def test_lowrank_on_a_wider_model_is_within_its_bound_of_the_best_rank_r(tmp_path, tokenizer, corpus_file):
+    """On layers wide enough for the fast path (rank 8 of 128 × 64: attrib.preconditioned_gradients.gram_low_rank),
+    each stored L Rᵀ reconstructs the whitened gradient W of the oracle's dense G within 1% of the best rank-8
+    error (Eckart–Young, float64), the bound the randomized query compression is held to."""
+    from attrib.preconditioned_gradients import EXACT_SVD_FRACTION, gram_is_cheaper
+    from tests.conftest import build_model
+
+    model, tokenizer, layers, factors = fitted(tmp_path, build_model(tmp_path / "wide", "llama", tokenizer, hidden=64),
+                                               corpus_file)
+    rank = 8
+    assert all(rank * EXACT_SVD_FRACTION < min(l.d_out, l.d_in_folded) and gram_is_cheaper(l.d_out, l.d_in_folded, rank)
+               for l in layers)
+    build_index(tmp_path / "index", "m", model, tokenizer, layers, factors, CorpusSpec(str(corpus_file)),
+                index_settings(rank=rank))
+    stored, keys = _shard_tensors(tmp_path / "index")
+    curvature = load_curvature(factors, layers, None, damping_scale=DAMPING_SCALE)
+    by_key = {(s.doc_id, s.chunk): s for s in training_sequences(tokenizer, corpus_file)}
+    for row, key in enumerate(keys):
+        gradients = sequence_gradient(model, layers, by_key[key])
+        for index, layer in enumerate(layers):
+            c = curvature[index]
+            rotated = c.gradient_basis.T @ gradients[layer.name] @ c.activation_basis
+            whitened = rotated / (c.eigenvalues + c.damping).sqrt()
+            optimum = torch.linalg.svdvals(whitened)[rank:].square().sum().sqrt()
+            error = (whitened - stored[f"{layer.name}.left"][row] @ stored[f"{layer.name}.right"][row].T).norm()
+            assert error <= 1.01 * optimum + 1e-9 * whitened.norm(), (key, layer.name, float(error / optimum))
+
+
 def test_random_projection_inner_products_are_unbiased_over_seeds():
     """E over seeds of ⟨P_Sᵀ X P_A, P_Sᵀ Y P_A⟩ = ⟨X, Y⟩ for Gaussian P of variance 1/k (P_S, P_A independent).
 
