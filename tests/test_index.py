@@ -200,6 +200,25 @@ def test_lowrank_on_a_wider_model_is_within_its_bound_of_the_best_rank_r(tmp_pat
             assert error <= 1.01 * optimum + 1e-9 * whitened.norm(), (key, layer.name, float(error / optimum))
 
 
+@pytest.mark.parametrize("value, overflows", [(65504.0, False), (65519.0, False), (65520.0, True),
+                                               (float("nan"), True), (float("-inf"), True)])
+def test_a_value_that_storage_cannot_hold_is_refused(value, overflows):
+    """float16 storage: values that round to ±inf (≥ 65520 in magnitude), NaN and ±inf stop the build with a
+    RunError; the largest that rounds to a finite value (65519 → 65504) is kept."""
+    from types import SimpleNamespace
+
+    from attrib.errors import RunError
+    from attrib.stages.index import IndexBuilder
+
+    builder = SimpleNamespace(storage=torch.float16, settings=SimpleNamespace(storage_dtype="float16"))
+    tensor = torch.tensor([[1.0, -2.0], [value, 3.0]])
+    if overflows:
+        with pytest.raises(RunError, match="overflows"):
+            IndexBuilder._store(builder, tensor)
+    else:
+        assert torch.equal(IndexBuilder._store(builder, tensor), tensor.to(torch.float16))
+
+
 def test_random_projection_inner_products_are_unbiased_over_seeds():
     """E over seeds of ⟨P_Sᵀ X P_A, P_Sᵀ Y P_A⟩ = ⟨X, Y⟩ for Gaussian P of variance 1/k (P_S, P_A independent).
 

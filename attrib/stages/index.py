@@ -132,15 +132,19 @@ def whitened_low_rank(curvature: LayerCurvature, a: torch.Tensor, g: torch.Tenso
         a = a @ curvature.activation_basis
     scale = None if curvature.eigenvalues is None else (curvature.eigenvalues + curvature.damping).rsqrt()
     step = sequences_per_step or correction_sequences_per_step(d_out, d_in)
+    # one block reused by every step: a fresh one of this size is page-faulted in each time, which on a CPU
+    # cost as much as the product that fills it
+    block = torch.empty((min(step, batch), d_out, d_in), dtype=g.dtype, device=g.device)
     lefts, rights = [], []
     for start in range(0, batch, step):
-        gradient = torch.bmm(g[start : start + step].mT, a[start : start + step])  # [step, d_out, d_in]
+        rows = slice(start, start + step)
+        gradient = torch.bmm(g[rows].mT, a[rows], out=block[: len(g[rows])])  # [step, d_out, d_in]
         if rotates and not gradient_first:
             gradient = curvature.gradient_basis.T @ gradient
         if rotates and not activation_first:
             gradient = gradient @ curvature.activation_basis
         if scale is not None:
-            gradient = gradient * scale
+            gradient = gradient.mul_(scale)
         u, sigma, v = low_rank(gradient, rank, gram=True)
         root = sigma.sqrt()[:, None, :]
         lefts.append(u * root)
@@ -257,8 +261,10 @@ class IndexBuilder:
         return stored
 
     def _store(self, tensor: torch.Tensor) -> torch.Tensor:
+        # rounding is monotone: the largest magnitude stays finite in storage iff every value does (NaN included)
+        peak = torch.linalg.vector_norm(tensor.detach(), ord=float("inf"))
         stored = tensor.detach().to("cpu", self.storage)
-        if not torch.isfinite(stored).all():
+        if not torch.isfinite(peak.to(self.storage)):
             raise RunError(f"a stored value overflows {flag('storage_dtype', self.settings.storage_dtype)}; "
                            "use bfloat16 or float32")
         return stored
