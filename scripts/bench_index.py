@@ -9,16 +9,18 @@ token as a ratio to a plain forward+backward (weight gradients) over the same ba
 the same run in float32 on one thread.
 
     python scripts/bench_index.py [--corpus plain|distractors|large] --out scripts/eval/results/index.json
-    python scripts/bench_index.py --corpus large --timing-only [--hidden 512 --intermediate 2048]
+    python scripts/bench_index.py --corpus large --timing-only [--hidden 512 --intermediate 2048] [--join 120]
 
 `--timing-only` measures only the build time; `--hidden/--intermediate` time it on a random-init Llama of that
 width (the kit's tokenizer, depth and heads; EK-FAC factors fitted on the kit's corpus), where the per-call
-overheads of the kit's hidden-64 model no longer hide the products.
+overheads of the kit's hidden-64 model no longer hide the products; `--join N` times it on the kit's documents
+joined into documents of N tokens or more (the kit's own average about 40), as long as real chunks.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -45,7 +47,7 @@ from lds import CORPORA, MODEL  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from attrib.capture import summed_nll  # noqa: E402
-from attrib.data import collate, pack_batches  # noqa: E402
+from attrib.data import CorpusSpec, collate, iter_sequence_parts, pack_batches  # noqa: E402
 from attrib.distributed import World  # noqa: E402
 from attrib.models import find_tracked_layers, load_model  # noqa: E402
 from attrib.stages.index import IndexScoreSettings, IndexSettings, build_index, score_index  # noqa: E402
@@ -123,6 +125,25 @@ def wide_model(att: Attributor, work: Path, hidden: int, intermediate: int) -> P
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     att.tokenizer.save_pretrained(directory)
     return directory
+
+
+def join_documents(att: Attributor, work: Path, tokens: int) -> None:
+    """Point `att` at a corpus of the kit's documents joined in order into documents of at least `tokens` tokens
+    (chunked at the kit's max length like any long document), so that sequences are as long as real chunks:
+    the per-sequence work of an index build is spread over more tokens."""
+    rows, texts, count = [], [], 0
+    for line in Path(att.corpus.source).read_text(encoding="utf-8").splitlines():
+        text = json.loads(line)["text"]
+        texts.append(text)
+        count += len(att.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        if count >= tokens:
+            rows.append({"id": f"joined{len(rows)}", "text": " ".join(texts)})
+            texts, count = [], 0
+    path = work / f"joined-{tokens}.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    att.corpus = CorpusSpec(str(path), id_field="id")
+    att.sequences = [seq for part in iter_sequence_parts(att.corpus, att.tokenizer, MAX_LENGTH, 10**9)
+                     for _, seq in part.sequences]
 
 
 def build_timings(att: Attributor, factors: Path, work: Path, repeats: int) -> tuple[tuple, dict[str, tuple]]:
@@ -216,9 +237,11 @@ def main(argv=None) -> int:
                         help="only the build time against a plain forward+backward")
     parser.add_argument("--hidden", type=int, default=None, help="time a random-init model of this width instead")
     parser.add_argument("--intermediate", type=int, default=None, help="its MLP width (default 4 × --hidden)")
+    parser.add_argument("--join", type=int, default=None,
+                        help="time on the kit's documents joined into documents of this many tokens")
     args = parser.parse_args(argv)
-    if args.hidden is not None and not args.timing_only:
-        parser.error("--hidden needs --timing-only: a random-init model has no influence worth recalling")
+    if (args.hidden is not None or args.join is not None) and not args.timing_only:
+        parser.error("--hidden and --join need --timing-only: they change what the recall was measured on")
     torch.set_num_threads(1)
     if args.score_rate:
         with tempfile.TemporaryDirectory() as tmp:
@@ -239,12 +262,17 @@ def main(argv=None) -> int:
     tokens = sum(len(s) for s in att.sequences)
     if args.timing_only:
         with tempfile.TemporaryDirectory() as tmp:
+            if args.join is not None:
+                join_documents(att, Path(tmp), args.join)
+                tokens = sum(len(s) for s in att.sequences)
             plain, timings = build_timings(att, factors, Path(tmp), args.repeats)
-        print(f"\n{att.model_dir}: {len(att.sequences)} sequences, {tokens:,} tokens; tracked {att.shapes()['layers']}")
+        print(f"\n{att.model_dir}, {att.corpus.source}: {len(att.sequences)} sequences, {tokens:,} tokens "
+              f"({tokens / len(att.sequences):.0f} per sequence); tracked {att.shapes()['layers']}")
         report_timings(plain, timings, tokens)
         write_json(args.out, {"benchmark": "index build time", "setup": setup.__dict__, "model": str(att.model_dir),
-                              "shapes": att.shapes(), "plain_seconds": plain, "build_seconds": timings,
-                              "seconds": "[wall, cpu]", "tokens": tokens})
+                              "shapes": att.shapes(), "corpus": att.corpus.source, "sequences": len(att.sequences),
+                              "plain_seconds": plain, "build_seconds": timings, "seconds": "[wall, cpu]",
+                              "tokens": tokens})
         return 0
     exact = att.scores(factors, rank=0)
     tfidf = prefilter_scores(att, "tfidf", att.work)
