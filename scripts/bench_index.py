@@ -14,7 +14,7 @@ the same run in float32 on one thread.
 `--timing-only` measures only the build time; `--hidden/--intermediate` time it on a random-init Llama of that
 width (the kit's tokenizer, depth and heads; EK-FAC factors fitted on the kit's corpus), where the per-call
 overheads of the kit's hidden-64 model no longer hide the products; `--join N` times it on the kit's documents
-joined into documents of N tokens or more (the kit's own average about 40), as long as real chunks.
+joined into documents of up to N tokens (the kit's own average about 40), as long as real chunks.
 """
 
 from __future__ import annotations
@@ -128,17 +128,19 @@ def wide_model(att: Attributor, work: Path, hidden: int, intermediate: int) -> P
 
 
 def join_documents(att: Attributor, work: Path, tokens: int) -> None:
-    """Point `att` at a corpus of the kit's documents joined in order into documents of at least `tokens` tokens
-    (chunked at the kit's max length like any long document), so that sequences are as long as real chunks:
-    the per-sequence work of an index build is spread over more tokens."""
+    """Point `att` at a corpus of the kit's documents joined in order into documents of at most `tokens` tokens
+    (as counted alone, plus one each for the joins), so that sequences are as long as real chunks: the
+    per-sequence work of an index build is then spread over more tokens."""
     rows, texts, count = [], [], 0
     for line in Path(att.corpus.source).read_text(encoding="utf-8").splitlines():
         text = json.loads(line)["text"]
-        texts.append(text)
-        count += len(att.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
-        if count >= tokens:
+        length = len(att.tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+        if texts and count + length > tokens:
             rows.append({"id": f"joined{len(rows)}", "text": " ".join(texts)})
             texts, count = [], 0
+        texts.append(text)
+        count += length
+    rows.append({"id": f"joined{len(rows)}", "text": " ".join(texts)})
     path = work / f"joined-{tokens}.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
     att.corpus = CorpusSpec(str(path), id_field="id")
@@ -238,7 +240,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=None, help="time a random-init model of this width instead")
     parser.add_argument("--intermediate", type=int, default=None, help="its MLP width (default 4 × --hidden)")
     parser.add_argument("--join", type=int, default=None,
-                        help="time on the kit's documents joined into documents of this many tokens")
+                        help="time on the kit's documents joined into documents of up to this many tokens")
     args = parser.parse_args(argv)
     if (args.hidden is not None or args.join is not None) and not args.timing_only:
         parser.error("--hidden and --join need --timing-only: they change what the recall was measured on")
