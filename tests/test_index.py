@@ -204,7 +204,7 @@ def test_lowrank_on_a_wider_model_is_within_its_bound_of_the_best_rank_r(tmp_pat
                                                (float("nan"), True), (float("-inf"), True)])
 def test_a_value_that_storage_cannot_hold_is_refused(value, overflows):
     """float16 storage: values that round to ±inf (≥ 65520 in magnitude), NaN and ±inf stop the build with a
-    RunError; the largest that rounds to a finite value (65519 → 65504) is kept."""
+    RunError; the largest that rounds to a finite value (65519 → 65504) is kept, and so is an empty tensor."""
     from types import SimpleNamespace
 
     from attrib.errors import RunError
@@ -217,6 +217,7 @@ def test_a_value_that_storage_cannot_hold_is_refused(value, overflows):
             IndexBuilder._store(builder, tensor)
     else:
         assert torch.equal(IndexBuilder._store(builder, tensor), tensor.to(torch.float16))
+        assert IndexBuilder._store(builder, torch.zeros(0, 2)).shape == (0, 2)  # nothing to check, nothing refused
 
 
 def test_random_projection_inner_products_are_unbiased_over_seeds():

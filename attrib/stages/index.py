@@ -261,9 +261,9 @@ class IndexBuilder:
         return stored
 
     def _store(self, tensor: torch.Tensor) -> torch.Tensor:
-        # rounding is monotone: the largest magnitude stays finite in storage iff every value does (NaN included)
-        peak = torch.linalg.vector_norm(tensor.detach(), ord=float("inf"))
         stored = tensor.detach().to("cpu", self.storage)
+        # rounding is monotone: the largest magnitude stays finite in storage iff every value does (NaN included)
+        peak = torch.linalg.vector_norm(tensor.detach(), ord=float("inf")) if stored.numel() else stored.new_zeros(())
         if not torch.isfinite(peak.to(self.storage)):
             raise RunError(f"a stored value overflows {flag('storage_dtype', self.settings.storage_dtype)}; "
                            "use bfloat16 or float32")
