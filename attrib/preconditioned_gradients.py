@@ -69,17 +69,54 @@ def randomized_low_rank(matrices: torch.Tensor, rank: int, oversample: int = 10,
     return u[..., :rank], sigma[..., :rank], vh[..., :rank, :].mT
 
 
-def low_rank(matrices: torch.Tensor, rank: int):
+def gram_low_rank(matrices: torch.Tensor, rank: int, oversample: int = 10, iterations: int = 3, seed: int = 0):
+    """Rank-r SVD of matrices [n, d_out, d_in] by subspace iteration on the narrow side's Gram matrix.
+
+    One product forms the s × s Gram matrix of the narrow side s; each iteration is then a product of
+    s² · (r + oversample), one narrow QR, and a Rayleigh–Ritz eigh of (r + oversample)² ends it. Where s is
+    small this replaces the randomized finder's products with the whole matrix and its wide QRs and SVD,
+    which cost more in calls than in arithmetic. Three iterations equal the randomized finder's two power
+    iterations (σ⁶ against σ⁵); tests/test_query_scale.py states the bound. Squaring the condition number
+    loses nothing kept: float32 blurs only directions below √ε of σ₁.
+    """
+    d_out, d_in = matrices.shape[-2:]
+    tall = d_out >= d_in
+    gram = matrices.mT @ matrices if tall else matrices @ matrices.mT  # [n, s, s]
+    side = gram.shape[-1]
+    width = min(rank + oversample, side)
+    generator = torch.Generator(device=matrices.device).manual_seed(seed)
+    basis = torch.randn(side, width, generator=generator, device=matrices.device, dtype=matrices.dtype)
+    for _ in range(iterations):
+        basis = torch.linalg.qr(gram @ basis).Q  # [n, s, width]
+    _, ritz = torch.linalg.eigh(basis.mT @ gram @ basis)  # ascending eigenvalues
+    narrow = basis @ ritz[..., -rank:].flip(-1)  # [n, s, r]: the top singular vectors of the narrow side
+    wide = matrices @ narrow if tall else matrices.mT @ narrow  # the other side's singular vectors times σ
+    sigma = wide.norm(dim=-2)  # [n, r]
+    wide = wide / torch.where(sigma > 0, sigma, 1)[:, None, :]
+    return (wide, sigma, narrow) if tall else (narrow, sigma, wide)
+
+
+def gram_is_cheaper(d_out: int, d_in: int, rank: int, oversample: int = 10, power_iterations: int = 2) -> bool:
+    """Whether the narrow side's Gram matrix (2 · d_out · d_in · s operations) costs less than the randomized
+    finder's 2 · power_iterations + 2 products with (r + oversample) vectors."""
+    return min(d_out, d_in) <= (2 * power_iterations + 2) * (rank + oversample)
+
+
+def low_rank(matrices: torch.Tensor, rank: int, gram: bool = False):
     """Rank-r factors U [n, d_out, r], σ [n, r], V [n, d_in, r]; rank 0 keeps the full rank.
 
-    The exact SVD where r is a large fraction of the width, the randomized one otherwise.
+    The exact SVD where r is a large fraction of the width, the randomized one otherwise; with `gram`
+    (the index build) the narrow side's Gram subspace iteration instead where that is cheaper. Query
+    gradients keep the randomized finder, so that their stored sets do not change.
     """
-    smaller = min(matrices.shape[-2:])
-    if rank == 0 or rank * EXACT_SVD_FRACTION >= smaller:
+    d_out, d_in = matrices.shape[-2:]
+    if rank == 0 or rank * EXACT_SVD_FRACTION >= min(d_out, d_in):
         u, sigma, vh = torch.linalg.svd(matrices, full_matrices=False)
         if rank > 0:
             u, sigma, vh = u[..., :rank], sigma[..., :rank], vh[..., :rank, :]
         v = vh.mT
+    elif gram and gram_is_cheaper(d_out, d_in, rank):
+        u, sigma, v = gram_low_rank(matrices, rank)
     else:
         u, sigma, v = randomized_low_rank(matrices, rank)
     return u.contiguous(), sigma.contiguous(), v.contiguous()

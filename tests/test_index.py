@@ -184,6 +184,54 @@ def test_auto_projection_is_eigen_with_eigenbases_and_random_without(tmp_path, m
         assert manifest["settings"]["projection"] == chosen and manifest["representation"] == f"kronecker {chosen} 4x4"
 
 
+def test_lowrank_on_a_wider_model_is_within_its_bound_of_the_best_rank_r(tmp_path, tokenizer, corpus_file):
+    """On layers wide enough for the fast path (rank 8 of 128 × 64: attrib.preconditioned_gradients.gram_low_rank),
+    each stored L Rᵀ reconstructs the whitened gradient W of the oracle's dense G within 1% of the best rank-8
+    error (Eckart–Young, float64), the bound the randomized query compression is held to."""
+    from attrib.preconditioned_gradients import EXACT_SVD_FRACTION, gram_is_cheaper
+    from tests.conftest import build_model
+
+    model, tokenizer, layers, factors = fitted(tmp_path, build_model(tmp_path / "wide", "llama", tokenizer, hidden=64),
+                                               corpus_file)
+    rank = 8
+    assert all(rank * EXACT_SVD_FRACTION < min(l.d_out, l.d_in_folded) and gram_is_cheaper(l.d_out, l.d_in_folded, rank)
+               for l in layers)
+    build_index(tmp_path / "index", "m", model, tokenizer, layers, factors, CorpusSpec(str(corpus_file)),
+                index_settings(representation="lowrank", rank=rank))
+    stored, keys = _shard_tensors(tmp_path / "index")
+    curvature = load_curvature(factors, layers, None, damping_scale=DAMPING_SCALE)
+    by_key = {(s.doc_id, s.chunk): s for s in training_sequences(tokenizer, corpus_file)}
+    for row, key in enumerate(keys):
+        gradients = sequence_gradient(model, layers, by_key[key])
+        for index, layer in enumerate(layers):
+            c = curvature[index]
+            rotated = c.gradient_basis.T @ gradients[layer.name] @ c.activation_basis
+            whitened = rotated / (c.eigenvalues + c.damping).sqrt()
+            optimum = torch.linalg.svdvals(whitened)[rank:].square().sum().sqrt()
+            error = (whitened - stored[f"{layer.name}.left"][row] @ stored[f"{layer.name}.right"][row].T).norm()
+            assert error <= 1.01 * optimum + 1e-9 * whitened.norm(), (key, layer.name, float(error / optimum))
+
+
+@pytest.mark.parametrize("value, overflows", [(65504.0, False), (65519.0, False), (65520.0, True),
+                                               (float("nan"), True), (float("-inf"), True)])
+def test_a_value_that_storage_cannot_hold_is_refused(value, overflows):
+    """float16 storage: values that round to ±inf (≥ 65520 in magnitude), NaN and ±inf stop the build with a
+    RunError; the largest that rounds to a finite value (65519 → 65504) is kept, and so is an empty tensor."""
+    from types import SimpleNamespace
+
+    from attrib.errors import RunError
+    from attrib.stages.index import IndexBuilder
+
+    builder = SimpleNamespace(storage=torch.float16, settings=SimpleNamespace(storage_dtype="float16"))
+    tensor = torch.tensor([[1.0, -2.0], [value, 3.0]])
+    if overflows:
+        with pytest.raises(RunError, match="overflows"):
+            IndexBuilder._store(builder, tensor)
+    else:
+        assert torch.equal(IndexBuilder._store(builder, tensor), tensor.to(torch.float16))
+        assert IndexBuilder._store(builder, torch.zeros(0, 2)).shape == (0, 2)  # nothing to check, nothing refused
+
+
 def test_random_projection_inner_products_are_unbiased_over_seeds():
     """E over seeds of ⟨P_Sᵀ X P_A, P_Sᵀ Y P_A⟩ = ⟨X, Y⟩ for Gaussian P of variance 1/k (P_S, P_A independent).
 

@@ -19,7 +19,8 @@ from attrib.data import CorpusSpec, Query
 from attrib.distributed import World
 from attrib.stages.fit import FitSettings, fit_factors
 from attrib.models import find_tracked_layers, load_model, model_record
-from attrib.preconditioned_gradients import compute_query_gradients, low_rank, randomized_low_rank
+from attrib.preconditioned_gradients import (compute_query_gradients, gram_is_cheaper, gram_low_rank, low_rank,
+                                             randomized_low_rank)
 from attrib.storage import StageDir
 from tests.conftest import TEXTS, build_model, run_cli, write_jsonl
 
@@ -81,6 +82,38 @@ def test_randomized_compression_matches_the_exact_truncated_svd():
     # the seeded probe makes it deterministic
     again = randomized_low_rank(matrices, rank)
     assert all(torch.equal(a, b) for a, b in zip((u, sigma, v), again))
+
+
+@pytest.mark.parametrize("shape", [(300, 64), (64, 300)], ids=["tall", "wide"])
+def test_gram_compression_matches_the_exact_truncated_svd(shape):
+    """The narrow side's Gram subspace iteration (the index build's path for narrow layers): on matrices with a
+    decaying spectrum its rank-r factors reconstruct within 1% of the exact rank-r error and their σ within 1e-3
+    relative, as the randomized finder's; its singular vectors are orthonormal; a zero or rank-1 matrix gives
+    finite factors that reconstruct it (to 1e-6 of its norm, float32)."""
+    d_out, d_in = shape
+    generator = torch.Generator().manual_seed(5)
+    width = min(shape)
+    left = torch.linalg.qr(torch.randn(4, d_out, width, generator=generator)).Q
+    right = torch.linalg.qr(torch.randn(4, d_in, width, generator=generator)).Q
+    spectrum = 0.8 ** torch.arange(width, dtype=torch.float32)
+    matrices = left @ torch.diag_embed(spectrum.expand(4, -1)) @ right.mT
+    rank = 8
+    assert rank * 4 < width and gram_is_cheaper(d_out, d_in, rank)  # low_rank(gram=True) takes this path
+    u, sigma, v = low_rank(matrices, rank, gram=True)
+    optimum = float(spectrum[rank:].square().sum().sqrt())
+    for n in range(4):
+        error = float((matrices[n] - u[n] @ torch.diag(sigma[n]) @ v[n].T).norm())
+        assert error <= 1.01 * optimum, (error, optimum)
+    assert torch.allclose(sigma, spectrum[:rank].expand(4, -1), rtol=1e-3)
+    eye = torch.eye(rank).expand(4, -1, -1)
+    assert torch.allclose(u.mT @ u, eye, atol=1e-5) and torch.allclose(v.mT @ v, eye, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip((u, sigma, v), low_rank(matrices, rank, gram=True)))
+    rank_one = torch.randn(d_out, 1, generator=generator) @ torch.randn(1, d_in, generator=generator)
+    degenerate = torch.stack([torch.zeros(shape), rank_one])
+    u, sigma, v = gram_low_rank(degenerate, rank)
+    assert all(torch.isfinite(t).all() for t in (u, sigma, v))
+    rebuilt = u @ torch.diag_embed(sigma) @ v.mT
+    assert float((rebuilt - degenerate).norm()) <= 1e-6 * float(degenerate.norm())
 
 
 def test_compressed_query_gradients_match_the_exact_svd_on_a_model(tmp_path, tokenizer, corpus_file):

@@ -119,26 +119,36 @@ def whitened_low_rank(curvature: LayerCurvature, a: torch.Tensor, g: torch.Tenso
     """Balanced rank-r factors L [b, d_out, r], R [b, d_in, r] of each sequence's whitened gradient
     W = (Q_Sᵀ G Q_A) ⊘ √(Λ + λ), G = Σ_t g_t a_tᵀ, with W ≈ L Rᵀ (rank 0: full).
 
-    `a` [b, seq, d_in] and `g` [b, seq, d_out] are matched and zero at padding. The rotation goes
-    whichever way is cheaper for the batch's length, as in attrib.stages.self_influence.
+    `a` [b, seq, d_in] and `g` [b, seq, d_out] are matched and zero at padding. Each side turns into
+    its eigenbasis where that is cheaper for the batch's length: before G is formed (seq · width² per
+    sequence) or after (width² · the other side's width). The top r come from attrib.preconditioned_gradients
+    .low_rank with its narrow-side Gram path, the cheaper one for narrow layers.
     """
     from attrib.preconditioned_gradients import low_rank
 
     (batch, length, d_in), d_out = a.shape, g.shape[-1]
     rotates = curvature.gradient_basis is not None
-    rotate_first = rotates and length * (d_in**2 + d_out**2) <= d_out * d_in * (d_out + d_in)
-    if rotate_first:
-        a, g = a @ curvature.activation_basis, g @ curvature.gradient_basis
+    gradient_first, activation_first = rotates and length <= d_in, rotates and length <= d_out
+    if gradient_first:
+        g = g @ curvature.gradient_basis
+    if activation_first:
+        a = a @ curvature.activation_basis
     scale = None if curvature.eigenvalues is None else (curvature.eigenvalues + curvature.damping).rsqrt()
     step = sequences_per_step or correction_sequences_per_step(d_out, d_in)
+    # one block reused by every step: a fresh one of this size is page-faulted in each time, which on a CPU
+    # cost as much as the product that fills it
+    block = torch.empty((min(step, batch), d_out, d_in), dtype=g.dtype, device=g.device)
     lefts, rights = [], []
     for start in range(0, batch, step):
-        gradient = torch.bmm(g[start : start + step].mT, a[start : start + step])  # [step, d_out, d_in]
-        if rotates and not rotate_first:
-            gradient = curvature.gradient_basis.T @ gradient @ curvature.activation_basis
+        rows = slice(start, start + step)
+        gradient = torch.bmm(g[rows].mT, a[rows], out=block[: len(g[rows])])  # [step, d_out, d_in]
+        if rotates and not gradient_first:
+            gradient = curvature.gradient_basis.T @ gradient
+        if rotates and not activation_first:
+            gradient = gradient @ curvature.activation_basis
         if scale is not None:
-            gradient = gradient * scale
-        u, sigma, v = low_rank(gradient, rank)
+            gradient = gradient.mul_(scale)
+        u, sigma, v = low_rank(gradient, rank, gram=True)
         root = sigma.sqrt()[:, None, :]
         lefts.append(u * root)
         rights.append(v * root)
@@ -278,7 +288,9 @@ class IndexBuilder:
 
     def _store(self, tensor: torch.Tensor) -> torch.Tensor:
         stored = tensor.detach().to("cpu", self.storage)
-        if not torch.isfinite(stored).all():
+        # rounding is monotone: the largest magnitude stays finite in storage iff every value does (NaN included)
+        peak = torch.linalg.vector_norm(tensor.detach(), ord=float("inf")) if stored.numel() else stored.new_zeros(())
+        if not torch.isfinite(peak.to(self.storage)):
             raise RunError(f"a stored value overflows {flag('storage_dtype', self.settings.storage_dtype)}; "
                            "use bfloat16 or float32")
         return stored
@@ -521,7 +533,8 @@ def _score_shard(reader: IndexReader, name: str, layers, sides: list[QuerySide],
                 del transformed
             rows = doc_index[start:end]
             firsts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
-            yield number, rows[firsts], np.add.reduceat(scores.numpy(), firsts, axis=0)
+            chunked = len(firsts) < len(rows)  # documents of several sequences: their scores are summed
+            yield number, rows[firsts], np.add.reduceat(scores.numpy(), firsts, axis=0) if chunked else scores.numpy()
 
 
 class _Tails:
