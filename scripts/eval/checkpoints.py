@@ -7,7 +7,11 @@ From each checkpoint, attrib's default EK-FAC scores (empirical Fisher, c = 0.00
 its own factors, or with the final checkpoint's factors (then each extra checkpoint costs only its query
 pass). They are combined as `attrib combine` combines them (weights normalised to sum 1): equal; lr, the
 learning rate logged at the checkpoint (TracIn; what `--weights lr` reads); and, for comparison, the
-mean learning rate over the segment of steps each checkpoint ends.
+mean learning rate over the segment of steps each checkpoint ends. The cheaper ensemble with factors fitted
+on a token sample (`--covariance-max-tokens`: A and S from the corpus's first 1/4 of the tokens, Λ from all)
+is scored for the final checkpoint and the 4-checkpoint set, its Δ paired also against the 4-checkpoint
+ensemble on all tokens; for its cost, each of those checkpoints' factors are fitted on all tokens and on the
+sample in the same run (alternating, into a scratch folder for the full fits), their seconds printed.
 
 LDS: lds.py's protocol and subset models (cached under --work; M subset models, seed 1000 + j); 95%
 bootstrap intervals over queries, Δ paired against the final checkpoint alone. Cost: seconds of factor
@@ -25,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -39,6 +42,7 @@ from common import MAX_LENGTH, Attributor, Setup, build_setup, default_work, log
 from realtext import RealSetup, bootstrap, build_realtext  # noqa: E402
 
 FRACTIONS = 8  # checkpoints at k/8 of the steps; the 4- and 2-checkpoint sets are subsets of these
+SAMPLE = 4  # the token-sample rows fit A and S on 1/SAMPLE of the corpus's tokens
 
 
 def checkpoint_steps(steps: int, count: int) -> list[int]:
@@ -46,51 +50,20 @@ def checkpoint_steps(steps: int, count: int) -> list[int]:
 
 
 def train_with_checkpoints(setup, setup_dir: Path, out: Path) -> list[Path]:
-    """The kit's training run (attrib.synthetic.train_causal_lm's loop, same seed) saving checkpoint-N folders."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM
+    """The kit's training run (train_causal_lm, same recipe and seed) saving checkpoint-N folders."""
+    from transformers import AutoTokenizer
 
-    from attrib.synthetic import _model_config, _padded_batch
+    from attrib.synthetic import train_causal_lm
 
-    saves = checkpoint_steps(setup.steps, FRACTIONS)
-    folders = [out / f"checkpoint-{step}" for step in saves]
-    if all((f / "trainer_state.json").is_file() for f in folders):
-        return folders
-    tokenizer = AutoTokenizer.from_pretrained(setup_dir / "tokenizer")
-    with open(setup_dir / "corpus.jsonl", encoding="utf-8") as handle:
-        texts = [json.loads(line)["text"] for line in handle]
-    torch.manual_seed(setup.seed)
-    model = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}[setup.arch](
-        _model_config(setup.arch, tokenizer, setup.hidden, setup.layers, MAX_LENGTH))
-    encoded = [(ids + [tokenizer.eos_token_id])[:MAX_LENGTH]
-               for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    warmup, steps = max(1, setup.steps // 20), setup.steps
-    def factor(step: int) -> float:  # train_causal_lm's warm-up and cosine decay
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    order_generator = torch.Generator().manual_seed(setup.seed)
-    order: list[int] = []
-    history = []
-    model.train()
-    for step in range(1, steps + 1):
-        if len(order) < setup.batch_size:
-            order += torch.randperm(len(encoded), generator=order_generator).tolist()
-        batch_indices, order = order[:setup.batch_size], order[setup.batch_size:]
-        loss = model(**_padded_batch([encoded[i] for i in batch_indices], tokenizer.pad_token_id)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        history.append({"step": step, "learning_rate": schedule.get_last_lr()[0], "loss": loss.item()})
-        if step in saves:
-            folder = out / f"checkpoint-{step}"
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": steps,
-                                                                   "log_history": history}))
-    return folders
+    folders = {step: out / f"checkpoint-{step}" for step in checkpoint_steps(setup.steps, FRACTIONS)}
+    if not all((f / "trainer_state.json").is_file() for f in folders.values()):
+        tokenizer = AutoTokenizer.from_pretrained(setup_dir / "tokenizer")
+        with open(setup_dir / "corpus.jsonl", encoding="utf-8") as handle:
+            texts = [json.loads(line)["text"] for line in handle]
+        train_causal_lm(setup.arch, tokenizer, texts, folders[setup.steps], hidden_size=setup.hidden,
+                        num_layers=setup.layers, steps=setup.steps, seq_len=MAX_LENGTH, batch_size=setup.batch_size,
+                        lr=setup.lr, seed=setup.seed, save_at=folders)
+    return list(folders.values())
 
 
 def check_final_is_the_kit_model(final: Path, kit_model: Path) -> None:
@@ -105,6 +78,26 @@ def _fit_costs(directory: Path) -> dict:
     """Seconds of each checkpoint's first factor fit (later runs read the cached factors)."""
     path = directory / "fit-seconds.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def sampled_fits(att: Attributor, checkpoints: list[Attributor], used: list[int], max_tokens: int,
+                 fit_costs: dict) -> dict[int, Path]:
+    """Factors fitted on the first max_tokens tokens; on their first fit, a full fit is timed beside each."""
+    import tempfile
+
+    factors = {}
+    for i in used:
+        key = f"{checkpoints[i].model_dir.name}-cov{max_tokens}"
+        if key not in fit_costs:  # same-run timings: all tokens (scratch folder, discarded), then the sample
+            with tempfile.TemporaryDirectory() as scratch:
+                fresh = Attributor(att.setup_dir, Path(scratch), model_dir=checkpoints[i].model_dir)
+                t0 = time.perf_counter()
+                fresh.fit("ekfac", "empirical")
+                fit_costs[f"{checkpoints[i].model_dir.name}-all-same-run"] = round(time.perf_counter() - t0, 2)
+        t0 = time.perf_counter()
+        factors[i] = checkpoints[i].fit("ekfac", "empirical", covariance_max_tokens=max_tokens)
+        fit_costs.setdefault(key, round(time.perf_counter() - t0, 2))
+    return factors
 
 
 def segment_mean_lr(folders: list[Path], used: list[int]) -> list[float]:
@@ -161,7 +154,20 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
         factors.append(checkpoint.fit("ekfac", "empirical"))
         fit_costs.setdefault(folder.name, round(time.perf_counter() - t0, 2))  # the first (uncached) fit's time
         cost_fit.append(fit_costs[folder.name])
+    sets = {1: [FRACTIONS - 1], 2: [FRACTIONS // 2 - 1, FRACTIONS - 1],
+            4: list(range(1, FRACTIONS, 2)), 8: list(range(FRACTIONS))}
+    max_tokens = att.shapes()["tokens"] // SAMPLE
+    sample_factors = sampled_fits(att, checkpoints, sets[4], max_tokens, fit_costs)
     (folders[0].parent / "fit-seconds.json").write_text(json.dumps(fit_costs))
+    cost_sample_fit = {i: fit_costs[f"{folders[i].name}-cov{max_tokens}"] for i in sets[4]}
+    same_run = {"all tokens": [fit_costs[f"{folders[i].name}-all-same-run"] for i in sets[4]],
+                f"1/{SAMPLE} of the tokens ({max_tokens})": [cost_sample_fit[i] for i in sets[4]]}
+    log(f"  fit seconds in one run, checkpoints {[folders[i].name for i in sets[4]]}: {same_run}")
+    sampled, cost_sample = {}, {}
+    for i in sets[4]:
+        t0 = time.perf_counter()
+        sampled[i] = checkpoints[i].scores(sample_factors[i], rank=lds.DEFAULT_RANK)
+        cost_sample[i] = time.perf_counter() - t0
     own, reused, cost_own, cost_reuse = [], [], [], []
     for folder, checkpoint, own_factors, fit_seconds in zip(folders, checkpoints, factors, cost_fit):
         t0 = time.perf_counter()
@@ -172,19 +178,19 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
         cost_reuse.append(time.perf_counter() - t0)
         log(f"  {folder.name}: fit {fit_seconds:.1f} s, scores {cost_own[-1]:.1f} s")
     learning_rates = [checkpoint_state(f)["learning_rate"] for f in folders]
-    sets = {1: [FRACTIONS - 1], 2: [FRACTIONS // 2 - 1, FRACTIONS - 1],
-            4: list(range(1, FRACTIONS, 2)), 8: list(range(FRACTIONS))}
 
     def combined(scores, used, weights):
         weights = np.asarray(weights, dtype=float) / np.sum(weights)
         return sum(w * scores[i] for w, i in zip(weights, used))
 
     def row(label, used, weighting="equal", factors="own"):
-        scores = own if factors == "own" else reused
+        scores = {"own": own, "final": reused, "sample": sampled}[factors]
         weights = {"equal": [1.0] * len(used), "lr": [learning_rates[i] for i in used],
                    "lr (segment mean)": segment_mean_lr(folders, used)}[weighting]
         if factors == "own":
             seconds = sum(cost_fit[i] + cost_own[i] for i in used)
+        elif factors == "sample":
+            seconds = sum(cost_sample_fit[i] + cost_sample[i] for i in used)
         else:
             seconds = cost_fit[-1] + sum(cost_reuse[i] for i in used)
         return {"setting": label, "checkpoints": [folders[i].name for i in used], "weighting": weighting,
@@ -200,25 +206,35 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
         grid.append(row(f"{n} checkpoints, lr (segment mean)", sets[n], "lr (segment mean)"))
     for n in (2, 4, 8):
         grid.append(row(f"{n} checkpoints, equal, final checkpoint's factors", sets[n], factors="final"))
+    for n in (1, 4):
+        grid.append({**row(f"{n} checkpoint{'s, equal' if n > 1 else ' (final)'}, A and S from 1/{SAMPLE} of the "
+                           f"tokens", sets[n], factors="sample"), "paired_with": "4 checkpoints, equal"})
     pipeline_scores, pipeline_costs = end_to_end(att, [folders[i] for i in sets[4]], work)
     grid.append({"setting": "4 checkpoints, equal: attrib fit-factors + query + combine (float32)",
                  "checkpoints": [folders[i].name for i in sets[4]], "weighting": "equal", "factors": "own",
                  "scores": pipeline_scores, "seconds": round(sum(pipeline_costs.values()), 1),
                  "pipeline_costs": pipeline_costs})
-    rows, baseline = [], None
+    rows, baseline, per_setting = [], None, {}
     for entry in grid:
         scores = entry.pop("scores")
         result = {**entry, **lds.lds(scores, masks, actual, kinds)}
-        per_query = np.array(result["per_query"])
+        per_query = per_setting[entry["setting"]] = np.array(result["per_query"])
         baseline = per_query if baseline is None else baseline
         result.update(ci=bootstrap(per_query), delta=float((per_query - baseline).mean()),
                       delta_ci=bootstrap(per_query - baseline))
+        paired = ""
+        if "paired_with" in entry:
+            other = per_query - per_setting[entry["paired_with"]]
+            result.update(delta_paired=float(other.mean()), delta_paired_ci=bootstrap(other))
+            paired = (f", Δ vs {entry['paired_with']} {result['delta_paired']:+.3f} "
+                      f"[{result['delta_paired_ci'][0]:+.3f}, {result['delta_paired_ci'][1]:+.3f}]")
         rows.append(result)
         log(f"  {entry['setting']}: LDS {result['lds']:.3f} [{result['ci'][0]:.3f}, {result['ci'][1]:.3f}], "
-            f"Δ {result['delta']:+.3f} [{result['delta_ci'][0]:+.3f}, {result['delta_ci'][1]:+.3f}], "
+            f"Δ {result['delta']:+.3f} [{result['delta_ci'][0]:+.3f}, {result['delta_ci'][1]:+.3f}]{paired}, "
             f"{entry['seconds']} s")
     return {"setup": setup.__dict__, "shapes": att.shapes(), "num_models": num_models,
             "checkpoint_steps": checkpoint_steps(setup.steps, FRACTIONS), "learning_rates": learning_rates,
+"sample_tokens": max_tokens, "fit_seconds_same_run": same_run,
             "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -250,10 +266,13 @@ def main(argv=None) -> int:
                                                                            args.jobs)}
     table = [[r["setting"], f"{r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]",
               " / ".join(f"{r[k]:.3f}" for k in sorted(set(kinds))),
-              f"{r['delta']:+.3f} [{r['delta_ci'][0]:+.3f}, {r['delta_ci'][1]:+.3f}]", f"{r['seconds']:.1f}"]
+              f"{r['delta']:+.3f} [{r['delta_ci'][0]:+.3f}, {r['delta_ci'][1]:+.3f}]",
+              f"{r['delta_paired']:+.3f} [{r['delta_paired_ci'][0]:+.3f}, {r['delta_paired_ci'][1]:+.3f}]"
+              if "delta_paired" in r else "", f"{r['seconds']:.1f}"]
              for r in result["rows"]]
-    print(markdown_table(["setting", "LDS [95% CI]", " / ".join(sorted(set(kinds))),
-                          "Δ vs final alone [95% CI]", "cost (s)"], table))
+    print(markdown_table(["setting", "LDS [95% CI]", " / ".join(sorted(set(kinds))), "Δ vs final alone [95% CI]",
+                          "Δ vs 4 checkpoints, all tokens [95% CI]", "cost (s)"], table))
+    print(f"\nfit seconds in one run (all tokens / 1/{SAMPLE} of them): {result['fit_seconds_same_run']}")
     print(f"\n{result['shapes']}, checkpoints at steps {result['checkpoint_steps']}, learning rates logged there "
           f"{[f'{lr:.2e}' for lr in result['learning_rates']]}, total {result['seconds']} s")
     write_json(args.out, result)
