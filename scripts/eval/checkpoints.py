@@ -10,12 +10,12 @@ learning rate logged at the checkpoint (TracIn; what `--weights lr` reads); and,
 mean learning rate over the segment of steps each checkpoint ends. The cheaper ensemble with factors fitted
 on a token sample (`--covariance-max-tokens`: A and S from the corpus's first 1/4 of the tokens, Λ from all)
 is scored for the final checkpoint and the 4-checkpoint set, its Δ paired also against the 4-checkpoint
-ensemble on all tokens; for its cost, each of those checkpoints' factors are fitted on all tokens and on the
-sample in the same run (alternating, into a scratch folder for the full fits), their seconds printed.
+ensemble on all tokens.
 
 LDS: lds.py's protocol and subset models (cached under --work; M subset models, seed 1000 + j); 95%
 bootstrap intervals over queries, Δ paired against the final checkpoint alone. Cost: seconds of factor
-fits and query scoring over the checkpoints a row uses (one thread, float64 as the other evaluations).
+fits and query scoring over the checkpoints a row uses (one thread, float64 as the other evaluations), all
+timed in this run (each fit again into a scratch folder; the cached factors serve the scores).
 The 4-checkpoint equal ensemble is also run end to end as a user runs it — attrib.fit_factors,
 attrib.query (--keep-all-scores) and attrib.combine on the checkpoint folders, float32 — and its LDS is
 printed beside the float64 row.
@@ -74,30 +74,16 @@ def check_final_is_the_kit_model(final: Path, kit_model: Path) -> None:
         raise SystemExit(f"retrained {final} differs from the kit's model {kit_model}")
 
 
-def _fit_costs(directory: Path) -> dict:
-    """Seconds of each checkpoint's first factor fit (later runs read the cached factors)."""
-    path = directory / "fit-seconds.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def sampled_fits(att: Attributor, checkpoints: list[Attributor], used: list[int], max_tokens: int,
-                 fit_costs: dict) -> dict[int, Path]:
-    """Factors fitted on the first max_tokens tokens; on their first fit, a full fit is timed beside each."""
+def timed_fit(att: Attributor, folder: Path, covariance_max_tokens: int | None = None) -> float:
+    """Seconds of one factor fit of `folder` in this run, into a scratch folder (the cached factors serve the
+    scores), so that every row's cost is measured under the same load."""
     import tempfile
 
-    factors = {}
-    for i in used:
-        key = f"{checkpoints[i].model_dir.name}-cov{max_tokens}"
-        if key not in fit_costs:  # same-run timings: all tokens (scratch folder, discarded), then the sample
-            with tempfile.TemporaryDirectory() as scratch:
-                fresh = Attributor(att.setup_dir, Path(scratch), model_dir=checkpoints[i].model_dir)
-                t0 = time.perf_counter()
-                fresh.fit("ekfac", "empirical")
-                fit_costs[f"{checkpoints[i].model_dir.name}-all-same-run"] = round(time.perf_counter() - t0, 2)
+    with tempfile.TemporaryDirectory() as scratch:
+        fresh = Attributor(att.setup_dir, Path(scratch), model_dir=folder)
         t0 = time.perf_counter()
-        factors[i] = checkpoints[i].fit("ekfac", "empirical", covariance_max_tokens=max_tokens)
-        fit_costs.setdefault(key, round(time.perf_counter() - t0, 2))
-    return factors
+        fresh.fit("ekfac", "empirical", covariance_max_tokens=covariance_max_tokens)
+        return round(time.perf_counter() - t0, 2)
 
 
 def segment_mean_lr(folders: list[Path], used: list[int]) -> list[float]:
@@ -148,21 +134,19 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
     from attrib.stages.combine import checkpoint_state
 
     checkpoints = [Attributor(att.setup_dir, work, model_dir=folder) for folder in folders]
-    factors, cost_fit, fit_costs = [], [], _fit_costs(folders[0].parent)
-    for folder, checkpoint in zip(folders, checkpoints):
-        t0 = time.perf_counter()
-        factors.append(checkpoint.fit("ekfac", "empirical"))
-        fit_costs.setdefault(folder.name, round(time.perf_counter() - t0, 2))  # the first (uncached) fit's time
-        cost_fit.append(fit_costs[folder.name])
     sets = {1: [FRACTIONS - 1], 2: [FRACTIONS // 2 - 1, FRACTIONS - 1],
             4: list(range(1, FRACTIONS, 2)), 8: list(range(FRACTIONS))}
     max_tokens = att.shapes()["tokens"] // SAMPLE
-    sample_factors = sampled_fits(att, checkpoints, sets[4], max_tokens, fit_costs)
-    (folders[0].parent / "fit-seconds.json").write_text(json.dumps(fit_costs))
-    cost_sample_fit = {i: fit_costs[f"{folders[i].name}-cov{max_tokens}"] for i in sets[4]}
-    same_run = {"all tokens": [fit_costs[f"{folders[i].name}-all-same-run"] for i in sets[4]],
-                f"1/{SAMPLE} of the tokens ({max_tokens})": [cost_sample_fit[i] for i in sets[4]]}
-    log(f"  fit seconds in one run, checkpoints {[folders[i].name for i in sets[4]]}: {same_run}")
+    factors = [checkpoint.fit("ekfac", "empirical") for checkpoint in checkpoints]
+    sample_factors = {i: checkpoints[i].fit("ekfac", "empirical", covariance_max_tokens=max_tokens) for i in sets[4]}
+    cost_fit, cost_sample_fit = [], {}
+    for i, folder in enumerate(folders):  # alternating, so that both see the same load
+        cost_fit.append(timed_fit(att, folder))
+        if i in sets[4]:
+            cost_sample_fit[i] = timed_fit(att, folder, max_tokens)
+    fit_seconds = {"all tokens": cost_fit, f"1/{SAMPLE} of the tokens ({max_tokens}), 4 checkpoints":
+                   [cost_sample_fit[i] for i in sets[4]]}
+    log(f"  fit seconds: {fit_seconds}")
     sampled, cost_sample = {}, {}
     for i in sets[4]:
         t0 = time.perf_counter()
@@ -234,7 +218,7 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
             f"{entry['seconds']} s")
     return {"setup": setup.__dict__, "shapes": att.shapes(), "num_models": num_models,
             "checkpoint_steps": checkpoint_steps(setup.steps, FRACTIONS), "learning_rates": learning_rates,
-"sample_tokens": max_tokens, "fit_seconds_same_run": same_run,
+"sample_tokens": max_tokens, "fit_seconds": fit_seconds,
             "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
 
 
@@ -272,7 +256,7 @@ def main(argv=None) -> int:
              for r in result["rows"]]
     print(markdown_table(["setting", "LDS [95% CI]", " / ".join(sorted(set(kinds))), "Δ vs final alone [95% CI]",
                           "Δ vs 4 checkpoints, all tokens [95% CI]", "cost (s)"], table))
-    print(f"\nfit seconds in one run (all tokens / 1/{SAMPLE} of them): {result['fit_seconds_same_run']}")
+    print(f"\nfit seconds: {result['fit_seconds']}")
     print(f"\n{result['shapes']}, checkpoints at steps {result['checkpoint_steps']}, learning rates logged there "
           f"{[f'{lr:.2e}' for lr in result['learning_rates']]}, total {result['seconds']} s")
     write_json(args.out, result)
