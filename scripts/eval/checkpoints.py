@@ -144,9 +144,9 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
         cost_fit.append(timed_fit(att, folder))
         if i in sets[4]:
             cost_sample_fit[i] = timed_fit(att, folder, max_tokens)
-    fit_seconds = {"all tokens": cost_fit, f"1/{SAMPLE} of the tokens ({max_tokens}), 4 checkpoints":
+    fit_timings = {"all tokens": cost_fit, f"1/{SAMPLE} of the tokens ({max_tokens}), 4 checkpoints":
                    [cost_sample_fit[i] for i in sets[4]]}
-    log(f"  fit seconds: {fit_seconds}")
+    log(f"  fit seconds: {fit_timings}")
     sampled, cost_sample = {}, {}
     for i in sets[4]:
         t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
             f"{entry['seconds']} s")
     return {"setup": setup.__dict__, "shapes": att.shapes(), "num_models": num_models,
             "checkpoint_steps": checkpoint_steps(setup.steps, FRACTIONS), "learning_rates": learning_rates,
-"sample_tokens": max_tokens, "fit_seconds": fit_seconds,
+"sample_tokens": max_tokens, "fit_seconds": fit_timings,
             "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
 
 
