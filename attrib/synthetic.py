@@ -289,9 +289,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
 
 
 def _model_config(arch: str, tokenizer, hidden_size: int, num_layers: int, seq_len: int):
-    special_ids = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    special_ids = {
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     num_heads = max(1, hidden_size // 16)  # head_dim 16
     if arch == "llama":
         return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,

@@ -159,7 +159,7 @@ def test_checkpoints_saved_during_training_leave_the_run_unchanged(tmp_path):
 
     texts = [d["text"] for d in generate_fact_corpus(4, 4, seed=0).documents]
     tokenizer = train_tokenizer(texts, 300, tmp_path / "tokenizer")
-    recipe = dict(hidden_size=16, num_layers=1, steps=6, seq_len=32, batch_size=4, lr=3e-3, seed=0)
+    recipe = {"hidden_size": 16, "num_layers": 1, "steps": 6, "seq_len": 32, "batch_size": 4, "lr": 3e-3, "seed": 0}
     folders = {3: tmp_path / "checkpoint-3", 6: tmp_path / "checkpoint-6"}
     synthetic.train_causal_lm("llama", tokenizer, texts, tmp_path / "with", save_at=folders, **recipe)
     synthetic.train_causal_lm("llama", tokenizer, texts, tmp_path / "without", **recipe)

@@ -11,8 +11,8 @@ so `attrib report`, `attrib top` and `StageResult` read it as any scores. Inputs
 queries against the same (query, document) pairs of the same corpus, chunked the same way, all exactly
 or all from gradient indexes (`attrib query --index`); anything else is refused before anything is written.
 Index scores combine as exact ones do: inner products add, so the weighted sum of several checkpoints'
-index scores is the score against the concatenation of their (√w-scaled) compressed gradients. Queries are combined in groups, one part file each, so
-a killed run resumes at the first unfinished group.
+index scores is the score against the concatenation of their (√w-scaled) compressed gradients.
+Queries are combined in groups, one part file each, so a killed run resumes at the first unfinished group.
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ printed beside the float64 row.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -35,11 +36,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lds  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import MAX_LENGTH, Attributor, Setup, build_setup, default_work, log, markdown_table, write_json  # noqa: E402, E501
-from realtext import RealSetup, bootstrap, build_realtext  # noqa: E402
+import lds
+import numpy as np
+import torch
+from common import MAX_LENGTH, Attributor, Setup, build_setup, default_work, log, markdown_table, write_json
+from realtext import RealSetup, bootstrap, build_realtext
 
 FRACTIONS = 8  # checkpoints at k/8 of the steps; the 4- and 2-checkpoint sets are subsets of these
 SAMPLE = 4  # the token-sample rows fit A and S on 1/SAMPLE of the corpus's tokens
@@ -92,7 +93,7 @@ def segment_mean_lr(folders: list[Path], used: list[int]) -> list[float]:
     steps = [json.loads((folders[i] / "trainer_state.json").read_text())["global_step"] for i in used]
     bounds = [0] + steps
     return [float(np.mean([h["learning_rate"] for h in history if lo < h["step"] <= hi]))
-            for lo, hi in zip(bounds, bounds[1:])]
+            for lo, hi in itertools.pairwise(bounds)]
 
 
 def end_to_end(att: Attributor, folders: list[Path], work: Path) -> tuple[np.ndarray, dict]:
