@@ -23,6 +23,8 @@ printed beside the float64 row.
     python scripts/eval/checkpoints.py --kit plain --out scripts/eval/results/checkpoints-plain.json
     python scripts/eval/checkpoints.py --kit fortunes --fortunes pkg/usr/share/games/fortunes --hidden 16 \
         --models 50 --out scripts/eval/results/checkpoints-fortunes.json
+    python scripts/eval/checkpoints.py --kit fortunes --fortunes pkg/usr/share/games/fortunes --hidden 16 \
+        --docs 1247 --each-alone --models 50 --out scripts/eval/results/checkpoints-fortunes-d1247.json
 """
 
 from __future__ import annotations
@@ -125,7 +127,8 @@ def end_to_end(att: Attributor, folders: list[Path], work: Path) -> tuple[np.nda
     return matrix, {k: round(v, 1) for k, v in costs.items()}
 
 
-def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: int, jobs: int) -> dict:
+def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: int, jobs: int,
+             each_alone: bool = False) -> dict:
     started = time.perf_counter()
     subsets = lds.subset_models(att, setup, work, num_models, jobs)
     masks = np.array([np.isin(att.doc_ids, s["docs"]) for s in subsets], dtype=float)
@@ -184,6 +187,8 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
 
     grid = [row("final checkpoint alone", sets[1]),
             row("earliest of the 4 (25 %) alone", [sets[4][0]])]
+    if each_alone:
+        grid += [row(f"{folders[i].name} ({i + 1}/{FRACTIONS}) alone", [i]) for i in range(FRACTIONS - 1)]
     for n in (2, 4, 8):
         grid.append(row(f"{n} checkpoints, equal", sets[n]))
     for n in (4, 8):
@@ -229,6 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="llama")
     parser.add_argument("--fortunes", default=None, help="the fortune files (see realtext.py's docstring)")
     parser.add_argument("--hidden", type=int, default=None, help="fortunes: model width (default RealSetup's)")
+    parser.add_argument("--docs", type=int, default=None, help="fortunes: training documents (default RealSetup's)")
+    parser.add_argument("--each-alone", action="store_true", help="add a row for every checkpoint alone")
     parser.add_argument("--models", type=int, default=50, help="M, the number of subset models")
     parser.add_argument("--jobs", type=int, default=1, help="subset models trained at once (one thread each)")
     parser.add_argument("--work", default=str(default_work()), help="cache of models, subset models and factors")
@@ -239,7 +246,7 @@ def main(argv=None) -> int:
     if args.kit == "fortunes":
         if not args.fortunes:
             parser.error("--kit fortunes needs --fortunes DIR")
-        setup = RealSetup(arch=args.arch, hidden=args.hidden or RealSetup.hidden)
+        setup = RealSetup(arch=args.arch, hidden=args.hidden or RealSetup.hidden, docs=args.docs or RealSetup.docs)
         att = Attributor(build_realtext(setup, Path(args.fortunes), work), work)
         kinds = ["held-out"] * len(att.queries)
     else:
@@ -247,8 +254,8 @@ def main(argv=None) -> int:
         att = Attributor(build_setup(setup, work), work)
         kinds = ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
     log(f"checkpoints ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
-    result = {"evaluation": "lds-checkpoints", "kit": args.kit, **evaluate(att, setup, work, kinds, args.models,
-                                                                           args.jobs)}
+    result = {"evaluation": "lds-checkpoints", "kit": args.kit,
+              **evaluate(att, setup, work, kinds, args.models, args.jobs, args.each_alone)}
     table = [[r["setting"], f"{r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]",
               " / ".join(f"{r[k]:.3f}" for k in sorted(set(kinds))),
               f"{r['delta']:+.3f} [{r['delta_ci'][0]:+.3f}, {r['delta_ci'][1]:+.3f}]",
