@@ -24,7 +24,7 @@ printed beside the float64 row.
     python scripts/eval/checkpoints.py --kit fortunes --fortunes pkg/usr/share/games/fortunes --hidden 16 \
         --models 50 --out scripts/eval/results/checkpoints-fortunes.json
     python scripts/eval/checkpoints.py --kit fortunes --fortunes pkg/usr/share/games/fortunes --hidden 16 \
-        --docs 1247 --each-alone --models 50 --out scripts/eval/results/checkpoints-fortunes-d1247.json
+        --docs 1247 --each-alone --every-set --models 50 --out scripts/eval/results/checkpoints-fortunes-d1247.json
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def end_to_end(att: Attributor, folders: list[Path], work: Path) -> tuple[np.nda
 
 
 def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: int, jobs: int,
-             each_alone: bool = False) -> dict:
+             each_alone: bool = False, every_set: bool = False) -> dict:
     started = time.perf_counter()
     subsets = lds.subset_models(att, setup, work, num_models, jobs)
     masks = np.array([np.isin(att.doc_ids, s["docs"]) for s in subsets], dtype=float)
@@ -222,10 +222,21 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
         log(f"  {entry['setting']}: LDS {result['lds']:.3f} [{result['ci'][0]:.3f}, {result['ci'][1]:.3f}], "
             f"Δ {result['delta']:+.3f} [{result['delta_ci'][0]:+.3f}, {result['delta_ci'][1]:+.3f}]{paired}, "
             f"{entry['seconds']} s")
+    sets_of_4 = every_set_of_4(own, masks, actual, kinds, per_setting["final checkpoint alone"]) if every_set else None
     return {"setup": setup.__dict__, "shapes": att.shapes(), "num_models": num_models,
             "checkpoint_steps": checkpoint_steps(setup.steps, FRACTIONS), "learning_rates": learning_rates,
-"sample_tokens": max_tokens, "fit_seconds": fit_timings,
+            "sample_tokens": max_tokens, "fit_seconds": fit_timings, "every_set_of_4": sets_of_4,
             "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def every_set_of_4(own: list[np.ndarray], masks, actual, kinds, final: np.ndarray) -> list[dict]:
+    """Δ LDS over the final checkpoint of every equal 4-checkpoint ensemble, best first: how much any choice of
+    checkpoints could gain (an optimistic bound, chosen on the same queries it is measured on)."""
+    out = []
+    for used in itertools.combinations(range(len(own)), 4):
+        gain = np.array(lds.lds(sum(own[i] for i in used) / 4, masks, actual, kinds)["per_query"]) - final
+        out.append({"checkpoints": [i + 1 for i in used], "delta": float(gain.mean()), "delta_ci": bootstrap(gain)})
+    return sorted(out, key=lambda r: -r["delta"])
 
 
 def main(argv=None) -> int:
@@ -236,6 +247,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=None, help="fortunes: model width (default RealSetup's)")
     parser.add_argument("--docs", type=int, default=None, help="fortunes: training documents (default RealSetup's)")
     parser.add_argument("--each-alone", action="store_true", help="add a row for every checkpoint alone")
+    parser.add_argument("--every-set", action="store_true", help="also score every equal 4-checkpoint ensemble")
     parser.add_argument("--models", type=int, default=50, help="M, the number of subset models")
     parser.add_argument("--jobs", type=int, default=1, help="subset models trained at once (one thread each)")
     parser.add_argument("--work", default=str(default_work()), help="cache of models, subset models and factors")
@@ -255,7 +267,7 @@ def main(argv=None) -> int:
         kinds = ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
     log(f"checkpoints ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
     result = {"evaluation": "lds-checkpoints", "kit": args.kit,
-              **evaluate(att, setup, work, kinds, args.models, args.jobs, args.each_alone)}
+              **evaluate(att, setup, work, kinds, args.models, args.jobs, args.each_alone, args.every_set)}
     table = [[r["setting"], f"{r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]",
               " / ".join(f"{r[k]:.3f}" for k in sorted(set(kinds))),
               f"{r['delta']:+.3f} [{r['delta_ci'][0]:+.3f}, {r['delta_ci'][1]:+.3f}]",
@@ -265,6 +277,12 @@ def main(argv=None) -> int:
     print(markdown_table(["setting", "LDS [95% CI]", " / ".join(sorted(set(kinds))), "Δ vs final alone [95% CI]",
                           "Δ vs 4 checkpoints, all tokens [95% CI]", "cost (s)"], table))
     print(f"\nfit seconds: {result['fit_seconds']}")
+    if result["every_set_of_4"]:
+        ranked = result["every_set_of_4"]
+        print(f"\nevery equal 4-checkpoint ensemble (checkpoint k of {FRACTIONS}), Δ vs final alone: median "
+              f"{np.median([r['delta'] for r in ranked]):+.3f}; best five:")
+        for r in ranked[:5]:
+            print(f"  {r['checkpoints']}: {r['delta']:+.3f} [{r['delta_ci'][0]:+.3f}, {r['delta_ci'][1]:+.3f}]")
     print(f"\n{result['shapes']}, checkpoints at steps {result['checkpoint_steps']}, learning rates logged there "
           f"{[f'{lr:.2e}' for lr in result['learning_rates']]}, total {result['seconds']} s")
     write_json(args.out, result)
