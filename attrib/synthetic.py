@@ -289,9 +289,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) 
 
 
 def _model_config(arch: str, tokenizer, hidden_size: int, num_layers: int, seq_len: int):
-    special_ids = dict(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-    )
+    special_ids = {
+        "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     num_heads = max(1, hidden_size // 16)  # head_dim 16
     if arch == "llama":
         return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
@@ -329,19 +330,24 @@ def train_causal_lm(
     batch_size: int,
     lr: float,
     seed: int,
+    save_at: dict[int, str | Path] | None = None,
 ):
     """Train a random-init `arch` ("llama" or "gpt2") on `texts` and save it with its tokenizer.
 
     Each document is its own sequence (eos appended, cut at `seq_len`, padded), as
     `attrib` scores it: a document's tokens only ever see that document.
     AdamW with warm-up and cosine decay and no weight decay, so that facts are memorised.
+    `save_at` {step: folder} also saves the model after those steps as a Hugging Face Trainer checkpoint-N
+    folder (with a trainer_state.json logging every step's learning rate and loss), for attribution across
+    checkpoints; the run itself is unchanged by it.
     """
     with libraries_quiet("transformers"):  # its notices (loss_type, "Writing model shards") are not the user's
         return _train_causal_lm(arch, tokenizer, texts, out_dir, hidden_size, num_layers, steps, seq_len, batch_size,
-                                lr, seed)
+                                lr, seed, save_at or {})
 
 
-def _train_causal_lm(arch, tokenizer, texts, out_dir, hidden_size, num_layers, steps, seq_len, batch_size, lr, seed):
+def _train_causal_lm(arch, tokenizer, texts, out_dir, hidden_size, num_layers, steps, seq_len, batch_size, lr, seed,
+                     save_at):
     torch.manual_seed(seed)
     model = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}[arch](
         _model_config(arch, tokenizer, hidden_size, num_layers, seq_len)
@@ -358,9 +364,10 @@ def _train_causal_lm(arch, tokenizer, texts, out_dir, hidden_size, num_layers, s
     )
     order_generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
+    history = []
     model.train()
     with progress(f"training {arch}", total=steps, unit="step") as bar:
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             if len(order) < batch_size:
                 order += torch.randperm(len(encoded), generator=order_generator).tolist()
             batch_indices, order = order[:batch_size], order[batch_size:]
@@ -371,6 +378,12 @@ def _train_causal_lm(arch, tokenizer, texts, out_dir, hidden_size, num_layers, s
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
+            history.append({"step": step, "learning_rate": schedule.get_last_lr()[0], "loss": loss.item()})
+            if step in save_at:
+                model.save_pretrained(save_at[step])
+                tokenizer.save_pretrained(save_at[step])
+                state = {"global_step": step, "max_steps": steps, "log_history": history}
+                (Path(save_at[step]) / "trainer_state.json").write_text(json.dumps(state))
             bar.advance(1, tokens=int(batch["attention_mask"].sum()))
     model.eval()
     model.save_pretrained(out_dir)

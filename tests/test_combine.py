@@ -149,6 +149,45 @@ def test_cli_combine_then_top_and_report(tmp_path, capsys, checkpoints):
 
 
 @pytest.fixture(scope="module")
+def index_scores(checkpoints):
+    """Each checkpoint's own index (over its own factors) of the same corpus, scored for the same queries."""
+    root, made = checkpoints["root"], {}
+    for name in LEARNING_RATES:
+        model = str(root / name)
+        index = attrib.index(model, root / f"{name}-scores-factors", checkpoints["corpus"], root / f"{name}-index",
+                             rank=2, max_length=24)
+        made[name] = attrib.query(model, None, checkpoints["queries"], None, root / f"{name}-index-scores",
+                                  index=index, max_length=24, keep_all_scores=True).out
+    return made
+
+
+def test_index_scores_combine_to_the_weighted_sum_of_their_scores(tmp_path, index_scores):
+    """Two checkpoints' index scores (stage "query", scores_from "index") add as exact scores do."""
+    result = attrib.combine(list(index_scores.values()), tmp_path / "c", weights="1,3")
+    weights = dict(zip(index_scores, (0.25, 0.75)))
+    assert [r["weight"] for r in result.manifest["combine"]] == [0.25, 0.75]
+    inputs = {name: documents(path).set_index(["query_id", "doc_id"]) for name, path in index_scores.items()}
+    table = documents(tmp_path / "c")
+    assert len(table) == len(inputs["ckpt-10"]) == 12 * len(QUERIES)
+    for row in table.itertuples():
+        key = (row.query_id, row.doc_id)
+        expected = sum(w * inputs[name].loc[key, "score"] for name, w in weights.items())
+        layers = sum(w * np.asarray(inputs[name].loc[key, "layer_scores"]) for name, w in weights.items())
+        assert row.score == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        np.testing.assert_allclose(row.layer_scores, layers, rtol=1e-12, atol=1e-15)
+    for query_id, mine in table.groupby("query_id"):
+        assert mine["rank"].tolist() == list(range(1, len(mine) + 1)) and mine["score"].is_monotonic_decreasing
+
+
+def test_index_scores_and_exact_scores_are_not_combined(tmp_path, capsys, checkpoints, index_scores):
+    exact = checkpoints["runs"]["ckpt-10"]["scores"]
+    code, _, err = run_cli(capsys, "combine", exact, index_scores["ckpt-20"], "--out", tmp_path / "c")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "other scores source (exact, or --index)" in err, err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.fixture(scope="module")
 def mismatched(checkpoints):
     """Scores of checkpoint ckpt-10 that differ from the reference in one thing each."""
     run, root = checkpoints["runs"]["ckpt-10"], checkpoints["root"]

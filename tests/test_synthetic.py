@@ -149,3 +149,28 @@ def test_build_demo_trains_only_the_asked_models_and_says_nothing_else(tmp_path,
     assert err.splitlines() == [line for line in err.splitlines() if line.startswith("training ")], err
     with pytest.raises(ValueError, match="another demo"):
         synthetic.build_demo(tmp_path, size="micro", seed=1, architectures=["llama"])
+
+
+def test_checkpoints_saved_during_training_leave_the_run_unchanged(tmp_path):
+    """save_at writes Trainer-style checkpoint-N folders; the last equals the trained model bit for bit, and a
+    run without them trains the same model."""
+    import torch
+    from safetensors.torch import load_file
+
+    texts = [d["text"] for d in generate_fact_corpus(4, 4, seed=0).documents]
+    tokenizer = train_tokenizer(texts, 300, tmp_path / "tokenizer")
+    recipe = {"hidden_size": 16, "num_layers": 1, "steps": 6, "seq_len": 32, "batch_size": 4, "lr": 3e-3, "seed": 0}
+    folders = {3: tmp_path / "checkpoint-3", 6: tmp_path / "checkpoint-6"}
+    synthetic.train_causal_lm("llama", tokenizer, texts, tmp_path / "with", save_at=folders, **recipe)
+    synthetic.train_causal_lm("llama", tokenizer, texts, tmp_path / "without", **recipe)
+    weights = {name: load_file(tmp_path / name / "model.safetensors") for name in ("with", "without", "checkpoint-6")}
+    middle = load_file(folders[3] / "model.safetensors")
+    for key, value in weights["with"].items():
+        assert torch.equal(value, weights["without"][key]) and torch.equal(value, weights["checkpoint-6"][key])
+    assert any(not torch.equal(middle[key], value) for key, value in weights["with"].items())
+    for step, folder in folders.items():
+        state = json.loads((folder / "trainer_state.json").read_text())
+        assert state["global_step"] == step and [h["step"] for h in state["log_history"]] == list(range(1, step + 1))
+        assert (folder / "tokenizer.json").is_file()
+    learning_rates = [h["learning_rate"] for h in state["log_history"]]
+    assert learning_rates[-1] == pytest.approx(0.0, abs=1e-12) and max(learning_rates) <= 3e-3

@@ -8,9 +8,11 @@ TracIn's learning-rate weights up to one constant factor (which no rank or corre
 
 The output is an ordinary scores directory (stage "query" plus a "combine" record of every input),
 so `attrib report`, `attrib top` and `StageResult` read it as any scores. Inputs must score the same
-queries against the same (query, document) pairs of the same corpus, chunked the same way; anything
-else is refused before anything is written. Queries are combined in groups, one part file each, so
-a killed run resumes at the first unfinished group.
+queries against the same (query, document) pairs of the same corpus, chunked the same way, all exactly
+or all from gradient indexes (`attrib query --index`); anything else is refused before anything is written.
+Index scores combine as exact ones do: inner products add, so the weighted sum of several checkpoints'
+index scores is the score against the concatenation of their (√w-scaled) compressed gradients.
+Queries are combined in groups, one part file each, so a killed run resumes at the first unfinished group.
 """
 
 from __future__ import annotations
@@ -166,6 +168,7 @@ def _what_was_scored(manifest: dict) -> dict[str, object]:
     corpus = {k: v for k, v in (inputs.get("corpus") or {}).items() if k != "source"}
     gradients = manifest.get("query_gradients_settings") or {}
     return {
+        "scores source (exact, or --index)": manifest.get("scores_from", "exact"),
         "queries": manifest.get("queries"),
         "candidates": (_content(inputs.get("candidates")), inputs.get("prefilter")),
         "corpus": _content({k: v for k, v in corpus.items() if k not in ("long_documents", "chat_template")}),

@@ -7,11 +7,15 @@ From each checkpoint, attrib's default EK-FAC scores (empirical Fisher, c = 0.00
 its own factors, or with the final checkpoint's factors (then each extra checkpoint costs only its query
 pass). They are combined as `attrib combine` combines them (weights normalised to sum 1): equal; lr, the
 learning rate logged at the checkpoint (TracIn; what `--weights lr` reads); and, for comparison, the
-mean learning rate over the segment of steps each checkpoint ends.
+mean learning rate over the segment of steps each checkpoint ends. The cheaper ensemble with factors fitted
+on a token sample (`--covariance-max-tokens`: A and S from the corpus's first 1/4 of the tokens, Λ from all)
+is scored for the final checkpoint and the 4-checkpoint set, its Δ paired also against the 4-checkpoint
+ensemble on all tokens.
 
 LDS: lds.py's protocol and subset models (cached under --work; M subset models, seed 1000 + j); 95%
 bootstrap intervals over queries, Δ paired against the final checkpoint alone. Cost: seconds of factor
-fits and query scoring over the checkpoints a row uses (one thread, float64 as the other evaluations).
+fits and query scoring over the checkpoints a row uses (one thread, float64 as the other evaluations), all
+timed in this run (each fit again into a scratch folder; the cached factors serve the scores).
 The 4-checkpoint equal ensemble is also run end to end as a user runs it — attrib.fit_factors,
 attrib.query (--keep-all-scores) and attrib.combine on the checkpoint folders, float32 — and its LDS is
 printed beside the float64 row.
@@ -19,26 +23,29 @@ printed beside the float64 row.
     python scripts/eval/checkpoints.py --kit plain --out scripts/eval/results/checkpoints-plain.json
     python scripts/eval/checkpoints.py --kit fortunes --fortunes pkg/usr/share/games/fortunes --hidden 16 \
         --models 50 --out scripts/eval/results/checkpoints-fortunes.json
+    python scripts/eval/checkpoints.py --kit fortunes --fortunes pkg/usr/share/games/fortunes --hidden 16 \
+        --docs 1247 --each-alone --every-set --models 50 --out scripts/eval/results/checkpoints-fortunes-d1247.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lds  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import MAX_LENGTH, Attributor, Setup, build_setup, default_work, log, markdown_table, write_json  # noqa: E402, E501
-from realtext import RealSetup, bootstrap, build_realtext  # noqa: E402
+import lds
+import numpy as np
+import torch
+from common import MAX_LENGTH, Attributor, Setup, build_setup, default_work, log, markdown_table, write_json
+from realtext import RealSetup, bootstrap, build_realtext
 
 FRACTIONS = 8  # checkpoints at k/8 of the steps; the 4- and 2-checkpoint sets are subsets of these
+SAMPLE = 4  # the token-sample rows fit A and S on 1/SAMPLE of the corpus's tokens
 
 
 def checkpoint_steps(steps: int, count: int) -> list[int]:
@@ -46,51 +53,20 @@ def checkpoint_steps(steps: int, count: int) -> list[int]:
 
 
 def train_with_checkpoints(setup, setup_dir: Path, out: Path) -> list[Path]:
-    """The kit's training run (attrib.synthetic.train_causal_lm's loop, same seed) saving checkpoint-N folders."""
-    from transformers import AutoTokenizer, GPT2LMHeadModel, LlamaForCausalLM
+    """The kit's training run (train_causal_lm, same recipe and seed) saving checkpoint-N folders."""
+    from transformers import AutoTokenizer
 
-    from attrib.synthetic import _model_config, _padded_batch
+    from attrib.synthetic import train_causal_lm
 
-    saves = checkpoint_steps(setup.steps, FRACTIONS)
-    folders = [out / f"checkpoint-{step}" for step in saves]
-    if all((f / "trainer_state.json").is_file() for f in folders):
-        return folders
-    tokenizer = AutoTokenizer.from_pretrained(setup_dir / "tokenizer")
-    with open(setup_dir / "corpus.jsonl", encoding="utf-8") as handle:
-        texts = [json.loads(line)["text"] for line in handle]
-    torch.manual_seed(setup.seed)
-    model = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}[setup.arch](
-        _model_config(setup.arch, tokenizer, setup.hidden, setup.layers, MAX_LENGTH))
-    encoded = [(ids + [tokenizer.eos_token_id])[:MAX_LENGTH]
-               for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, betas=(0.9, 0.98), weight_decay=0.0)
-    warmup, steps = max(1, setup.steps // 20), setup.steps
-    def factor(step: int) -> float:  # train_causal_lm's warm-up and cosine decay
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    order_generator = torch.Generator().manual_seed(setup.seed)
-    order: list[int] = []
-    history = []
-    model.train()
-    for step in range(1, steps + 1):
-        if len(order) < setup.batch_size:
-            order += torch.randperm(len(encoded), generator=order_generator).tolist()
-        batch_indices, order = order[:setup.batch_size], order[setup.batch_size:]
-        loss = model(**_padded_batch([encoded[i] for i in batch_indices], tokenizer.pad_token_id)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        history.append({"step": step, "learning_rate": schedule.get_last_lr()[0], "loss": loss.item()})
-        if step in saves:
-            folder = out / f"checkpoint-{step}"
-            model.save_pretrained(folder)
-            tokenizer.save_pretrained(folder)
-            (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "max_steps": steps,
-                                                                   "log_history": history}))
-    return folders
+    folders = {step: out / f"checkpoint-{step}" for step in checkpoint_steps(setup.steps, FRACTIONS)}
+    if not all((f / "trainer_state.json").is_file() for f in folders.values()):
+        tokenizer = AutoTokenizer.from_pretrained(setup_dir / "tokenizer")
+        with open(setup_dir / "corpus.jsonl", encoding="utf-8") as handle:
+            texts = [json.loads(line)["text"] for line in handle]
+        train_causal_lm(setup.arch, tokenizer, texts, folders[setup.steps], hidden_size=setup.hidden,
+                        num_layers=setup.layers, steps=setup.steps, seq_len=MAX_LENGTH, batch_size=setup.batch_size,
+                        lr=setup.lr, seed=setup.seed, save_at=folders)
+    return list(folders.values())
 
 
 def check_final_is_the_kit_model(final: Path, kit_model: Path) -> None:
@@ -101,10 +77,16 @@ def check_final_is_the_kit_model(final: Path, kit_model: Path) -> None:
         raise SystemExit(f"retrained {final} differs from the kit's model {kit_model}")
 
 
-def _fit_costs(directory: Path) -> dict:
-    """Seconds of each checkpoint's first factor fit (later runs read the cached factors)."""
-    path = directory / "fit-seconds.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def timed_fit(att: Attributor, folder: Path, covariance_max_tokens: int | None = None) -> float:
+    """Seconds of one factor fit of `folder` in this run, into a scratch folder (the cached factors serve the
+    scores), so that every row's cost is measured under the same load."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        fresh = Attributor(att.setup_dir, Path(scratch), model_dir=folder)
+        t0 = time.perf_counter()
+        fresh.fit("ekfac", "empirical", covariance_max_tokens=covariance_max_tokens)
+        return round(time.perf_counter() - t0, 2)
 
 
 def segment_mean_lr(folders: list[Path], used: list[int]) -> list[float]:
@@ -113,7 +95,7 @@ def segment_mean_lr(folders: list[Path], used: list[int]) -> list[float]:
     steps = [json.loads((folders[i] / "trainer_state.json").read_text())["global_step"] for i in used]
     bounds = [0] + steps
     return [float(np.mean([h["learning_rate"] for h in history if lo < h["step"] <= hi]))
-            for lo, hi in zip(bounds, bounds[1:])]
+            for lo, hi in itertools.pairwise(bounds)]
 
 
 def end_to_end(att: Attributor, folders: list[Path], work: Path) -> tuple[np.ndarray, dict]:
@@ -145,7 +127,8 @@ def end_to_end(att: Attributor, folders: list[Path], work: Path) -> tuple[np.nda
     return matrix, {k: round(v, 1) for k, v in costs.items()}
 
 
-def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: int, jobs: int) -> dict:
+def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: int, jobs: int,
+             each_alone: bool = False, every_set: bool = False) -> dict:
     started = time.perf_counter()
     subsets = lds.subset_models(att, setup, work, num_models, jobs)
     masks = np.array([np.isin(att.doc_ids, s["docs"]) for s in subsets], dtype=float)
@@ -155,13 +138,24 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
     from attrib.stages.combine import checkpoint_state
 
     checkpoints = [Attributor(att.setup_dir, work, model_dir=folder) for folder in folders]
-    factors, cost_fit, fit_costs = [], [], _fit_costs(folders[0].parent)
-    for folder, checkpoint in zip(folders, checkpoints):
+    sets = {1: [FRACTIONS - 1], 2: [FRACTIONS // 2 - 1, FRACTIONS - 1],
+            4: list(range(1, FRACTIONS, 2)), 8: list(range(FRACTIONS))}
+    max_tokens = att.shapes()["tokens"] // SAMPLE
+    factors = [checkpoint.fit("ekfac", "empirical") for checkpoint in checkpoints]
+    sample_factors = {i: checkpoints[i].fit("ekfac", "empirical", covariance_max_tokens=max_tokens) for i in sets[4]}
+    cost_fit, cost_sample_fit = [], {}
+    for i, folder in enumerate(folders):  # alternating, so that both see the same load
+        cost_fit.append(timed_fit(att, folder))
+        if i in sets[4]:
+            cost_sample_fit[i] = timed_fit(att, folder, max_tokens)
+    fit_timings = {"all tokens": cost_fit, f"1/{SAMPLE} of the tokens ({max_tokens}), 4 checkpoints":
+                   [cost_sample_fit[i] for i in sets[4]]}
+    log(f"  fit seconds: {fit_timings}")
+    sampled, cost_sample = {}, {}
+    for i in sets[4]:
         t0 = time.perf_counter()
-        factors.append(checkpoint.fit("ekfac", "empirical"))
-        fit_costs.setdefault(folder.name, round(time.perf_counter() - t0, 2))  # the first (uncached) fit's time
-        cost_fit.append(fit_costs[folder.name])
-    (folders[0].parent / "fit-seconds.json").write_text(json.dumps(fit_costs))
+        sampled[i] = checkpoints[i].scores(sample_factors[i], rank=lds.DEFAULT_RANK)
+        cost_sample[i] = time.perf_counter() - t0
     own, reused, cost_own, cost_reuse = [], [], [], []
     for folder, checkpoint, own_factors, fit_seconds in zip(folders, checkpoints, factors, cost_fit):
         t0 = time.perf_counter()
@@ -172,19 +166,19 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
         cost_reuse.append(time.perf_counter() - t0)
         log(f"  {folder.name}: fit {fit_seconds:.1f} s, scores {cost_own[-1]:.1f} s")
     learning_rates = [checkpoint_state(f)["learning_rate"] for f in folders]
-    sets = {1: [FRACTIONS - 1], 2: [FRACTIONS // 2 - 1, FRACTIONS - 1],
-            4: list(range(1, FRACTIONS, 2)), 8: list(range(FRACTIONS))}
 
     def combined(scores, used, weights):
         weights = np.asarray(weights, dtype=float) / np.sum(weights)
         return sum(w * scores[i] for w, i in zip(weights, used))
 
     def row(label, used, weighting="equal", factors="own"):
-        scores = own if factors == "own" else reused
+        scores = {"own": own, "final": reused, "sample": sampled}[factors]
         weights = {"equal": [1.0] * len(used), "lr": [learning_rates[i] for i in used],
                    "lr (segment mean)": segment_mean_lr(folders, used)}[weighting]
         if factors == "own":
             seconds = sum(cost_fit[i] + cost_own[i] for i in used)
+        elif factors == "sample":
+            seconds = sum(cost_sample_fit[i] + cost_sample[i] for i in used)
         else:
             seconds = cost_fit[-1] + sum(cost_reuse[i] for i in used)
         return {"setting": label, "checkpoints": [folders[i].name for i in used], "weighting": weighting,
@@ -193,6 +187,8 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
 
     grid = [row("final checkpoint alone", sets[1]),
             row("earliest of the 4 (25 %) alone", [sets[4][0]])]
+    if each_alone:
+        grid += [row(f"{folders[i].name} ({i + 1}/{FRACTIONS}) alone", [i]) for i in range(FRACTIONS - 1)]
     for n in (2, 4, 8):
         grid.append(row(f"{n} checkpoints, equal", sets[n]))
     for n in (4, 8):
@@ -200,26 +196,47 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
         grid.append(row(f"{n} checkpoints, lr (segment mean)", sets[n], "lr (segment mean)"))
     for n in (2, 4, 8):
         grid.append(row(f"{n} checkpoints, equal, final checkpoint's factors", sets[n], factors="final"))
+    for n in (1, 4):
+        grid.append({**row(f"{n} checkpoint{'s, equal' if n > 1 else ' (final)'}, A and S from 1/{SAMPLE} of the "
+                           f"tokens", sets[n], factors="sample"), "paired_with": "4 checkpoints, equal"})
     pipeline_scores, pipeline_costs = end_to_end(att, [folders[i] for i in sets[4]], work)
     grid.append({"setting": "4 checkpoints, equal: attrib fit-factors + query + combine (float32)",
                  "checkpoints": [folders[i].name for i in sets[4]], "weighting": "equal", "factors": "own",
                  "scores": pipeline_scores, "seconds": round(sum(pipeline_costs.values()), 1),
                  "pipeline_costs": pipeline_costs})
-    rows, baseline = [], None
+    rows, baseline, per_setting = [], None, {}
     for entry in grid:
         scores = entry.pop("scores")
         result = {**entry, **lds.lds(scores, masks, actual, kinds)}
-        per_query = np.array(result["per_query"])
+        per_query = per_setting[entry["setting"]] = np.array(result["per_query"])
         baseline = per_query if baseline is None else baseline
         result.update(ci=bootstrap(per_query), delta=float((per_query - baseline).mean()),
                       delta_ci=bootstrap(per_query - baseline))
+        paired = ""
+        if "paired_with" in entry:
+            other = per_query - per_setting[entry["paired_with"]]
+            result.update(delta_paired=float(other.mean()), delta_paired_ci=bootstrap(other))
+            paired = (f", Δ vs {entry['paired_with']} {result['delta_paired']:+.3f} "
+                      f"[{result['delta_paired_ci'][0]:+.3f}, {result['delta_paired_ci'][1]:+.3f}]")
         rows.append(result)
         log(f"  {entry['setting']}: LDS {result['lds']:.3f} [{result['ci'][0]:.3f}, {result['ci'][1]:.3f}], "
-            f"Δ {result['delta']:+.3f} [{result['delta_ci'][0]:+.3f}, {result['delta_ci'][1]:+.3f}], "
+            f"Δ {result['delta']:+.3f} [{result['delta_ci'][0]:+.3f}, {result['delta_ci'][1]:+.3f}]{paired}, "
             f"{entry['seconds']} s")
+    sets_of_4 = every_set_of_4(own, masks, actual, kinds, per_setting["final checkpoint alone"]) if every_set else None
     return {"setup": setup.__dict__, "shapes": att.shapes(), "num_models": num_models,
             "checkpoint_steps": checkpoint_steps(setup.steps, FRACTIONS), "learning_rates": learning_rates,
+            "sample_tokens": max_tokens, "fit_seconds": fit_timings, "every_set_of_4": sets_of_4,
             "rows": rows, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def every_set_of_4(own: list[np.ndarray], masks, actual, kinds, final: np.ndarray) -> list[dict]:
+    """Δ LDS over the final checkpoint of every equal 4-checkpoint ensemble, best first: how much any choice of
+    checkpoints could gain (an optimistic bound, chosen on the same queries it is measured on)."""
+    out = []
+    for used in itertools.combinations(range(len(own)), 4):
+        gain = np.array(lds.lds(sum(own[i] for i in used) / 4, masks, actual, kinds)["per_query"]) - final
+        out.append({"checkpoints": [i + 1 for i in used], "delta": float(gain.mean()), "delta_ci": bootstrap(gain)})
+    return sorted(out, key=lambda r: -r["delta"])
 
 
 def main(argv=None) -> int:
@@ -228,6 +245,9 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", default="llama")
     parser.add_argument("--fortunes", default=None, help="the fortune files (see realtext.py's docstring)")
     parser.add_argument("--hidden", type=int, default=None, help="fortunes: model width (default RealSetup's)")
+    parser.add_argument("--docs", type=int, default=None, help="fortunes: training documents (default RealSetup's)")
+    parser.add_argument("--each-alone", action="store_true", help="add a row for every checkpoint alone")
+    parser.add_argument("--every-set", action="store_true", help="also score every equal 4-checkpoint ensemble")
     parser.add_argument("--models", type=int, default=50, help="M, the number of subset models")
     parser.add_argument("--jobs", type=int, default=1, help="subset models trained at once (one thread each)")
     parser.add_argument("--work", default=str(default_work()), help="cache of models, subset models and factors")
@@ -238,7 +258,7 @@ def main(argv=None) -> int:
     if args.kit == "fortunes":
         if not args.fortunes:
             parser.error("--kit fortunes needs --fortunes DIR")
-        setup = RealSetup(arch=args.arch, hidden=args.hidden or RealSetup.hidden)
+        setup = RealSetup(arch=args.arch, hidden=args.hidden or RealSetup.hidden, docs=args.docs or RealSetup.docs)
         att = Attributor(build_realtext(setup, Path(args.fortunes), work), work)
         kinds = ["held-out"] * len(att.queries)
     else:
@@ -246,14 +266,23 @@ def main(argv=None) -> int:
         att = Attributor(build_setup(setup, work), work)
         kinds = ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
     log(f"checkpoints ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
-    result = {"evaluation": "lds-checkpoints", "kit": args.kit, **evaluate(att, setup, work, kinds, args.models,
-                                                                           args.jobs)}
+    result = {"evaluation": "lds-checkpoints", "kit": args.kit,
+              **evaluate(att, setup, work, kinds, args.models, args.jobs, args.each_alone, args.every_set)}
     table = [[r["setting"], f"{r['lds']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]",
               " / ".join(f"{r[k]:.3f}" for k in sorted(set(kinds))),
-              f"{r['delta']:+.3f} [{r['delta_ci'][0]:+.3f}, {r['delta_ci'][1]:+.3f}]", f"{r['seconds']:.1f}"]
+              f"{r['delta']:+.3f} [{r['delta_ci'][0]:+.3f}, {r['delta_ci'][1]:+.3f}]",
+              f"{r['delta_paired']:+.3f} [{r['delta_paired_ci'][0]:+.3f}, {r['delta_paired_ci'][1]:+.3f}]"
+              if "delta_paired" in r else "", f"{r['seconds']:.1f}"]
              for r in result["rows"]]
-    print(markdown_table(["setting", "LDS [95% CI]", " / ".join(sorted(set(kinds))),
-                          "Δ vs final alone [95% CI]", "cost (s)"], table))
+    print(markdown_table(["setting", "LDS [95% CI]", " / ".join(sorted(set(kinds))), "Δ vs final alone [95% CI]",
+                          "Δ vs 4 checkpoints, all tokens [95% CI]", "cost (s)"], table))
+    print(f"\nfit seconds: {result['fit_seconds']}")
+    if result["every_set_of_4"]:
+        ranked = result["every_set_of_4"]
+        print(f"\nevery equal 4-checkpoint ensemble (checkpoint k of {FRACTIONS}), Δ vs final alone: median "
+              f"{np.median([r['delta'] for r in ranked]):+.3f}; best five:")
+        for r in ranked[:5]:
+            print(f"  {r['checkpoints']}: {r['delta']:+.3f} [{r['delta_ci'][0]:+.3f}, {r['delta_ci'][1]:+.3f}]")
     print(f"\n{result['shapes']}, checkpoints at steps {result['checkpoint_steps']}, learning rates logged there "
           f"{[f'{lr:.2e}' for lr in result['learning_rates']]}, total {result['seconds']} s")
     write_json(args.out, result)
