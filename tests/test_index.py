@@ -299,6 +299,31 @@ def test_resume_after_a_kill_equals_an_uninterrupted_build(tmp_path, model_dirs,
     assert build_index(tmp_path / "b", "m", model, tokenizer, layers, factors, spec, settings) is None  # complete
 
 
+def test_tail_members_are_the_tables_tails_including_ties():
+    """The running tails choose exactly the rows attrib.scoring._tails keeps (score descending, then document
+    order), on random scores and on scores with many ties at the thresholds."""
+    import numpy as np
+
+    from attrib.scoring import _tails
+    from attrib.stages.index import _tail_members
+
+    generator = np.random.default_rng(0)
+    checked = 0
+    for trial in range(300):
+        queries, count, top = 3, int(generator.integers(5, 40)), int(generator.integers(1, 5))
+        if count <= 2 * top:
+            continue
+        scores = (generator.integers(-3, 3, (queries, count)).astype(float) if trial % 2
+                  else generator.standard_normal((queries, count)))
+        doc = np.stack([generator.permutation(100)[:count] for _ in range(queries)])
+        kept = _tails(np.repeat(np.arange(queries), count), doc.reshape(-1), scores.reshape(-1), top)
+        expected = np.zeros(queries * count, bool)
+        expected[kept] = True
+        assert (_tail_members(scores, doc, top).reshape(-1) == expected).all(), trial
+        checked += 1
+    assert checked > 200
+
+
 def test_kept_tails_equal_all_scores_and_resume_after_a_kill(tmp_path, model_dirs, corpus_file, monkeypatch):
     """Scores kept as each query's top and bottom K (running tails over the shards, in groups of a few sequences)
     are exactly the rows of all scores at those ranks, with the same summary; a pass killed after its first shard

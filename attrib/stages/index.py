@@ -519,7 +519,7 @@ def _score_shard(reader: IndexReader, name: str, layers, sides: list[QuerySide],
         for number, (start, end) in enumerate(_groups(doc_index, max(1, SCORES_BYTES // (8 * queries * len(layers))))):
             if skip(number):
                 continue
-            scores = torch.zeros(end - start, queries, len(layers), dtype=torch.float64)
+            scores = torch.empty(end - start, queries, len(layers), dtype=torch.float64)  # every cell is written
             for index, (layer, side) in enumerate(zip(layers, sides)):
                 slices = {kind: handle.get_slice(f"{layer.name}.{kind}") for kind in kinds}
                 transformed = side.dense()
@@ -537,6 +537,25 @@ def _score_shard(reader: IndexReader, name: str, layers, sides: list[QuerySide],
             yield number, rows[firsts], np.add.reduceat(scores.numpy(), firsts, axis=0) if chunked else scores.numpy()
 
 
+def _tail_members(scores: np.ndarray, doc: np.ndarray, top: int) -> np.ndarray:
+    """[q, n] bool: each row's `top` first and `top` last in the order of the final table (score descending, then
+    document), n > 2·top. A partition finds the thresholds; rows whose ties at a threshold must be split by
+    document order are sorted exactly."""
+    count = scores.shape[1]
+    part = np.partition(scores, (top - 1, count - top), axis=1)
+    low, high = part[:, top - 1 : top], part[:, count - top : count - top + 1]
+    above, below = scores > high, scores < low
+    at_high, at_low = scores == high, scores == low
+    chosen = above | below | at_high | at_low
+    split = ((above.sum(1) + at_high.sum(1) != top) | (below.sum(1) + at_low.sum(1) != top)
+             | (at_high & at_low).any(1))
+    for row in np.flatnonzero(split):
+        order = np.lexsort((doc[row], -scores[row]))
+        chosen[row] = False
+        chosen[row, order[:top]] = chosen[row, order[-top:]] = True
+    return chosen
+
+
 class _Tails:
     """A pass's running result on one rank: each query's `top` most positive and `top` most negative documents so
     far with their layer scores, the summary sums over every document scored, and the shards done.
@@ -550,44 +569,47 @@ class _Tails:
 
         self.path, self.top, self.saved = path, top, time.time()
         self.doc = np.zeros((queries, 0), np.int64)
+        self.score = np.zeros((queries, 0))
         self.layers = np.zeros((queries, 0, layers))
         self.sums = np.zeros((4, queries))  # documents, Σ score, Σ score², Σ positive scores
         self.shards: list[int] = []
         if path.exists():
             state = {key: tensor.numpy() for key, tensor in load_tensors(path).items()}
-            self.doc, self.layers, self.sums, self.shards = state["doc"], state["layers"], state["sums"], state["shards"].tolist()
+            self.doc, self.score, self.layers = state["doc"], state["score"], state["layers"]
+            self.sums, self.shards = state["sums"], state["shards"].tolist()
 
     def add(self, doc_index: np.ndarray, layers: np.ndarray) -> None:
         """Whole documents `doc_index` [m] with their layer scores [m, q, L], each document seen once.
 
-        Candidates are chosen on their scores alone and only the chosen rows' layer scores are gathered; kept
-        columns stay in document order, so while documents arrive in that order a stable sort by score alone
-        breaks ties by document as the final table does."""
+        Chosen as the final table orders them (score descending, then document order). Once each query holds
+        2·top documents they are slots: a document that enters takes the slot of one that leaves, so only the
+        entering rows' layer scores move."""
         new = layers.sum(-1).T  # [q, m]
         self.sums += np.stack([np.full(len(new), len(doc_index)), new.sum(1), (new**2).sum(1), np.maximum(new, 0).sum(1)])
-        kept = self.doc.shape[1]
-        doc = np.concatenate([self.doc, np.broadcast_to(doc_index, (len(new), len(doc_index)))], axis=1)
-        scores = np.concatenate([self.layers.sum(-1), new], axis=1)
-        if doc.shape[1] <= 2 * self.top:
-            chosen = np.broadcast_to(np.arange(doc.shape[1]), doc.shape)
-        else:
-            in_order = kept == 0 or doc_index.min() > self.doc.max()
-            order = np.argsort(-scores, axis=1, kind="stable") if in_order else np.lexsort((doc, -scores), axis=-1)
-            chosen = np.sort(np.concatenate([order[:, : self.top], order[:, -self.top :]], axis=1), axis=1)
-        rows, width = np.arange(len(new))[:, None], layers.shape[-1]
-        gathered = np.take(layers.reshape(-1, width), (chosen - kept) * len(new) + rows, axis=0, mode="clip")
-        if kept:
-            earlier = np.take(self.layers.reshape(-1, width), rows * kept + chosen, axis=0, mode="clip")
-            gathered = np.where((chosen < kept)[..., None], earlier, gathered)
-        self.doc, self.layers = np.take_along_axis(doc, chosen, 1), gathered
+        (queries, kept), top = self.doc.shape, self.top
+        doc = np.concatenate([self.doc, np.broadcast_to(doc_index, (queries, len(doc_index)))], axis=1)
+        scores = np.concatenate([self.score, new], axis=1)
+        chosen = _tail_members(scores, doc, top) if doc.shape[1] > 2 * top else None
+        if kept < 2 * top:  # filling up: the union, or its tails
+            union = np.concatenate([self.layers, layers.transpose(1, 0, 2)], axis=1)
+            if chosen is not None:
+                keep = np.nonzero(chosen)[1].reshape(queries, 2 * top)
+                doc, scores = np.take_along_axis(doc, keep, 1), np.take_along_axis(scores, keep, 1)
+                union = np.take_along_axis(union, keep[..., None], 1)
+            self.doc, self.score, self.layers = doc, scores, union
+            return
+        leaving, entering = np.nonzero(~chosen[:, :kept]), np.nonzero(chosen[:, kept:])  # as many per query
+        self.doc[leaving], self.score[leaving] = doc_index[entering[1]], new[entering]
+        self.layers[leaving] = layers[entering[1], entering[0]]
 
     def shard_done(self, shard: int) -> None:
         from attrib.storage import save_tensors
 
         self.shards.append(shard)
         if time.time() - self.saved >= TAILS_SAVE_SECONDS:
-            save_tensors(self.path, {"doc": torch.from_numpy(self.doc), "layers": torch.from_numpy(self.layers),
-                                     "sums": torch.from_numpy(self.sums), "shards": torch.tensor(self.shards)})
+            save_tensors(self.path, {"doc": torch.from_numpy(self.doc), "score": torch.from_numpy(self.score),
+                                     "layers": torch.from_numpy(self.layers), "sums": torch.from_numpy(self.sums),
+                                     "shards": torch.tensor(self.shards)})
             self.saved = time.time()
 
     def tables(self, query_ids: np.ndarray, reader: IndexReader):
