@@ -29,26 +29,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from bench_index import index_scores, plain_step_seconds, recall, spearman  # noqa: E402
-from common import Attributor, MAX_LENGTH, log, markdown_table, prefilter_scores, write_json  # noqa: E402
-from realtext import RealSetup, build_realtext  # noqa: E402
+import numpy as np
+import torch
+from bench_index import index_scores, plain_step_seconds, recall, spearman
+from common import MAX_LENGTH, Attributor, log, markdown_table, prefilter_scores, write_json
+from realtext import RealSetup, build_realtext
 
-import attrib.scoring  # noqa: E402
-from attrib.distributed import World  # noqa: E402
-from attrib.models import find_tracked_layers, load_model  # noqa: E402
-from attrib.preconditioned_gradients import QueryGradientStore  # noqa: E402
-from attrib.stages.index import IndexReader, IndexSettings, _pass_transforms, build_index  # noqa: E402
-from attrib.stages.query_gradients import QuerySettings, run_query_gradients  # noqa: E402
-from attrib.storage import open_input  # noqa: E402
+import attrib.scoring
+from attrib.distributed import World
+from attrib.models import find_tracked_layers, load_model
+from attrib.preconditioned_gradients import QueryGradientStore
+from attrib.stages.index import IndexReader, IndexSettings, _pass_transforms, build_index
+from attrib.stages.query_gradients import QuerySettings, run_query_gradients
+from attrib.storage import open_input
 
 SHARES = (0.01, 0.05, 0.10)
 RANKS = (1, 2, 4, 8)
 SIDES = (16, 32, 64, 128, 256)
-HONEST = [("kronecker", dict(projection="eigen", dims=[16, 16])), ("kronecker", dict(projection="random", dims=[16, 16]))]
+HONEST = [("kronecker", {"projection": "eigen", "dims": [16, 16]}), ("kronecker", {"projection": "random", "dims": [16, 16]})]
 # Llama-2-7B: 32 blocks, tracked gate/up [11008 × 4096] and down [4096 × 11008]
-SEVEN_B = dict(blocks=32, hidden=4096, mlp=11008)
+SEVEN_B = {"blocks": 32, "hidden": 4096, "mlp": 11008}
 SEQUENCES_7B = 10_000_000
 
 
@@ -56,8 +56,8 @@ def seven_b_sizes(ranks=RANKS + (16,), sides=(16, 32, 64, 128, 256)) -> list[dic
     """Values and bytes (bfloat16) per sequence at Llama-2-7B's tracked shapes, and the disk for 10M sequences."""
     layers = 3 * SEVEN_B["blocks"]
     width = SEVEN_B["hidden"] + SEVEN_B["mlp"]
-    rows = [("lowrank rank %d" % r, layers * r * width) for r in ranks]
-    rows += [("kronecker %d×%d" % (k, k), layers * k * k) for k in sides]
+    rows = [(f"lowrank rank {r}", layers * r * width) for r in ranks]
+    rows += [(f"kronecker {k}×{k}", layers * k * k) for k in sides]
     return [{"representation": label, "values_per_sequence": values, "bytes_per_sequence": 2 * values,
              "disk_10M_TB": 2 * values * SEQUENCES_7B / 1e12} for label, values in rows]
 
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
 
     scratch = work / f"scratch-{tag}"
     for rank in RANKS:
-        scores, manifest = index_scores(att, factors, gradients, scratch, "lowrank", dict(rank=rank), model, layers)
+        scores, manifest = index_scores(att, factors, gradients, scratch, "lowrank", {"rank": rank}, model, layers)
         add(manifest["representation"], scores, manifest["values_per_sequence"], manifest["timings"]["build_seconds"])
     for representation, options in HONEST:
         if options["dims"][0] <= max(sides):
