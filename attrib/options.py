@@ -18,7 +18,7 @@ from attrib.runtime import flag
 from attrib.strategies import STRATEGY
 
 DEFAULT_QUERY_RANK = 32
-DEFAULT_INDEX_DIMS = 64  # kronecker index, per side and layer (docs/benchmarks.md, issue 20)
+DEFAULT_INDEX_DIMS = 128  # kronecker index, per side and layer (docs/benchmarks.md, issue 20)
 DEFAULT_DAMPING_SCALE = 0.001  # × each layer's mean eigenvalue; chosen on real text (docs/benchmarks.md)
 # --solver cg without --solve-iterations: 3 reached the dense ceiling's LDS on real text, and more
 # iterations over a small sample over-solve (docs/benchmarks.md, "CG solve: LDS vs iterations")

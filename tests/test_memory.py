@@ -29,9 +29,9 @@ def test_inspect_needs_only_the_config(tmp_path, capsys, tokenizer):
     assert code == 0, err
     assert "model.layers.31.mlp.down_proj" in out and "model parameters: 6,738,415,616" in out
     assert "predicted peak memory" in out and "--max-memory 80GiB: fit-factors --layers-per-pass" in out
-    # the index at 7B widths (96 layers): by default a 64 × 64 Kronecker projection per layer, in bfloat16
-    assert "index (kronecker 64x64 or the layer's width, bfloat16): 768.0 KiB per sequence; 10,000,000 sequences: " \
-           "7.15 TiB" in out and "query --index" in out
+    # the index at 7B widths (96 layers): by default a 128 × 128 Kronecker projection per layer, in bfloat16
+    assert "index (kronecker 128x128 or the layer's width, bfloat16): 3,072.0 KiB per sequence; 10,000,000 " \
+           "sequences: 28.61 TiB" in out and "query --index" in out
     code, out, err = run_cli(capsys, "inspect", "--model", directory, "--representation", "lowrank")
     assert code == 0, err  # rank 8 stores 8 × (4096 + 11008) values per layer and sequence
     assert "index (lowrank rank 8, bfloat16): 22,656.0 KiB per sequence; 10,000,000 sequences: 211.00 TiB" in out
