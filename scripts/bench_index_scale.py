@@ -3,8 +3,8 @@
 The planted-fact kit's model and factors (scripts/bench_index.py's "large" kit: Llama hidden 64, MLP 256,
 six tracked layers). Its 1,000 documents are indexed for real (`attrib index` with --representation and its
 --rank or --dims; default kronecker 64, which is the stage's default on these layers), then the shards are repeated under new document
-ids until the index holds --sequences sequences: the scores of the copies repeat, the work of scoring
-them does not. The kit's 120 queries are repeated under new ids up to --queries. `attrib query --index`
+ids (and their values slightly scaled) until the index holds --sequences sequences: the work of scoring
+them is that of distinct documents. The kit's 120 queries are repeated under new ids up to --queries. `attrib query --index`
 then runs in a fresh process (its peak RSS read from /proc), with the query gradients computed beforehand.
 
 Printed, from one run: the scoring seconds; its operations (the products ⟨T_q, W_n⟩ and, for lowrank,
@@ -57,7 +57,9 @@ def matmul_rate(repeats: int = 5) -> float:
 
 
 def repeat_index(index: Path, sequences: int) -> dict:
-    """Copies of the index's shards under new doc ids (doc_index + k × documents) until it holds `sequences`."""
+    """Copies of the index's shards under new doc ids (doc_index + k × documents) until it holds `sequences`; copy
+    k's stored values are scaled by 1 + k/1024, so that its scores differ from the original's as distinct
+    documents' do (exact ties cost the running tails an exact sort)."""
     from safetensors import safe_open
 
     from attrib.stages.index import SHARDS_DIR, _write_sequences
@@ -72,7 +74,8 @@ def repeat_index(index: Path, sequences: int) -> dict:
         for number, name in enumerate(shards):
             with safe_open(str(index / name), framework="pt") as handle:
                 doc_ids = json.loads(handle.metadata()["doc_ids"])
-            tensors = load_tensors(index / name)
+            tensors = {key: value if key in ("doc_index", "chunk", "tokens") else value * (1 + copy / 1024)
+                       for key, value in load_tensors(index / name).items()}  # scaled: copies score apart, no ties
             tensors["doc_index"] = tensors["doc_index"] + copy * documents
             target = f"{SHARDS_DIR}/r000-p{copy * len(shards) + number:05d}.safetensors"
             save_tensors(index / target, tensors, metadata={"doc_ids": json.dumps([f"{d}~{copy}" for d in doc_ids])})
