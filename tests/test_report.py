@@ -278,7 +278,7 @@ def test_top_table(capsys, scores_dir):
     assert code == 0, err
     for query in QUERIES:
         assert f"query {query['id']}" in out
-    assert "evil<doc>&\"'" in out and "tf-idf rank" in out
+    assert "evil<doc>&\"'" in out and "prefilter rank" in out
 
 
 @pytest.fixture

@@ -76,7 +76,7 @@ def print_table(rows: list[dict]) -> None:
             table.add_column("chunk", justify="right")
         table.add_column("score", justify="right")
         if prefiltered:
-            table.add_column("tf-idf rank", justify="right")
+            table.add_column("prefilter rank", justify="right")  # TF-IDF, BM25 or the index
         table.add_column("text around the strongest token", overflow="fold")
         for row in (r for r in rows if r["query_id"] == query_id):
             prefilter = [] if not prefiltered else ["" if row["prefilter_rank"] is None else str(row["prefilter_rank"])]
