@@ -38,10 +38,10 @@ def inspect_model(
     dtype: Annotated[str, typer.Option(help="Model compute dtype of the planned run: auto (bfloat16 on cuda), "
                                             "float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="Device of the planned run: cuda or cpu (nothing runs on it here).")] = "cuda",
-    representation: Annotated[str, _option(IndexOptions, "representation")] = "kronecker",
-    rank: Annotated[int, _option(IndexOptions, "rank")] = 8,
-    dims: Annotated[Optional[str], _option(IndexOptions, "dims")] = None,
-    storage_dtype: Annotated[str, _option(IndexOptions, "storage_dtype")] = "bfloat16",
+    representation: Annotated[str, _option(IndexOptions, "representation")] = IndexOptions.representation,
+    rank: Annotated[int, _option(IndexOptions, "rank")] = IndexOptions.rank,
+    dims: Annotated[Optional[str], _option(IndexOptions, "dims")] = IndexOptions.dims,
+    storage_dtype: Annotated[str, _option(IndexOptions, "storage_dtype")] = IndexOptions.storage_dtype,
     sequences: Annotated[int, typer.Option(help="Sequences of the planned index: its size on disk.")] = 10_000_000,
     trust_remote_code: Annotated[bool, _option(ModelOptions, "trust_remote_code")] = False,
 ) -> None:

@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lds
 import numpy as np
 import torch
-from common import MAX_LENGTH, Attributor, Setup, build_setup, default_work, log, markdown_table, write_json
-from realtext import RealSetup, bootstrap, build_realtext
+from common import MAX_LENGTH, Attributor, default_work, log, markdown_table, write_json
+from realtext import bootstrap, open_kit
 
 FRACTIONS = 8  # checkpoints at k/8 of the steps; the 4- and 2-checkpoint sets are subsets of these
 SAMPLE = 4  # the token-sample rows fit A and S on 1/SAMPLE of the corpus's tokens
@@ -255,16 +255,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work)
-    if args.kit == "fortunes":
-        if not args.fortunes:
-            parser.error("--kit fortunes needs --fortunes DIR")
-        setup = RealSetup(arch=args.arch, hidden=args.hidden or RealSetup.hidden, docs=args.docs or RealSetup.docs)
-        att = Attributor(build_realtext(setup, Path(args.fortunes), work), work)
-        kinds = ["held-out"] * len(att.queries)
-    else:
-        setup = Setup(arch=args.arch, **lds.CORPORA[args.kit], **lds.MODEL)
-        att = Attributor(build_setup(setup, work), work)
-        kinds = ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
+    if args.kit == "fortunes" and not args.fortunes:
+        parser.error("--kit fortunes needs --fortunes DIR")
+    setup, att, kinds = open_kit(args.kit, args.arch, work, args.fortunes, hidden=args.hidden, docs=args.docs)
     log(f"checkpoints ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
     result = {"evaluation": "lds-checkpoints", "kit": args.kit,
               **evaluate(att, setup, work, kinds, args.models, args.jobs, args.each_alone, args.every_set)}

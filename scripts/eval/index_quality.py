@@ -42,15 +42,13 @@ from bench_index import TOP, index_scores, recall, spearman
 from common import (
     MAX_LENGTH,
     Attributor,
-    Setup,
-    build_setup,
     default_work,
     log,
     markdown_table,
     prefilter_scores,
     write_json,
 )
-from realtext import RealSetup, bootstrap, build_realtext
+from realtext import bootstrap, open_kit
 
 from attrib.distributed import World
 from attrib.stages.query_gradients import QuerySettings, run_query_gradients
@@ -214,16 +212,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work)
-    if args.kit == "fortunes":
-        if not args.fortunes:
-            parser.error("--kit fortunes needs --fortunes DIR")
-        setup = RealSetup(arch=args.arch, hidden=args.hidden or RealSetup.hidden)
-        att = Attributor(build_realtext(setup, Path(args.fortunes), work), work)
-        kinds = ["held-out"] * len(att.queries)
-    else:
-        setup = Setup(arch=args.arch, **lds.CORPORA[args.kit], **lds.MODEL)
-        att = Attributor(build_setup(setup, work), work)
-        kinds = ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
+    if args.kit == "fortunes" and not args.fortunes:
+        parser.error("--kit fortunes needs --fortunes DIR")
+    setup, att, kinds = open_kit(args.kit, args.arch, work, args.fortunes, hidden=args.hidden)
     log(f"index quality ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(args.scratch or tmp) / setup.name()

@@ -181,6 +181,19 @@ SYNTHETIC_KITS = {"plain": ("plain", lds.MODEL), "distractors": ("distractors", 
                                         "lr": 3e-3})}
 
 
+def open_kit(kit: str, arch: str, work: Path, fortunes: str | None = None, **real):
+    """(setup, Attributor, each query's kind) of the fortunes real-text kit (RealSetup fields in `real`, None for
+    RealSetup's default) or of a synthetic kit of SYNTHETIC_KITS, built into `work` once and cached."""
+    if kit == "fortunes":
+        setup = RealSetup(arch=arch, **{name: value for name, value in real.items() if value is not None})
+        att = Attributor(build_realtext(setup, Path(fortunes), work), work)
+        return setup, att, ["held-out"] * len(att.queries)
+    corpus, model = SYNTHETIC_KITS[kit]
+    setup = Setup(arch=arch, **lds.CORPORA[corpus], **model)
+    att = Attributor(build_setup(setup, work), work)
+    return setup, att, ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
+
+
 @dataclass
 class Dense:
     """Float64 dense quantities over all tracked weights: document gradients D [docs, P], query gradients
@@ -464,17 +477,10 @@ def main(argv=None) -> int:
                              cached_synthetic_rows(Path(args.cached))))
         return 0
     work = Path(args.work)
-    if args.kit == "fortunes":
-        if not args.fortunes:
-            parser.error("--kit fortunes needs --fortunes DIR (see the docstring for how to fetch it)")
-        setup = RealSetup(arch=args.arch, docs=args.docs, queries=args.queries, hidden=args.hidden, steps=args.steps)
-        att = Attributor(build_realtext(setup, Path(args.fortunes), work), work)
-        kinds = ["held-out"] * len(att.queries)
-    else:
-        corpus, model = SYNTHETIC_KITS[args.kit]
-        setup = Setup(arch=args.arch, **lds.CORPORA[corpus], **model)
-        att = Attributor(build_setup(setup, work), work)
-        kinds = ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
+    if args.kit == "fortunes" and not args.fortunes:
+        parser.error("--kit fortunes needs --fortunes DIR (see the docstring for how to fetch it)")
+    setup, att, kinds = open_kit(args.kit, args.arch, work, args.fortunes, docs=args.docs, queries=args.queries,
+                                 hidden=args.hidden, steps=args.steps)
     log(f"LDS ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
     result = {"kit": args.kit, **evaluate(att, setup, work, kinds, args.models, args.jobs, exact_samples=args.exact,
                                           grid=[] if args.only_cg else DEFAULTS_GRID,
