@@ -317,6 +317,14 @@ def _padded_batch(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Te
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+# The learning rate after warm-up as a fraction of the peak, by the step and the run's steps.
+LR_SCHEDULES = {
+    "cosine": lambda step, steps: 0.5 * (1 + math.cos(math.pi * step / steps)),
+    "linear": lambda step, steps: 1.0 - step / steps,
+    "constant": lambda step, steps: 1.0,
+}
+
+
 def train_causal_lm(
     arch: str,
     tokenizer,
@@ -331,23 +339,27 @@ def train_causal_lm(
     lr: float,
     seed: int,
     save_at: dict[int, str | Path] | None = None,
+    schedule: str = "cosine",
 ):
     """Train a random-init `arch` ("llama" or "gpt2") on `texts` and save it with its tokenizer.
 
     Each document is its own sequence (eos appended, cut at `seq_len`, padded), as
     `attrib` scores it: a document's tokens only ever see that document.
-    AdamW with warm-up and cosine decay and no weight decay, so that facts are memorised.
+    AdamW with warm-up and no weight decay, so that facts are memorised; after the warm-up the learning rate
+    follows `schedule` (a name of LR_SCHEDULES): cosine decay to 0 (the default), linear decay to 0 (the
+    Hugging Face Trainer's default), or constant (a run that never anneals, as long pre-training runs are
+    for most of their checkpoints).
     `save_at` {step: folder} also saves the model after those steps as a Hugging Face Trainer checkpoint-N
     folder (with a trainer_state.json logging every step's learning rate and loss), for attribution across
     checkpoints; the run itself is unchanged by it.
     """
     with libraries_quiet("transformers"):  # its notices (loss_type, "Writing model shards") are not the user's
         return _train_causal_lm(arch, tokenizer, texts, out_dir, hidden_size, num_layers, steps, seq_len, batch_size,
-                                lr, seed, save_at or {})
+                                lr, seed, save_at or {}, LR_SCHEDULES[schedule])
 
 
 def _train_causal_lm(arch, tokenizer, texts, out_dir, hidden_size, num_layers, steps, seq_len, batch_size, lr, seed,
-                     save_at):
+                     save_at, decay):
     torch.manual_seed(seed)
     model = {"llama": LlamaForCausalLM, "gpt2": GPT2LMHeadModel}[arch](
         _model_config(arch, tokenizer, hidden_size, num_layers, seq_len)
@@ -360,7 +372,7 @@ def _train_causal_lm(arch, tokenizer, texts, out_dir, hidden_size, num_layers, s
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
+        lambda step: min(1.0, (step + 1) / warmup) * decay(min(step, steps), steps),
     )
     order_generator = torch.Generator().manual_seed(seed)
     order: list[int] = []

@@ -187,6 +187,21 @@ def test_index_scores_and_exact_scores_are_not_combined(tmp_path, capsys, checkp
     assert not (tmp_path / "c").exists()
 
 
+def test_index_scores_of_another_corpus_with_the_same_ids_are_refused(tmp_path, capsys, checkpoints, index_scores):
+    """The index scores' manifest records the indexed corpus, so equal ids and queries are not enough."""
+    root, model = checkpoints["root"], str(checkpoints["root"] / "ckpt-20")
+    other_corpus = write_jsonl(tmp_path / "other.jsonl", [{"id": f"doc{i}", "text": TEXTS[(i + 1) % 5]}
+                                                           for i in range(12)])
+    index = attrib.index(model, root / "ckpt-20-scores-factors", other_corpus, tmp_path / "index", rank=2,
+                         max_length=24)
+    other = attrib.query(model, None, checkpoints["queries"], None, tmp_path / "scores", index=index, max_length=24,
+                         keep_all_scores=True).out
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "combine", index_scores["ckpt-10"], other, "--out", tmp_path / "c")
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "other corpus" in err, err
+    assert not (tmp_path / "c").exists()
+
+
 @pytest.fixture(scope="module")
 def mismatched(checkpoints):
     """Scores of checkpoint ckpt-10 that differ from the reference in one thing each."""

@@ -735,11 +735,14 @@ def score_index(out, index_dir: str, model_spec: str, lm, tokenizer, layers: lis
 def _scoring_stage(out, name: str, recorded: dict, record: dict | None, sources: tuple, world: World,
                    overwrite: bool) -> StageDir | None:
     """The stage directory of index scores or candidates; None when it is complete already."""
-    from attrib.storage import input_identity
+    from attrib.storage import input_identity, open_input
 
     index_dir, queries_source, query_gradients = sources
+    # The indexed corpus as `attrib query` records its corpus, so that `attrib combine` refuses index scores
+    # of another corpus whose documents carry the same ids.
+    indexed_corpus = open_input(index_dir, STAGE, option=flag("index"))["inputs"]["corpus"]
     inputs = {"index": input_identity(index_dir), "queries": input_identity(queries_source),
-              "query_gradients": input_identity(query_gradients)}
+              "query_gradients": input_identity(query_gradients), "corpus": indexed_corpus}
     stage = world.main_first(lambda is_main: StageDir(out, name, recorded, record, inputs, overwrite and is_main))
     if stage.already_complete:
         message(f"{out} is already complete; use {flag('overwrite')} to compute it again")

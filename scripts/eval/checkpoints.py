@@ -65,7 +65,7 @@ def train_with_checkpoints(setup, setup_dir: Path, out: Path) -> list[Path]:
             texts = [json.loads(line)["text"] for line in handle]
         train_causal_lm(setup.arch, tokenizer, texts, folders[setup.steps], hidden_size=setup.hidden,
                         num_layers=setup.layers, steps=setup.steps, seq_len=MAX_LENGTH, batch_size=setup.batch_size,
-                        lr=setup.lr, seed=setup.seed, save_at=folders)
+                        lr=setup.lr, seed=setup.seed, save_at=folders, schedule=setup.schedule)
     return list(folders.values())
 
 
@@ -167,13 +167,16 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
         log(f"  {folder.name}: fit {fit_seconds:.1f} s, scores {cost_own[-1]:.1f} s")
     learning_rates = [checkpoint_state(f)["learning_rate"] for f in folders]
 
-    def combined(scores, used, weights):
+    def combined(scores, used, weights, per_query_scale=False):
         weights = np.asarray(weights, dtype=float) / np.sum(weights)
+        if per_query_scale:  # each checkpoint's scores of a query divided by their root mean square over documents
+            return sum(w * scores[i] / np.sqrt((scores[i] ** 2).mean(1, keepdims=True)) for w, i in zip(weights, used))
         return sum(w * scores[i] for w, i in zip(weights, used))
 
     def row(label, used, weighting="equal", factors="own"):
         scores = {"own": own, "final": reused, "sample": sampled}[factors]
-        weights = {"equal": [1.0] * len(used), "lr": [learning_rates[i] for i in used],
+        weights = {"equal": [1.0] * len(used), "equal, scaled per query": [1.0] * len(used),
+                   "lr": [learning_rates[i] for i in used],
                    "lr (segment mean)": segment_mean_lr(folders, used)}[weighting]
         if factors == "own":
             seconds = sum(cost_fit[i] + cost_own[i] for i in used)
@@ -183,7 +186,8 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
             seconds = cost_fit[-1] + sum(cost_reuse[i] for i in used)
         return {"setting": label, "checkpoints": [folders[i].name for i in used], "weighting": weighting,
                 "factors": factors, "weights": [round(w / sum(weights), 4) for w in weights],
-                "scores": combined(scores, used, weights), "seconds": round(seconds, 1)}
+                "scores": combined(scores, used, weights, weighting.endswith("scaled per query")),
+                "seconds": round(seconds, 1)}
 
     grid = [row("final checkpoint alone", sets[1]),
             row("earliest of the 4 (25 %) alone", [sets[4][0]])]
@@ -191,6 +195,8 @@ def evaluate(att: Attributor, setup, work: Path, kinds: list[str], num_models: i
         grid += [row(f"{folders[i].name} ({i + 1}/{FRACTIONS}) alone", [i]) for i in range(FRACTIONS - 1)]
     for n in (2, 4, 8):
         grid.append(row(f"{n} checkpoints, equal", sets[n]))
+    for n in (2, 4, 8):
+        grid.append(row(f"{n} checkpoints, equal, scaled per query", sets[n], "equal, scaled per query"))
     for n in (4, 8):
         grid.append(row(f"{n} checkpoints, lr", sets[n], "lr"))
         grid.append(row(f"{n} checkpoints, lr (segment mean)", sets[n], "lr (segment mean)"))
@@ -246,6 +252,7 @@ def main(argv=None) -> int:
     parser.add_argument("--fortunes", default=None, help="the fortune files (see realtext.py's docstring)")
     parser.add_argument("--hidden", type=int, default=None, help="fortunes: model width (default RealSetup's)")
     parser.add_argument("--docs", type=int, default=None, help="fortunes: training documents (default RealSetup's)")
+    parser.add_argument("--schedule", default=None, help="the kit's learning-rate schedule (default cosine)")
     parser.add_argument("--each-alone", action="store_true", help="add a row for every checkpoint alone")
     parser.add_argument("--every-set", action="store_true", help="also score every equal 4-checkpoint ensemble")
     parser.add_argument("--models", type=int, default=50, help="M, the number of subset models")
@@ -257,7 +264,8 @@ def main(argv=None) -> int:
     work = Path(args.work)
     if args.kit == "fortunes" and not args.fortunes:
         parser.error("--kit fortunes needs --fortunes DIR")
-    setup, att, kinds = open_kit(args.kit, args.arch, work, args.fortunes, hidden=args.hidden, docs=args.docs)
+    setup, att, kinds = open_kit(args.kit, args.arch, work, args.fortunes, hidden=args.hidden, docs=args.docs,
+                                schedule=args.schedule)
     log(f"checkpoints ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
     result = {"evaluation": "lds-checkpoints", "kit": args.kit,
               **evaluate(att, setup, work, kinds, args.models, args.jobs, args.each_alone, args.every_set)}

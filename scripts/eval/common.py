@@ -53,9 +53,11 @@ class Setup:
     lr: float = 3e-3
     distractors: int = 0  # documents per fact repeating its prompt's words and object without stating it
     generic: int = 0  # extra queries completing filler sentences (no source document)
+    schedule: str = "cosine"  # the learning rate's decay after warm-up (attrib.synthetic.LR_SCHEDULES)
 
     def name(self) -> str:
-        extra = (f"-d{self.distractors}" if self.distractors else "") + (f"-g{self.generic}" if self.generic else "")
+        extra = ((f"-d{self.distractors}" if self.distractors else "") + (f"-g{self.generic}" if self.generic else "")
+                 + ("" if self.schedule == "cosine" else f"-{self.schedule}"))
         return (f"{self.arch}-f{self.n_facts}-n{self.n_filler}-s{self.seed}-h{self.hidden}-L{self.layers}"
                 f"-v{self.vocab}-t{self.steps}{extra}")
 
@@ -80,7 +82,7 @@ def build_setup(setup: Setup, root: Path) -> Path:
     started = time.perf_counter()
     train_causal_lm(setup.arch, tokenizer, texts, directory / "model", hidden_size=setup.hidden,
                     num_layers=setup.layers, steps=setup.steps, seq_len=MAX_LENGTH,
-                    batch_size=setup.batch_size, lr=setup.lr, seed=setup.seed)
+                    batch_size=setup.batch_size, lr=setup.lr, seed=setup.seed, schedule=setup.schedule)
     (directory / "train.json").write_text(json.dumps({"train_seconds": time.perf_counter() - started}))
     return directory
 

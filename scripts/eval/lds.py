@@ -81,7 +81,8 @@ def train_subset(setup: Setup, setup_dir: str, result_path: str, docs: list[str]
         texts[row["id"]] = row["text"]
     model = train_causal_lm(setup.arch, tokenizer, [texts[d] for d in docs], result_path.parent / "model",
                             hidden_size=setup.hidden, num_layers=setup.layers, steps=setup.steps,
-                            seq_len=MAX_LENGTH, batch_size=setup.batch_size, lr=setup.lr, seed=seed)
+                            seq_len=MAX_LENGTH, batch_size=setup.batch_size, lr=setup.lr, seed=seed,
+                            schedule=setup.schedule)
     result = {"docs": docs, "log_probs": completion_log_probs(model, tokenizer, load_queries(setup_dir / "queries.jsonl"))}
     staging = result_path.with_suffix(".tmp")
     staging.write_text(json.dumps(result))

@@ -122,10 +122,11 @@ class RealSetup:
     steps: int = 400
     batch_size: int = 16
     lr: float = 3e-3
+    schedule: str = "cosine"  # the learning rate's decay after warm-up (attrib.synthetic.LR_SCHEDULES)
 
     def name(self) -> str:
         return (f"fortunes-{self.arch}-d{self.docs}-q{self.queries}-s{self.seed}-h{self.hidden}-L{self.layers}"
-                f"-v{self.vocab}-t{self.steps}")
+                f"-v{self.vocab}-t{self.steps}" + ("" if self.schedule == "cosine" else f"-{self.schedule}"))
 
 
 def build_realtext(setup: RealSetup, fortunes_dir: Path, root: Path) -> Path:
@@ -145,7 +146,7 @@ def build_realtext(setup: RealSetup, fortunes_dir: Path, root: Path) -> Path:
     started = time.perf_counter()
     train_causal_lm(setup.arch, tokenizer, texts, directory / "model", hidden_size=setup.hidden,
                     num_layers=setup.layers, steps=setup.steps, seq_len=MAX_LENGTH,
-                    batch_size=setup.batch_size, lr=setup.lr, seed=setup.seed)
+                    batch_size=setup.batch_size, lr=setup.lr, seed=setup.seed, schedule=setup.schedule)
     digest = hashlib.sha256((directory / "corpus.jsonl").read_bytes()).hexdigest()
     (directory / "train.json").write_text(json.dumps({"train_seconds": time.perf_counter() - started,
                                                       "corpus_sha256": digest, "packages": FORTUNES_PACKAGES}))
@@ -183,13 +184,14 @@ SYNTHETIC_KITS = {"plain": ("plain", lds.MODEL), "distractors": ("distractors", 
 
 def open_kit(kit: str, arch: str, work: Path, fortunes: str | None = None, **real):
     """(setup, Attributor, each query's kind) of the fortunes real-text kit (RealSetup fields in `real`, None for
-    RealSetup's default) or of a synthetic kit of SYNTHETIC_KITS, built into `work` once and cached."""
+    RealSetup's default) or of a synthetic kit of SYNTHETIC_KITS (`real`'s schedule only), built into `work` once
+    and cached."""
     if kit == "fortunes":
         setup = RealSetup(arch=arch, **{name: value for name, value in real.items() if value is not None})
         att = Attributor(build_realtext(setup, Path(fortunes), work), work)
         return setup, att, ["held-out"] * len(att.queries)
     corpus, model = SYNTHETIC_KITS[kit]
-    setup = Setup(arch=arch, **lds.CORPORA[corpus], **model)
+    setup = Setup(arch=arch, **lds.CORPORA[corpus], **model, schedule=real.get("schedule") or "cosine")
     att = Attributor(build_setup(setup, work), work)
     return setup, att, ["fact" if att.source_doc[q.query_id] else "generic" for q in att.queries]
 
