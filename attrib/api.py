@@ -27,7 +27,7 @@ Inputs:
   other rows are another file, which a rerun into the same `out` refuses without
   `overwrite=True`). The files can be deleted once the run is finished.
 * factors, candidates and query gradients: a stage directory or the `StageResult` of
-  the stage that wrote it.
+  the stage that wrote it; `combine`'s scores: a list of them (or one).
 
 Library log lines and progress bars (transformers, datasets) are off during a call and
 restored after it; attrib's own progress goes to stderr (`attrib.progress`).
@@ -142,6 +142,11 @@ def _stage_function(command: str):
                     inputs[item.name] = _rows_path(inputs[item.name], item.name, inputs["out"])
                 elif item.kind == "stage":
                     inputs[item.name] = _stage_path(inputs[item.name], item.name)
+                elif item.kind == "stages":
+                    given_stages = inputs[item.name]
+                    if given_stages is None or isinstance(given_stages, (str, os.PathLike, StageResult)):
+                        given_stages = [] if given_stages is None else [given_stages]
+                    inputs[item.name] = [_stage_path(value, item.name) for value in given_stages]
             for group, item in spec.option_fields():
                 if item.metadata["stage_input"]:
                     owner = options.groups[group.key]
@@ -163,19 +168,4 @@ query_gradients = _stage_function("query-gradients")
 query = _stage_function("query")
 self_influence = _stage_function("self-influence")
 index = _stage_function("index")
-
-
-def combine(scores, out: str | Path, *, weights: str | list[float] = "equal", overwrite: bool = False) -> StageResult:
-    """Combine the query scores of several checkpoints into `out` (attrib.stages.combine).
-
-    `scores`: `attrib query` directories or results; `weights` as `attrib combine --weights`:
-    "equal", "lr" or one number per input; normalised to sum to 1.
-    """
-    from attrib.stages.combine import run_combine
-    from attrib.storage import stage_finished
-
-    if isinstance(scores, (str, os.PathLike, StageResult)):
-        scores = [scores]
-    finished = stage_finished(out) and not overwrite
-    manifest = run_combine([_stage_path(s, "scores") for s in scores], out, weights, overwrite)
-    return StageResult(Path(out), manifest, finished)
+combine = _stage_function("combine")

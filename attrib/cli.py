@@ -13,7 +13,7 @@ import sys
 import typer
 
 from attrib import __version__, runtime
-from attrib.commands import combine, demo, inspect, report, stages
+from attrib.commands import demo, inspect, report, stages
 from attrib.errors import AttribError, InputError
 
 app = typer.Typer(
@@ -25,8 +25,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.command("inspect")(inspect.inspect_model)
-stages.register(app)  # fit-factors, prefilter, query-gradients, query, self-influence: from attrib.options
-app.command("combine")(combine.combine)
+stages.register(app)  # fit-factors, prefilter, query-gradients, query, self-influence, index, combine: attrib.options
 app.command("report")(report.report)
 app.command("top")(report.top)
 app.command("demo")(demo.demo)

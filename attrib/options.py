@@ -1,7 +1,7 @@
 """Every option of attrib's stages, defined once: its type, default, help and check.
 
 One dataclass per concern (model, corpus, batching, run, fit, damping, solve, query
-gradients, scores, prefilter, index). A stage offers the groups `STAGES` lists for it; the commands'
+gradients, scores, prefilter, index, combine). A stage offers the groups `STAGES` lists for it; the commands'
 flags (attrib.commands.stages) and the API's keywords (attrib.api) are generated from
 them, so a new option is written here once and appears in both. Checks raise `InputError`
 naming the option in the caller's words (`--max-length` or `max_length=`; attrib.runtime.flag).
@@ -393,6 +393,36 @@ class IndexOptions(Group):
             parse_dims(self.dims)
 
 
+@dataclass
+class CombineOptions(Group):
+    key = "combine"
+    weights: str = option(
+        "equal", "equal (their mean), lr (each checkpoint's learning rate from the trainer_state.json of the model "
+        "directory it was scored with; TracIn) or one number per SCORES_DIR, e.g. 3e-4,1e-4; normalised to sum 1 "
+        "(in Python also a list of numbers).")
+
+    def check(self, options: "StageOptions") -> None:
+        parse_weights(self.weights)
+
+
+WEIGHTINGS = ("equal", "lr")
+
+
+def parse_weights(weights) -> Union[str, list[float]]:
+    """`--weights`: "equal", "lr", or the numbers of a comma-separated list (or of a sequence)."""
+    if not isinstance(weights, str):
+        try:
+            return [float(w) for w in weights]
+        except (TypeError, ValueError):
+            raise InputError(f"{flag('weights')} must be equal, lr or numbers, not {weights!r}") from None
+    if weights in WEIGHTINGS:
+        return weights
+    try:
+        return [float(w) for w in weights.split(",")]
+    except ValueError:
+        raise InputError(f"{flag('weights', weights)} is not equal, lr or a comma-separated list of numbers") from None
+
+
 # --------------------------------------------------------------------------- what each stage offers
 
 
@@ -400,7 +430,8 @@ class IndexOptions(Group):
 class Input:
     """A positional input of a stage's API function (`attrib.query(model, factors, …)`), a flag on the
     command line. kind: model (a path, a hub id or a loaded model), rows (a path, a Dataset or dicts),
-    stage (a stage directory or its StageResult) or out (the output directory)."""
+    stage (a stage directory or its StageResult), stages (one or more of them: the command's positional
+    arguments) or out (the output directory)."""
 
     name: str
     help: str
@@ -414,6 +445,8 @@ FACTORS = Input("factors", "Output directory of `attrib fit-factors`.", "stage")
 CORPUS = Input("corpus", "JSONL/Parquet/CSV/text file, a directory or glob of them, or a `datasets` hub name.", "rows")
 QUERIES = Input("queries", 'JSONL of queries {"id", "prompt", "completion"} or {"id", "messages"}.', "rows")
 OUT = Input("out", "Output stage directory (rerun to resume).", "out", ("--out", "-o"))
+SCORES = Input("scores", "Output directories of `attrib query` at different checkpoints (same queries, candidates, "
+               "corpus and chunking; run query with --keep-all-scores or --candidates).", "stages")
 
 
 @dataclass(frozen=True)
@@ -509,6 +542,9 @@ STAGES = {
                   "attrib index --model M --factors run/factors --corpus C --out run/index",
                   (MODEL, FACTORS, CORPUS, OUT),
                   (IndexOptions, DampingOptions, *CORPUS_READING, ModelOptions, RunOptions), frozenset({"max_memory"})),
+        StageSpec("combine", "combine", "Combine the scores of several checkpoints into one scores directory (a "
+                  "weighted sum; ranks recomputed).", "attrib combine run/ckpt-*/scores --out run/scores-combined",
+                  (SCORES, OUT), (CombineOptions, RunOptions), frozenset({"max_memory"})),
     )
 }
 

@@ -93,8 +93,9 @@ def test_one_input_gives_back_its_scores(tmp_path, checkpoints):
     assert np.allclose(summary[["mean", "std", "positive_sum"]], expected[["mean", "std", "positive_sum"]], rtol=1e-9)
 
 
-@pytest.mark.parametrize("weights, expected", [("equal", (0.5, 0.5)), ("lr", (0.75, 0.25)), ("1,3", (0.25, 0.75))],
-                         ids=["equal", "lr-from-trainer-state", "given"])
+@pytest.mark.parametrize("weights, expected", [("equal", (0.5, 0.5)), ("lr", (0.75, 0.25)), ("1,3", (0.25, 0.75)),
+                                              ([1, 3], (0.25, 0.75))],
+                         ids=["equal", "lr-from-trainer-state", "given", "given-as-a-list"])
 def test_weights_applied_as_stated_against_dense_oracle(tmp_path, checkpoints, weights, expected):
     """Combined score = Σ_c w_c I_c with I_c the dense float64 EK-FAC oracle of checkpoint c."""
     runs = checkpoints["runs"]

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from attrib.options import STAGES, StageSpec
+from attrib.options import STAGES, Input, StageSpec
 
 
 def _after_fit(result) -> None:
@@ -49,8 +49,15 @@ def _after_index(result) -> None:
             f"{manifest.get('bytes_per_sequence', 0):,} bytes each) in {result.out}")
 
 
+def _after_combine(result) -> None:
+    from attrib.progress import message
+
+    message(f"{len(result.manifest['combine'])} score directories combined into {result.out}; "
+            f"`attrib top {result.out}` shows them")
+
+
 AFTER = {"fit-factors": _after_fit, "query-gradients": _after_query_gradients, "query": _after_query,
-         "self-influence": _after_self_influence, "index": _after_index}
+         "self-influence": _after_self_influence, "index": _after_index, "combine": _after_combine}
 
 
 def _parameter(name: str, kind, flags: tuple[str, ...], help: str, default=inspect.Parameter.empty):
@@ -58,10 +65,18 @@ def _parameter(name: str, kind, flags: tuple[str, ...], help: str, default=inspe
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[kind, option], default=default)
 
 
+def _input(item: Input) -> inspect.Parameter:
+    """A stage input: a flag, or the positional arguments of one (`attrib combine A B --out C`)."""
+    if item.kind == "stages":
+        argument = typer.Argument(help=item.help, show_default=False, metavar=f"{item.name.upper()}_DIR")
+        return inspect.Parameter(item.name, inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[list[str], argument])
+    return _parameter(item.name, str if item.required else Optional[str], item.flags, item.help,
+                      inspect.Parameter.empty if item.required else None)
+
+
 def parameters(spec: StageSpec) -> list[inspect.Parameter]:
-    """The command's parameters: the stage's inputs (required flags), then its options."""
-    found = [_parameter(i.name, str if i.required else Optional[str], i.flags, i.help,
-                        inspect.Parameter.empty if i.required else None) for i in spec.inputs]
+    """The command's parameters: the stage's inputs (required flags or arguments), then its options."""
+    found = [_input(i) for i in spec.inputs]
     for _, item in spec.option_fields():
         if item.metadata["cli"]:
             kind = str if item.name in ("token_scores_top", "ngram_range") else item.type  # a number or a word

@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from attrib.errors import InputError
+from attrib.options import parse_weights
 from attrib.score_tables import DOCUMENTS, SUMMARY, TOKENS_DIR, documents_schema, tokens_schema, write_table
 
-WEIGHTINGS = ("equal", "lr")
 TRAINER_STATE = "trainer_state.json"  # Hugging Face Trainer's record in each checkpoint-N folder
 QUERIES_PER_PART = 16  # queries combined per part file: the unit of resume and of memory
 PARTS_DIR = "parts"
@@ -46,6 +46,16 @@ class ScoresInput:
     given_weight: float
     weight: float = 0.0
     checkpoint: dict | None = None  # step and learning rate from trainer_state.json, where there is one
+
+
+def run(scores: list[str], out, *, options, tokenizer=None):
+    """The stage as `attrib.combine` runs it (the tokenizer, which every stage function accepts, is unused)."""
+    from attrib.results import StageResult
+    from attrib.storage import stage_finished
+
+    finished = stage_finished(out) and not options.run.overwrite
+    manifest = run_combine(scores, out, options.combine.weights, options.run.overwrite)
+    return StageResult(Path(out), manifest, finished)
 
 
 def run_combine(inputs: Sequence[str | Path], out: str | Path, weights: str | Sequence[float] = "equal",
@@ -83,18 +93,6 @@ def run_combine(inputs: Sequence[str | Path], out: str | Path, weights: str | Se
         return read_manifest(out)
     with stage.guard():
         return _combine(stage, sources)
-
-
-def parse_weights(weights: str | Sequence[float]) -> str | list[float]:
-    """"equal", "lr", or the numbers of a comma-separated list (or of a sequence)."""
-    if not isinstance(weights, str):
-        return [float(w) for w in weights]
-    if weights in WEIGHTINGS:
-        return weights
-    try:
-        return [float(w) for w in weights.split(",")]
-    except ValueError:
-        raise InputError(f"--weights {weights} is not equal, lr or a comma-separated list of numbers") from None
 
 
 def checkpoint_state(model_dir: str | Path) -> dict | None:
