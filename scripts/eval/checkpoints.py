@@ -253,6 +253,7 @@ def main(argv=None) -> int:
     parser.add_argument("--hidden", type=int, default=None, help="fortunes: model width (default RealSetup's)")
     parser.add_argument("--docs", type=int, default=None, help="fortunes: training documents (default RealSetup's)")
     parser.add_argument("--schedule", default=None, help="the kit's learning-rate schedule (default cosine)")
+    parser.add_argument("--steps", type=int, default=None, help="fortunes: training steps (default RealSetup's)")
     parser.add_argument("--each-alone", action="store_true", help="add a row for every checkpoint alone")
     parser.add_argument("--every-set", action="store_true", help="also score every equal 4-checkpoint ensemble")
     parser.add_argument("--models", type=int, default=50, help="M, the number of subset models")
@@ -265,7 +266,7 @@ def main(argv=None) -> int:
     if args.kit == "fortunes" and not args.fortunes:
         parser.error("--kit fortunes needs --fortunes DIR")
     setup, att, kinds = open_kit(args.kit, args.arch, work, args.fortunes, hidden=args.hidden, docs=args.docs,
-                                schedule=args.schedule)
+                                schedule=args.schedule, steps=args.steps)
     log(f"checkpoints ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
     result = {"evaluation": "lds-checkpoints", "kit": args.kit,
               **evaluate(att, setup, work, kinds, args.models, args.jobs, args.each_alone, args.every_set)}
