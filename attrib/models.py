@@ -105,24 +105,32 @@ def _loading(spec: str, what: str = ""):
         raise InputError(f"{flag('model', spec)}{what} could not be loaded from {where}: {first_line}") from exc
 
 
-def model_source(spec: str) -> str:
+def model_source(spec: str, revision: str | None = None) -> str:
     """The directory or hub id to load `spec` from; a mistyped path is named plainly, not sent to the hub."""
     path = Path(spec).expanduser()
     if not path.exists() and not looks_like_hub_id(spec):
         raise InputError(f"{flag('model', spec)}: no such directory (and not a hub id)")
     if path.exists() and not (path / "config.json").is_file():
         raise InputError(f"{flag('model', spec)} has no config.json; give a directory saved with save_pretrained")
+    if path.exists() and revision is not None:
+        raise InputError(f"{flag('revision', revision)} selects a revision of a hub model, but {flag('model', spec)} "
+                         "is a local directory (one revision already); drop --revision or give the hub id")
     return str(path) if path.exists() else spec
 
 
-def load_tokenizer(spec: str, trust_remote_code: bool = False):
+def model_label(spec: str, revision: str | None) -> str:
+    """The model as manifests record it: the directory or hub id, with `@revision` where one was chosen."""
+    return spec if revision is None else f"{spec}@{revision}"
+
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False, revision: str | None = None):
     """The tokenizer and config of a model, without its weights (for stages that only tokenize)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    source = model_source(spec)
-    with _loading(spec, " tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    source = model_source(spec, revision)
+    with _loading(model_label(spec, revision), " tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     return tokenizer, config
 
 
@@ -131,18 +139,19 @@ def load_model(
     dtype: str = "float32",
     device: str = "auto",
     trust_remote_code: bool = False,
+    revision: str | None = None,
 ):
-    """The model (in eval mode, weights frozen) and its tokenizer, from a directory or hub id."""
+    """The model (in eval mode, weights frozen) and its tokenizer, from a directory or hub id (at `revision`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise InputError(f"{flag('dtype', dtype)} is not one of {', '.join(DTYPES)}")
-    source = model_source(spec)
-    with _loading(spec):
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    source = model_source(spec, revision)
+    with _loading(model_label(spec, revision)):
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
+            source, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, revision=revision
         )
     model.to(resolve_device(device))
     model.eval()

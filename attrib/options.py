@@ -71,6 +71,9 @@ class ModelOptions(Group):
     dtype: str = option("float32", "Model compute dtype: float32, bfloat16 or float16.", choices=DTYPES)
     device: str = option("auto", "auto, cpu, cuda or cuda:N.")
     trust_remote_code: bool = option(False, "Allow the model's own code from the hub.")
+    revision: Optional[str] = option(
+        None, "Branch, tag or commit of a hub model, e.g. step143000 of a Pythia suite (default: main); recorded with "
+        "the model as ID@REVISION. A local directory is one revision already: --revision is refused with it.")
 
 
 @dataclass

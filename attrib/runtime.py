@@ -95,20 +95,23 @@ def is_loaded_model(model) -> bool:
 
 
 @contextlib.contextmanager
-def model_in_use(model, tokenizer, dtype: str, device: str, trust_remote_code: bool) -> Iterator[tuple[str, object, object]]:
+def model_in_use(model, tokenizer, dtype: str, device: str, trust_remote_code: bool,
+                 revision: str | None = None) -> Iterator[tuple[str, object, object]]:
     """(spec recorded in manifests, model in eval mode with frozen weights, tokenizer).
 
-    A path is loaded in `dtype` on `device`; a loaded model is used as it is and its training
-    mode and requires_grad flags are restored afterwards.
+    A path or hub id is loaded (at `revision`) in `dtype` on `device`; a loaded model is used as it is
+    and its training mode and requires_grad flags are restored afterwards.
     """
-    from attrib.models import load_model
+    from attrib.models import load_model, model_label
     from attrib.progress import libraries_quiet
 
     if isinstance(model, (str, os.PathLike)):
         with libraries_quiet("transformers"):
-            lm, loaded_tokenizer = load_model(str(model), dtype, device, trust_remote_code)
-            yield str(model), lm, tokenizer if tokenizer is not None else loaded_tokenizer
+            lm, loaded_tokenizer = load_model(str(model), dtype, device, trust_remote_code, revision)
+            yield model_label(str(model), revision), lm, tokenizer if tokenizer is not None else loaded_tokenizer
         return
+    if revision is not None:
+        raise InputError(f"{flag('revision', revision)} selects what to load, but the model is loaded already")
     if tokenizer is None:
         raise InputError(f"a loaded model needs its tokenizer: pass {flag('tokenizer')}")
     parameters = list(model.parameters())
@@ -159,7 +162,8 @@ def borrowed_model(model, tokenizer, options, timeout: float | None = None) -> I
     world = detect_world(device, **({} if timeout is None else {"timeout": timeout}))
     try:
         dtype = default_dtype(options.dtype, world.device)
-        with model_in_use(model, tokenizer, dtype, world.device, options.trust_remote_code) as (spec, lm, tok):
+        with model_in_use(model, tokenizer, dtype, world.device, options.trust_remote_code,
+                          options.revision) as (spec, lm, tok):
             yield world, spec, lm, tok
     finally:
         world.close()

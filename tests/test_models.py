@@ -217,3 +217,58 @@ def test_build_model_helper_is_loadable(tmp_path, tokenizer):
     directory = build_model(tmp_path / "m", "gpt2", tokenizer, hidden=8)
     model, loaded_tokenizer = load_model(str(directory), "float32", "cpu")
     assert model.config.n_embd == 8 and loaded_tokenizer.is_fast
+
+
+def _hub_cache(root, repo: str, revisions: dict) -> dict:
+    """A Hugging Face hub cache holding `repo` at each revision name of `revisions` ({name: model dir}), laid out
+    as huggingface_hub writes it (refs/<name> holds a commit; snapshots/<commit>/ the files), so that a hub id
+    with a revision loads offline. Returns {name: commit}."""
+    import shutil
+
+    folder = root / f"models--{repo.replace('/', '--')}"
+    commits = {}
+    for number, (name, directory) in enumerate(revisions.items()):
+        commit = f"{number + 1:040x}"
+        shutil.copytree(directory, folder / "snapshots" / commit)
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / name).write_text(commit)
+        commits[name] = commit
+    return commits
+
+
+def test_revision_of_a_hub_model_is_loaded_and_recorded(tmp_path, tokenizer, corpus_file):
+    """`--revision` picks the snapshot of a hub id (here from an offline hub cache): the factors carry that
+    revision's weights (fingerprint) and `ID@REVISION`; with a local directory it is refused in one line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from attrib.models import model_record
+
+    steps = {name: build_model(tmp_path / name, "llama", tokenizer, seed=seed) for seed, name in
+             enumerate(("step1", "step2"))}
+    _hub_cache(tmp_path / "hub", "attrib-test/tiny-llama", {**steps, "main": steps["step2"]})
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    fingerprints = set()
+    for name in steps:
+        done = subprocess.run([sys.executable, "-m", "attrib", "--quiet", "fit-factors", "--model",
+                               "attrib-test/tiny-llama", "--revision", name, "--corpus", str(corpus_file),
+                               "--max-length", "16", "--out", str(tmp_path / f"factors-{name}")],
+                              env=env, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+        recorded = json.loads((tmp_path / f"factors-{name}" / "manifest.json").read_text())["model"]
+        model, _ = load_model(str(steps[name]), "float32", "cpu")
+        assert recorded["spec"] == f"attrib-test/tiny-llama@{name}"
+        assert recorded["fingerprint"] == model_record("", model, find_tracked_layers(model))["fingerprint"]
+        fingerprints.add(recorded["fingerprint"])
+    assert len(fingerprints) == 2
+    with pytest.raises(InputError, match="revision='step1'.*local directory"):
+        load_model(str(steps["step1"]), "float32", "cpu", revision="step1")
+
+
+def test_revision_with_a_local_directory_is_refused_in_one_line(tmp_path, capsys, model_dirs, corpus_file):
+    code, _, err = run_cli(capsys, "fit-factors", "--model", model_dirs["llama"], "--revision", "step1",
+                           "--corpus", corpus_file, "--out", tmp_path / "f")
+    assert code == 2 and err.startswith("error: --revision step1") and err.count("\n") == 1, err
+    assert not (tmp_path / "f").exists()

@@ -499,6 +499,7 @@ def run_prefilter(
     max_length: int | None = None,
     hash_features: int = DEFAULT_HASH_FEATURES,
     trust_remote_code: bool = False,
+    revision: str | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Rank the corpus for every query and write `out/candidates.parquet`; returns the manifest.
@@ -523,7 +524,7 @@ def run_prefilter(
     settings = PrefilterSettings(top_k, unit, analyzer, tuple(ngram_range), scoring, query_text, backend, model,
                                  max_length, hash_features)
     settings.check()
-    tokenizer, config = load_tokenizer(model, trust_remote_code) if settings.needs_tokenizer else (None, None)
+    tokenizer, config = load_tokenizer(model, trust_remote_code, revision) if settings.needs_tokenizer else (None, None)
     query_list = load_queries(queries, chat=chat_format(tokenizer, spec.chat_template))
     query_ids = [q.query_id for q in query_list]
     texts = _query_texts(query_list, query_text)
@@ -534,7 +535,7 @@ def run_prefilter(
     check_corpus(spec)  # a missing path, a wrong --text-field or an empty corpus fail before any output exists
     chosen = choose_backend(spec, backend)
     recorded = {**asdict(settings), "ngram_range": list(settings.ngram_range), "corpus": asdict(spec),
-                "queries": str(queries), "long_documents": spec.long_documents}
+                "queries": str(queries), "long_documents": spec.long_documents, "revision": revision}
     chunking = (chunking_identity(tokenizer, settings.max_length, spec.long_documents, spec.chat_template)
                 if unit == "sequence" else None)
     inputs = {"corpus": input_identity(spec.source), "queries": input_identity(queries),
@@ -650,5 +651,5 @@ def run(corpus: str | None, queries: str, out, *, options, tokenizer=None) -> St
     with libraries_quiet(*(("transformers",) if chosen.model is not None else ())):
         manifest = run_prefilter(options.corpus.spec(corpus), queries, out, **keywords,
                                  max_length=options.batch.max_length, trust_remote_code=options.model.trust_remote_code,
-                                 overwrite=options.run.overwrite)
+                                 revision=options.model.revision, overwrite=options.run.overwrite)
     return StageResult(Path(out), manifest, finished)
