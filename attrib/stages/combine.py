@@ -29,6 +29,7 @@ import numpy as np
 
 from attrib.errors import InputError
 from attrib.options import parse_weights
+from attrib.runtime import flag
 from attrib.score_tables import DOCUMENTS, SUMMARY, TOKENS_DIR, documents_schema, tokens_schema, write_table
 
 TRAINER_STATE = "trainer_state.json"  # Hugging Face Trainer's record in each checkpoint-N folder
@@ -89,7 +90,7 @@ def run_combine(inputs: Sequence[str | Path], out: str | Path, weights: str | Se
                        **{key: first["inputs"].get(key) for key in ("corpus", "candidates", "prefilter")}}
     stage = StageDir(out, "query", settings, model, recorded_inputs, overwrite)
     if stage.already_complete:
-        message(f"{out} is already complete; use --overwrite to combine again")
+        message(f"{out} is already complete; use {flag('overwrite')} to combine again")
         return read_manifest(out)
     with stage.guard():
         return _combine(stage, sources)
@@ -198,16 +199,17 @@ def _weigh(sources: list[ScoresInput], weighting: str | list[float]) -> None:
             state = source.checkpoint or {}
             if state.get("learning_rate") is None:
                 spec = source.manifest["model"].get("spec")
-                raise InputError(f"--weights lr: SCORES_DIR {source.path} was scored with --model {spec}, which has no "
-                                 f"readable {TRAINER_STATE} with a logged learning rate; give the rates as numbers "
-                                 "(--weights 3e-4,1e-4,…)")
+                raise InputError(f"{flag('weights', 'lr')}: SCORES_DIR {source.path} was scored with --model {spec}, "
+                                 f"which has no readable {TRAINER_STATE} with a logged learning rate; give the rates "
+                                 f"as numbers ({flag('weights', '3e-4,1e-4')})")
             given.append(state["learning_rate"])
     else:
         given = list(weighting)
         if len(given) != len(sources):
-            raise InputError(f"--weights has {len(given)} numbers for {len(sources)} SCORES_DIRs; give one per input")
+            raise InputError(f"{flag('weights')} has {len(given)} numbers for {len(sources)} SCORES_DIRs; give one "
+                             "per input")
     if not all(math.isfinite(w) and w >= 0 for w in given) or sum(given) <= 0:
-        raise InputError("--weights must be non-negative numbers with a positive sum")
+        raise InputError(f"{flag('weights')} must be non-negative numbers with a positive sum")
     total = math.fsum(given)
     for source, weight in zip(sources, given):
         source.given_weight, source.weight = weight, weight / total
