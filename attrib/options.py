@@ -417,7 +417,7 @@ def parse_weights(weights) -> Union[str, list[float]]:
         try:
             return [float(w) for w in weights]
         except (TypeError, ValueError):
-            raise InputError(f"{flag('weights')} must be equal, lr or numbers, not {weights!r}") from None
+            raise InputError(f"{flag('weights')} takes equal, lr or numbers; {weights!r} is none of them") from None
     if weights in WEIGHTINGS:
         return weights
     try:
