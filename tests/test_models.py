@@ -219,21 +219,18 @@ def test_build_model_helper_is_loadable(tmp_path, tokenizer):
     assert model.config.n_embd == 8 and loaded_tokenizer.is_fast
 
 
-def _hub_cache(root, repo: str, revisions: dict) -> dict:
+def _hub_cache(root, repo: str, revisions: dict) -> None:
     """A Hugging Face hub cache holding `repo` at each revision name of `revisions` ({name: model dir}), laid out
     as huggingface_hub writes it (refs/<name> holds a commit; snapshots/<commit>/ the files), so that a hub id
-    with a revision loads offline. Returns {name: commit}."""
+    with a revision loads offline."""
     import shutil
 
     folder = root / f"models--{repo.replace('/', '--')}"
-    commits = {}
     for number, (name, directory) in enumerate(revisions.items()):
         commit = f"{number + 1:040x}"
         shutil.copytree(directory, folder / "snapshots" / commit)
         (folder / "refs").mkdir(parents=True, exist_ok=True)
         (folder / "refs" / name).write_text(commit)
-        commits[name] = commit
-    return commits
 
 
 def test_revision_of_a_hub_model_is_loaded_and_recorded(tmp_path, tokenizer, corpus_file):
