@@ -7,10 +7,11 @@ From each checkpoint, attrib's default EK-FAC scores (empirical Fisher, c = 0.00
 its own factors, or with the final checkpoint's factors (then each extra checkpoint costs only its query
 pass). They are combined as `attrib combine` combines them (weights normalised to sum 1): equal; lr, the
 learning rate logged at the checkpoint (TracIn; what `--weights lr` reads); and, for comparison, the
-mean learning rate over the segment of steps each checkpoint ends. The cheaper ensemble with factors fitted
-on a token sample (`--covariance-max-tokens`: A and S from the corpus's first 1/4 of the tokens, Λ from all)
-is scored for the final checkpoint and the 4-checkpoint set, its Δ paired also against the 4-checkpoint
-ensemble on all tokens.
+mean learning rate over the segment of steps each checkpoint ends, and equal weights with each checkpoint's
+scores of a query divided by their root mean square over documents ("scaled per query"). The cheaper
+ensemble with factors fitted on a token sample (`--covariance-max-tokens`: A and S from the corpus's first
+1/4 of the tokens, Λ from all) is scored for the final checkpoint and the 4-checkpoint set, its Δ paired
+also against the 4-checkpoint ensemble on all tokens.
 
 LDS: lds.py's protocol and subset models (cached under --work; M subset models, seed 1000 + j); 95%
 bootstrap intervals over queries, Δ paired against the final checkpoint alone. Cost: seconds of factor
@@ -25,6 +26,13 @@ printed beside the float64 row.
         --models 50 --out scripts/eval/results/checkpoints-fortunes.json
     python scripts/eval/checkpoints.py --kit fortunes --fortunes pkg/usr/share/games/fortunes --hidden 16 \
         --docs 1247 --each-alone --every-set --models 50 --out scripts/eval/results/checkpoints-fortunes-d1247.json
+
+--schedule (cosine, linear or constant; attrib.synthetic.LR_SCHEDULES) and --steps train the kit, its checkpoints
+and its subset models with another recipe, cached apart (docs/benchmarks.md, "The training run decides the gain"):
+
+    python scripts/eval/checkpoints.py --kit fortunes --fortunes pkg/usr/share/games/fortunes --hidden 16 \
+        --docs 1247 --each-alone --every-set --models 50 --schedule constant --steps 800 \
+        --out scripts/eval/results/checkpoints-fortunes-d1247-constant-t800.json
 """
 
 from __future__ import annotations
