@@ -269,7 +269,11 @@ def test_truncated_documents_table_is_refused(tmp_path, checkpoints):
 def test_resume_after_a_kill_finishes_the_same_result(tmp_path, checkpoints, monkeypatch, capsys):
     a, b = (checkpoints["runs"][name]["scores"] for name in LEARNING_RATES)
     attrib.combine([a, b], tmp_path / "whole", weights="lr")
-    monkeypatch.setattr(combine_stage, "QUERIES_PER_PART", 1)  # one part per query: two parts
+    rows = pq.read_table(a / "summary.parquet")["documents"].to_pylist()
+    assert len(rows) == 2 and rows[0] == rows[1]
+    layers = len(json.loads((a / "manifest.json").read_text())["layers"])
+    row_bytes = combine_stage.group_row_bytes(2, layers)
+    monkeypatch.setattr(combine_stage, "GROUP_BYTES", rows[0] * row_bytes)  # room for one query: two parts
     original, calls = combine_stage._combined_documents, []
 
     def dying(*args):

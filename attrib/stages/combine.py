@@ -12,7 +12,8 @@ queries against the same (query, document) pairs of the same corpus, chunked the
 or all from gradient indexes (`attrib query --index`); anything else is refused before anything is written.
 Index scores combine as exact ones do: inner products add, so the weighted sum of several checkpoints'
 index scores is the score against the concatenation of their (√w-scaled) compressed gradients.
-Queries are combined in groups, one part file each, so a killed run resumes at the first unfinished group.
+Queries are combined in groups of bounded size (GROUP_BYTES of rows over all inputs), one part file each, so
+memory does not grow with the number of queries and a killed run resumes at the first unfinished group.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ from attrib.runtime import flag
 from attrib.score_tables import DOCUMENTS, SUMMARY, TOKENS_DIR, documents_schema, tokens_schema, write_table
 
 TRAINER_STATE = "trainer_state.json"  # Hugging Face Trainer's record in each checkpoint-N folder
-QUERIES_PER_PART = 16  # queries combined per part file: the unit of resume and of memory
+# Queries are combined in groups whose rows, over all inputs, stay within GROUP_BYTES: one part file each,
+# the unit of resume and of memory (scripts/bench_combine.py measures it). A row is its ids, score and ranks
+# (ROW_BYTES, an estimate) and its layer scores.
+GROUP_BYTES = 512 * 2**20
+ROW_BYTES = 96
 PARTS_DIR = "parts"
 IGNORED_IN_IDENTITY = ("path", "mtime_ns", "status")  # the same content elsewhere or copied is the same input
 
@@ -227,7 +232,7 @@ def _combine(stage, sources: list[ScoresInput]) -> dict:
     first = sources[0].manifest
     query_ids = sorted(q["id"] for q in first["queries"])
     num_layers = len(first.get("layers", []))
-    groups = [query_ids[i : i + QUERIES_PER_PART] for i in range(0, len(query_ids), QUERIES_PER_PART)]
+    groups = _query_groups(sources, query_ids, num_layers)
     for number, group in enumerate(groups):
         part = f"{PARTS_DIR}/documents-{number:05d}.parquet"
         if stage.has(part):
@@ -262,6 +267,31 @@ def _combine(stage, sources: list[ScoresInput]) -> dict:
     )
     shutil.rmtree(stage.file(PARTS_DIR), ignore_errors=True)
     return manifest
+
+
+def _query_groups(sources: list[ScoresInput], query_ids: list[str], num_layers: int) -> list[list[str]]:
+    """Consecutive queries whose rows over all inputs fit GROUP_BYTES (a query with more rows than that is a
+    group of its own); the inputs hold the same pairs, so the first input's summary counts them."""
+    import pyarrow.parquet as pq
+
+    summary = pq.read_table(sources[0].path / SUMMARY, columns=["query_id", "documents"]).to_pydict()
+    rows = dict(zip(summary["query_id"], summary["documents"]))
+    row_bytes = group_row_bytes(len(sources), num_layers)
+    groups, size = [], 0
+    for query_id in query_ids:
+        held = rows.get(query_id, 0) * row_bytes
+        if not groups or size + held > GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(query_id)
+        size += held
+    return groups
+
+
+def group_row_bytes(inputs: int, num_layers: int) -> int:
+    """Bytes held per (query, document) row of a group: each input's rows as read and again as sorted by
+    document, and their weighted sums."""
+    return (2 * inputs + 1) * (ROW_BYTES + 8 * num_layers)
 
 
 def _write(path: Path, table) -> None:
@@ -354,13 +384,15 @@ def _combined_tokens(sources: list[ScoresInput], group: list[str]):
 
 
 def _summary(table) -> dict[str, list]:
-    """summary.parquet's rows for the queries of one part: count, mean, std and positive mass of the scores."""
+    """summary.parquet's rows for the queries of one part (its rows sorted by query): count, mean, std and
+    positive mass of the scores."""
     query_ids = table["query_id"].to_numpy(zero_copy_only=False)
     scores = table["score"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, query_ids[1:] != query_ids[:-1]]) if len(query_ids) else np.array([], int)
     out: dict[str, list] = {"query_id": [], "documents": [], "mean": [], "std": [], "positive_sum": []}
-    for query_id in dict.fromkeys(query_ids):
-        mine = scores[query_ids == query_id]
-        out["query_id"].append(query_id)
+    for start, end in zip(starts, [*starts[1:], len(query_ids)]):
+        mine = scores[start:end]
+        out["query_id"].append(query_ids[start])
         out["documents"].append(len(mine))
         out["mean"].append(float(mine.mean()))
         out["std"].append(float(mine.std()))
