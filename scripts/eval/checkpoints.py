@@ -262,6 +262,8 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", type=int, default=None, help="fortunes: training documents (default RealSetup's)")
     parser.add_argument("--schedule", default=None, help="the kit's learning-rate schedule (default cosine)")
     parser.add_argument("--steps", type=int, default=None, help="fortunes: training steps (default RealSetup's)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="fortunes: the kit's seed (its draw of documents and queries, and the model's init)")
     parser.add_argument("--each-alone", action="store_true", help="add a row for every checkpoint alone")
     parser.add_argument("--every-set", action="store_true", help="also score every equal 4-checkpoint ensemble")
     parser.add_argument("--models", type=int, default=50, help="M, the number of subset models")
@@ -274,7 +276,7 @@ def main(argv=None) -> int:
     if args.kit == "fortunes" and not args.fortunes:
         parser.error("--kit fortunes needs --fortunes DIR")
     setup, att, kinds = open_kit(args.kit, args.arch, work, args.fortunes, hidden=args.hidden, docs=args.docs,
-                                schedule=args.schedule, steps=args.steps)
+                                schedule=args.schedule, steps=args.steps, seed=args.seed)
     log(f"checkpoints ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
     result = {"evaluation": "lds-checkpoints", "kit": args.kit,
               **evaluate(att, setup, work, kinds, args.models, args.jobs, args.each_alone, args.every_set)}
