@@ -50,7 +50,7 @@ import lds
 import numpy as np
 import torch
 from common import MAX_LENGTH, Attributor, default_work, log, markdown_table, write_json
-from realtext import bootstrap, open_kit
+from realtext import add_kit_arguments, bootstrap, open_kit_of
 
 FRACTIONS = 8  # checkpoints at k/8 of the steps; the 4- and 2-checkpoint sets are subsets of these
 SAMPLE = 4  # the token-sample rows fit A and S on 1/SAMPLE of the corpus's tokens
@@ -255,15 +255,7 @@ def every_set_of_4(own: list[np.ndarray], masks, actual, kinds, final: np.ndarra
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kit", default="plain", help="lds.py's synthetic plain / distractors, or fortunes")
-    parser.add_argument("--arch", default="llama")
-    parser.add_argument("--fortunes", default=None, help="the fortune files (see realtext.py's docstring)")
-    parser.add_argument("--hidden", type=int, default=None, help="fortunes: model width (default RealSetup's)")
-    parser.add_argument("--docs", type=int, default=None, help="fortunes: training documents (default RealSetup's)")
-    parser.add_argument("--schedule", default=None, help="the kit's learning-rate schedule (default cosine)")
-    parser.add_argument("--steps", type=int, default=None, help="fortunes: training steps (default RealSetup's)")
-    parser.add_argument("--seed", type=int, default=None,
-                        help="fortunes: the kit's seed (its draw of documents and queries, and the model's init)")
+    add_kit_arguments(parser, "plain")
     parser.add_argument("--each-alone", action="store_true", help="add a row for every checkpoint alone")
     parser.add_argument("--every-set", action="store_true", help="also score every equal 4-checkpoint ensemble")
     parser.add_argument("--models", type=int, default=50, help="M, the number of subset models")
@@ -273,10 +265,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work)
-    if args.kit == "fortunes" and not args.fortunes:
-        parser.error("--kit fortunes needs --fortunes DIR")
-    setup, att, kinds = open_kit(args.kit, args.arch, work, args.fortunes, hidden=args.hidden, docs=args.docs,
-                                schedule=args.schedule, steps=args.steps, seed=args.seed)
+    setup, att, kinds = open_kit_of(parser, args, work)
     log(f"checkpoints ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
     result = {"evaluation": "lds-checkpoints", "kit": args.kit,
               **evaluate(att, setup, work, kinds, args.models, args.jobs, args.each_alone, args.every_set)}

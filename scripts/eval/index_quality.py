@@ -48,7 +48,7 @@ from common import (
     prefilter_scores,
     write_json,
 )
-from realtext import bootstrap, open_kit
+from realtext import add_kit_arguments, bootstrap, open_kit_of
 
 from attrib.distributed import World
 from attrib.stages.query_gradients import QuerySettings, run_query_gradients
@@ -198,10 +198,7 @@ def evaluate(att: Attributor, setup, work: Path, scratch: Path, num_models: int,
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kit", default="fortunes", help="fortunes, or lds.py's synthetic plain / distractors")
-    parser.add_argument("--arch", default="llama")
-    parser.add_argument("--fortunes", default=None, help="the fortune files (see realtext.py's docstring)")
-    parser.add_argument("--hidden", type=int, default=None, help="fortunes: model width (default RealSetup's)")
+    add_kit_arguments(parser, "fortunes")
     parser.add_argument("--models", type=int, default=50, help="M subset models for the LDS (0: no LDS)")
     parser.add_argument("--work", default=str(default_work()), help="cache of kits, subset models and factors")
     parser.add_argument("--scratch", default=None, help="this script's own runs (default: a temporary directory)")
@@ -212,9 +209,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     work = Path(args.work)
-    if args.kit == "fortunes" and not args.fortunes:
-        parser.error("--kit fortunes needs --fortunes DIR")
-    setup, att, kinds = open_kit(args.kit, args.arch, work, args.fortunes, hidden=args.hidden)
+    setup, att, kinds = open_kit_of(parser, args, work)
     log(f"index quality ({args.kit}): {setup.name()}, M={args.models}, {att.shapes()}")
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(args.scratch or tmp) / setup.name()

@@ -182,6 +182,29 @@ SYNTHETIC_KITS = {"plain": ("plain", lds.MODEL), "distractors": ("distractors", 
                                         "lr": 3e-3})}
 
 
+KIT_FIELDS = ("hidden", "docs", "steps", "seed", "schedule")  # RealSetup fields an evaluation may set
+
+
+def add_kit_arguments(parser, default_kit: str) -> None:
+    """The options naming a kit, as `open_kit_of` reads them (a field left out takes RealSetup's default)."""
+    parser.add_argument("--kit", default=default_kit, help="fortunes, or lds.py's synthetic plain / distractors")
+    parser.add_argument("--arch", default="llama")
+    parser.add_argument("--fortunes", default=None, help="the fortune files (see realtext.py's docstring)")
+    parser.add_argument("--hidden", type=int, default=None, help="fortunes: model width (default RealSetup's)")
+    parser.add_argument("--docs", type=int, default=None, help="fortunes: training documents (default RealSetup's)")
+    parser.add_argument("--steps", type=int, default=None, help="fortunes: training steps (default RealSetup's)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="fortunes: the kit's seed (its draw of documents and queries, and the model's init)")
+    parser.add_argument("--schedule", default=None, help="the kit's learning-rate schedule (default cosine)")
+
+
+def open_kit_of(parser, args, work: Path):
+    """`open_kit` of the options `add_kit_arguments` added."""
+    if args.kit == "fortunes" and not args.fortunes:
+        parser.error("--kit fortunes needs --fortunes DIR")
+    return open_kit(args.kit, args.arch, work, args.fortunes, **{name: getattr(args, name) for name in KIT_FIELDS})
+
+
 def open_kit(kit: str, arch: str, work: Path, fortunes: str | None = None, **real):
     """(setup, Attributor, each query's kind) of the fortunes real-text kit (RealSetup fields in `real`, None for
     RealSetup's default) or of a synthetic kit of SYNTHETIC_KITS (`real`'s schedule only), built into `work` once
