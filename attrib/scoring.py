@@ -223,9 +223,10 @@ class _PartScores:
         import pyarrow as pa
 
         query, doc_index, layers = self.documents()
-        summary = summary_part(self.query_ids, query, layers.sum(1))
+        scores = layers.sum(1)
+        summary = summary_part(self.query_ids, query, scores)
         if top > 0:
-            keep = _tails(query, doc_index, layers.sum(1), top)
+            keep = _tails(query, doc_index, scores, top)
             query, doc_index, layers = query[keep], doc_index[keep], layers[keep]
         doc_ids = pa.array([self.doc_ids[i] for i in doc_index], pa.string())
         return documents_part(self.query_ids, query, doc_ids, doc_index, layers), summary
