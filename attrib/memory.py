@@ -386,6 +386,12 @@ def index_query_side_bytes(layers: list[LayerShape], representation: str, rank: 
     return (factors + unrotated + formed) * itemsize
 
 
+def _projection_bytes(layers: list[LayerShape], dims) -> int:
+    """Every layer's float32 kronecker projections P_S [d_out, k_out] and P_A [d_in, k_in]."""
+    return sum(l.d_out * a + l.d_in * b for l in layers
+               for a, b in [index_shape(l, "kronecker", 0, dims)["projected"]]) * 4
+
+
 def index_queries_per_pass(layers: list[LayerShape], representation: str, rank: int, dims, query_rank: int,
                            queries: int, itemsize: int = 4) -> int:
     """Queries per pass of index scoring: as many as PASS_BYTES holds the query sides of (at least one)."""
@@ -418,8 +424,7 @@ def index_build(model: ModelShape, layers: list[LayerShape], *, tokens_per_batch
         terms["per-sequence gradients"] = 3 * step * widest * 4  # G, its whitened copy, the SVD's workspace
         terms["curvature"] = sum(curvature) if resident_factors else max(curvature)
     else:
-        terms["projections"] = sum(l.d_out * a + l.d_in * b for l in layers
-                                   for a, b in [index_shape(l, representation, rank, dims)["projected"]]) * 4
+        terms["projections"] = _projection_bytes(layers, dims)
     part = docs_per_part * index_values(layers, representation, rank, dims) * DTYPE_BYTES[storage_dtype]
     peak = _peak({"index": terms}, device, weights, largest_tensor=widest * 4)
     peak.host += part
@@ -446,8 +451,7 @@ def index_scoring(model: ModelShape, layers: list[LayerShape], *, dtype: str, de
         "weights": weights,
         "query sides": per_pass * side,
         "curvature": max(l.d_in * l.d_out + (l.d_in**2 + l.d_out**2 if rotates else 0) for l in layers) * 4
-        if representation == "lowrank" else sum(l.d_out * a + l.d_in * b for l in layers
-                                                for a, b in [index_shape(l, representation, rank, dims)["projected"]]) * 4,
+        if representation == "lowrank" else _projection_bytes(layers, dims),
         # a shard holds about docs_per_part sequences; a block (at least one sequence) is read in its storage
         # dtype and formed in float32
         "stored block": 2 * max(widest, min(SCORE_BLOCK_ELEMENTS, docs_per_part * widest)) * 4,
